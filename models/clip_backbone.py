@@ -1,0 +1,146 @@
+"""The frozen CLIP backbone, built by open_clip and brought to FiLo's input size.
+
+FiLo runs OpenAI's ViT-L/14@336 at 518 px. open_clip can resize the position grid itself, but
+since 3.x it does so with `antialias=True`, a different bicubic kernel from the one the released
+FiLo code used (plain bicubic, `align_corners=False`). The published checkpoints were trained on
+the plain kernel, so this module always builds the model at its native size and resizes the grid
+itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from models.errors import WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP_MODEL = "ViT-L-14-336-quickgelu"
+DEFAULT_CLIP_WEIGHTS = "openai"
+DEFAULT_IMAGE_SIZE = 518
+TINY_CLIP_MODEL = "FiLo-Tiny-CLIP"
+_TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
+_registered = False
+
+
+def register_repo_configs() -> None:
+    """Make the repo's model configs (the tiny test/demo CLIP) known to open_clip's factory."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_TINY_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    model_name: str = DEFAULT_CLIP_MODEL
+    weights: str | None = DEFAULT_CLIP_WEIGHTS  # open_clip tag, local file, or None for random (demo only)
+    image_size: int = DEFAULT_IMAGE_SIZE
+
+
+def resize_position_grid(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Resize a (1 + g*g, W) position table to (1 + new_grid**2, W) as the released FiLo code did.
+
+    Plain bicubic, align_corners=False, no antialiasing; the class token's row is kept.
+    """
+    cls_tok, grid = pos_embed[:1], pos_embed[1:]
+    old = int(math.isqrt(grid.shape[0]))
+    if old * old != grid.shape[0]:
+        raise ValueError(f"position table of {grid.shape[0]} patches is not a square grid")
+    if old == new_grid:
+        return pos_embed.clone()
+    g = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    g = F.interpolate(g.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos_embed.dtype)
+    return torch.cat([cls_tok, g], dim=0)
+
+
+def set_input_size(model: open_clip.CLIP, image_size: int) -> None:
+    """Re-target a ViT CLIP to `image_size` (square), resizing its position grid in place."""
+    visual = model.visual
+    patch = visual.conv1.kernel_size[0]
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+    new_grid = image_size // patch
+    with torch.no_grad():
+        resized = resize_position_grid(visual.positional_embedding.data, new_grid)
+    visual.positional_embedding = torch.nn.Parameter(resized, requires_grad=False)
+    visual.grid_size = (new_grid, new_grid)
+    visual.image_size = (image_size, image_size)
+
+
+def _weights_hint(model_name: str, weights: str) -> str:
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return (
+        f"CLIP weights {weights!r} for {model_name!r} are not available on this machine. "
+        f"Either pass a local open_clip state-dict file (--clip-weights /path/to/file.bin or FILO_CLIP_WEIGHTS), "
+        f"or put the pretrained tag's files in the Hugging Face cache ({hf_home}) on a machine with internet, "
+        f"e.g. `python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{weights}')\"`, "
+        f"and copy the cache here (HF_HUB_OFFLINE=1 then reads it). "
+        f"For a run without real weights use the demo profile (--profile demo), which is labelled as such."
+    )
+
+
+def create_clip(spec: BackboneSpec, device: str | torch.device = "cpu", cache_dir: str | None = None,
+                seed: int = 0) -> open_clip.CLIP:
+    """Build the frozen CLIP at `spec.image_size`.
+
+    `spec.weights=None` builds random weights (only the demo profile and tests ask for that);
+    otherwise missing weights raise WeightsNotFoundError, never a silent fallback.
+    """
+    register_repo_configs()
+    if spec.model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {spec.model_name!r}")
+    weights = spec.weights
+    if weights is not None and not os.path.isfile(weights):
+        tags = open_clip.list_pretrained_tags_by_model(spec.model_name)
+        if weights not in tags:
+            raise WeightsNotFoundError(
+                f"{weights!r} is neither a local file nor a pretrained tag of {spec.model_name!r} "
+                f"(known tags: {', '.join(tags) or 'none'}). " + _weights_hint(spec.model_name, weights)
+            )
+    if weights is None:
+        torch.manual_seed(seed)
+    try:
+        model = open_clip.create_model(
+            spec.model_name,
+            pretrained=weights,
+            device="cpu",
+            precision="fp32",
+            cache_dir=cache_dir,
+            require_pretrained=weights is not None,
+            weights_only=True,
+        )
+    except (OSError, RuntimeError) as exc:  # hub misses surface as OSError subclasses or RuntimeError
+        if weights is not None and not _looks_like_shape_error(exc):
+            raise WeightsNotFoundError(_weights_hint(spec.model_name, weights) + f" (cause: {exc})") from exc
+        raise
+    model.eval().requires_grad_(False)
+    set_input_size(model, spec.image_size)
+    return model.to(device)
+
+
+def _looks_like_shape_error(exc: Exception) -> bool:
+    msg = str(exc)
+    return "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg
+
+
+def make_preprocess(image_size: int = DEFAULT_IMAGE_SIZE, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD):
+    """open_clip's own eval preprocess at `image_size`: bicubic shorter side, center crop, normalise."""
+    return open_clip.image_transform(
+        image_size, is_train=False, mean=mean, std=std, interpolation="bicubic", resize_mode="shortest"
+    )
+
+
+def get_tokenizer(model_name: str):
+    register_repo_configs()
+    return open_clip.get_tokenizer(model_name)

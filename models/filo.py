@@ -1,0 +1,163 @@
+"""FiLoModel: images and categories in, text probabilities, anomaly maps and type similarities out.
+
+Tensors only. Grounding DINO (position, boxes) runs before this model and suppression after it;
+both are the pipeline's business (service/engine.py), since they need the original image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from models import anomaly_maps as am
+from models.dual_path import DualPathEncoder, EncoderOutput, TapLayout
+from models.heads import FiLoHeads
+from models.prompts import POSITIONS, PromptBank, build_prompt_bank, position_index
+from models.text_encoder import PromptTextEncoder
+
+
+@dataclass
+class FiLoOutput:
+    """text_probs (B, 2) [normal, abnormal]; anomaly_map (B, S, S) before suppression;
+    type_similarity: per image, (n_descriptions,) cosine of the image with each description;
+    layer_maps: with return_layer_maps, 7 x (B, 2, S, S) softmax maps before smoothing (training)."""
+
+    text_probs: torch.Tensor
+    anomaly_map: torch.Tensor
+    image_features: torch.Tensor
+    type_similarity: list[torch.Tensor] = field(default_factory=list)
+    layer_maps: list[torch.Tensor] | None = None
+
+
+class FiLoModel(nn.Module):
+    def __init__(self, clip: nn.Module, tokenizer: Callable, heads: FiLoHeads, image_size: int,
+                 tap_layout: TapLayout = "released"):
+        super().__init__()
+        clip.requires_grad_(False)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.encoder = DualPathEncoder(clip.visual, tap_layout)
+        self.text_encoder = PromptTextEncoder(clip)
+        self.heads = heads
+        self.image_size = image_size
+        self._banks: dict[tuple[str, tuple[str, ...]], PromptBank] = {}
+
+    # --- configuration ------------------------------------------------------------------------
+    @property
+    def tap_layout(self) -> str:
+        return self.encoder.tap_layout
+
+    @property
+    def n_ctx(self) -> int:
+        return self.heads.normal_prompt_learner.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return self.heads.adapter.fc[0].weight.device
+
+    # --- per-category text cache ---------------------------------------------------------------
+    def prompt_bank(self, noun: str, descriptions: Sequence[str]) -> PromptBank:
+        """The category's tokenised prompts (cached: they depend on the text only)."""
+        key = (noun, tuple(descriptions))
+        bank = self._banks.get(key)
+        if bank is None:
+            bank = build_prompt_bank(noun, descriptions, self.tokenizer, self.clip.token_embedding, self.n_ctx)
+            bank = bank.to(self.device)
+            self._banks[key] = bank
+        return bank
+
+    def put_prompt_bank(self, noun: str, descriptions: Sequence[str], bank: PromptBank) -> None:
+        """Install a bank restored from a persisted cache (a restarted pod skips tokenisation)."""
+        self._banks[(noun, tuple(descriptions))] = bank.to(self.device)
+
+    def cached_banks(self) -> dict[tuple[str, tuple[str, ...]], PromptBank]:
+        return dict(self._banks)
+
+    # --- image side ------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> EncoderOutput:
+        with torch.no_grad():
+            return self.encoder(images)
+
+    def image_features(self, enc: EncoderOutput, with_adapter: bool = True) -> torch.Tensor:
+        feats = enc.global_feature.float()
+        if with_adapter:
+            feats = self.heads.adapter(feats)
+        return am.normalize(feats)
+
+    # --- text side -------------------------------------------------------------------------------
+    def text_features(self, image_features: torch.Tensor, banks: Sequence[PromptBank],
+                      positions: Sequence[str | None]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per image: T (B, 2, E) and the per-description similarities.
+
+        All images' sentences go through the text transformer in one call; sequences are padded
+        after their EOT only, which the causal mask makes invisible.
+        """
+        ctx_n = self.heads.normal_prompt_learner(image_features)
+        ctx_a = self.heads.abnormal_prompt_learner(image_features)
+        seqs: list[torch.Tensor] = []
+        eots: list[torch.Tensor] = []
+        spans: list[tuple[int, int, torch.Tensor]] = []  # (start, n_normal, abnormal sentence idx)
+        start = 0
+        for i, (bank, pos) in enumerate(zip(banks, positions, strict=True)):
+            sel = _abnormal_selection(bank, pos)
+            n_norm = bank.normal_eot.shape[0]
+            seqs.append(_splice(bank.normal_prefix, ctx_n[i], bank.normal_suffix))
+            seqs.append(_splice(bank.abnormal_prefix[sel], ctx_a[i], bank.abnormal_suffix[sel]))
+            eots += [bank.normal_eot, bank.abnormal_eot[sel]]
+            spans.append((start, n_norm, sel))
+            start += n_norm + sel.numel()
+        length = max(s.shape[1] for s in seqs)
+        batch = torch.cat([nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in seqs], dim=0)
+        feats = am.normalize(self.text_encoder(batch, torch.cat(eots)).float())
+        texts, type_sims = [], []
+        for i, ((s0, n_norm, sel), bank) in enumerate(zip(spans, banks, strict=True)):
+            normal = am.normalize(feats[s0:s0 + n_norm].mean(dim=0))
+            abnormal_sent = feats[s0 + n_norm:s0 + n_norm + sel.numel()]
+            abnormal = am.normalize(abnormal_sent.mean(dim=0))
+            texts.append(am.text_matrix(normal[None], abnormal[None])[0])
+            type_sims.append(_description_similarity(image_features[i], abnormal_sent, bank, sel))
+        return torch.stack(texts), type_sims
+
+    # --- maps ------------------------------------------------------------------------------------
+    def maps(self, enc: EncoderOutput, text: torch.Tensor,
+             return_layer_maps: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        feats = self.heads.decoder_linear(enc.qkv) + self.heads.decoder_cov(enc.vv)
+        two_ch = [am.two_channel_map(f.float(), text, self.image_size) for f in feats]
+        anomaly_map = am.combine_maps([am.layer_anomaly_map(m) for m in two_ch])
+        return anomaly_map, (two_ch if return_layer_maps else None)
+
+    def forward(self, images: torch.Tensor, banks: Sequence[PromptBank], positions: Sequence[str | None],
+                with_adapter: bool = True, return_layer_maps: bool = False) -> FiLoOutput:
+        """images (B, 3, S, S) preprocessed; one bank and one position (None = all nine) per image."""
+        enc = self.encode_images(images)
+        img = self.image_features(enc, with_adapter)
+        text, type_sims = self.text_features(img, banks, positions)
+        text_probs = (img[:, None, :] @ text.transpose(1, 2))[:, 0]
+        anomaly_map, layer_maps = self.maps(enc, text, return_layer_maps)
+        return FiLoOutput(text_probs, anomaly_map, img, type_sims, layer_maps)
+
+
+def _abnormal_selection(bank: PromptBank, position: str | None) -> torch.Tensor:
+    """Indices of the abnormal sentences of one position (s*9 + p), or all of them."""
+    n = bank.abnormal_eot.shape[0]
+    device = bank.abnormal_eot.device
+    if position is None:
+        return torch.arange(n, device=device)
+    return torch.arange(position_index(position), n, len(POSITIONS), device=device)
+
+
+def _splice(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """[SOT] + context (n_ctx, D) shared by all sentences + the rest of each sentence."""
+    return torch.cat([prefix, ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1).to(prefix.dtype), suffix], dim=1)
+
+
+def _description_similarity(image_feature: torch.Tensor, abnormal_sent: torch.Tensor, bank: PromptBank,
+                            sel: torch.Tensor) -> torch.Tensor:
+    """Cosine of the image with each fine-grained description's (position-averaged) sentence feature."""
+    n_pos = sel.numel() // bank.n_abnormal_states
+    per_state = abnormal_sent.reshape(bank.n_abnormal_states, n_pos, -1)[: bank.n_descriptions]
+    desc = am.normalize(per_state.mean(dim=1))
+    return desc @ image_feature

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv with everything FiLo Inspect needs, CPU or GPU.
+# torch/torchvision come from the registry's default (CUDA) build: the CPU-only
+# wheel cannot import torchvision, which open_clip needs. It runs on CPU too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.filo-installed
+want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install -q -e ".[service,eval,dev]"
+echo "$want" > "$stamp"

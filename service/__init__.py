@@ -1,0 +1,1 @@
+"""FiLo Inspect: request handling, pipelines and processes around the tensor-only `models` package."""

@@ -1,0 +1,92 @@
+"""The one configuration object of FiLo Inspect.
+
+Every process (CLI, API, worker) reads its configuration from `FiloSettings`: environment
+variables prefixed `FILO_` (lists and dicts as JSON), overridden by command-line flags. Keeping
+it in one place is what lets ops reason about a pod from its environment alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["production", "demo"]
+
+
+class FiloSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FILO_", extra="ignore")
+
+    # --- which model -------------------------------------------------------------------------
+    profile: Profile = Field(
+        "production",
+        description="'production' loads real weights and fails loudly when they are missing; "
+        "'demo' builds the tiny randomly initialised models from models/configs (never real results).",
+    )
+    clip_model: str = Field("ViT-L-14-336-quickgelu", description="open_clip model name")
+    clip_weights: str = Field("openai", description="open_clip pretrained tag or local state-dict file")
+    image_size: int = Field(518, description="model input size (the position grid is resized to it)")
+    checkpoint: str | None = Field(None, description="FiLo checkpoint: official .pth or our .safetensors")
+    tap_layout: Literal["released", "paper"] | None = Field(
+        None, description="override the checkpoint's tap layout (default: what the checkpoint says)"
+    )
+    grounding: bool = Field(True, description="run Grounding DINO for position and box suppression")
+    grounding_model: str = Field(
+        "IDEA-Research/grounding-dino-tiny", description="Hugging Face hub id or local directory"
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the frozen backbones on GPU")
+    descriptions: list[Path] = Field(
+        default_factory=list, description="extra category description files (JSON), on top of the bundled ones"
+    )
+    cache_dir: Path | None = Field(None, description="where open_clip/HF weights are cached (default: HF cache)")
+
+    # --- service (see service/ for how each is used) ------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = Field(None, description="Redis for API<->worker batching; None = embedded mode")
+    stream: str = "filo:requests"
+    consumer_group: str = "filo-workers"
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_wait_ms: int = Field(10, ge=0, le=10_000)
+    queue_max_depth: int = Field(1000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    claim_idle_ms: int = Field(15_000, ge=100, description="pending requests idle this long are reclaimed")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    api_keys: list[str] = Field(default_factory=list)
+    admin_key: str | None = None
+    allow_open: bool = Field(False, description="production only: run without API keys on purpose")
+    cors_origins: list[str] = Field(default_factory=list)
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per-category score thresholds")
+    default_threshold: float = 0.5
+    top_k: int = Field(5, ge=1, le=100)
+    llm_base_url: str = "http://127.0.0.1:11434/v1"
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: str | None = None
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker /healthz /readyz /metrics port")
+    state_dir: Path | None = Field(
+        None, description="without Redis: where categories and prompt caches persist (default ~/.cache/filo-inspect)"
+    )
+    max_deliveries: int = Field(3, ge=1, description="a request delivered more often than this is failed as poison")
+    llm_timeout_s: float = Field(60.0, gt=0, description="timeout of one chat-completions call")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_patch(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("image_size must be positive")
+        return v
+
+    @property
+    def is_demo(self) -> bool:
+        return self.profile == "demo"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
