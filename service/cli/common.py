@@ -1,0 +1,63 @@
+"""Command-line options shared by every command that builds a model (inspect, serve, worker, eval, train)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from service.settings import FiloSettings
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--profile", choices=["production", "demo"], default=None,
+                   help="demo = tiny random models, loudly labelled (default: $FILO_PROFILE or production)")
+    g.add_argument("--clip-model", default=None, help="open_clip model name (default ViT-L-14-336-quickgelu)")
+    g.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or local state-dict file")
+    g.add_argument("--checkpoint", default=None, help="FiLo checkpoint: official .pth or project .safetensors")
+    g.add_argument("--tap-layout", choices=["released", "paper"], default=None,
+                   help="override the checkpoint's tap layout")
+    g.add_argument("--grounding-model", default=None, help="Grounding DINO hub id or local directory")
+    g.add_argument("--descriptions", action="append", default=None, metavar="FILE",
+                   help="extra category descriptions file (repeatable)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    g.add_argument("--image-size", type=int, default=None)
+
+
+def settings_from_args(args: argparse.Namespace, **extra) -> FiloSettings:
+    """Environment (FILO_*) first, then any flag given on the command line."""
+    overrides = {
+        "profile": args.profile,
+        "clip_model": args.clip_model,
+        "clip_weights": args.clip_weights,
+        "checkpoint": args.checkpoint,
+        "tap_layout": args.tap_layout,
+        "grounding_model": args.grounding_model,
+        "descriptions": args.descriptions,
+        "device": args.device,
+        "precision": args.precision,
+        "image_size": args.image_size,
+        **extra,
+    }
+    return FiloSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "huggingface_hub", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def announce_profile(settings: FiloSettings) -> None:
+    if settings.is_demo:
+        from models.factory import DEMO_BANNER
+
+        print(f"*** {DEMO_BANNER} ***", file=sys.stderr)

@@ -1,0 +1,266 @@
+"""The inspection pipeline: decoded images in, FiLo results out, one batch at a time.
+
+Order of work per batch (spec section 6): Grounding DINO on the original images decides each
+image's position and boxes -> FiLo runs once for the whole batch (mixed categories allowed) ->
+box suppression and the image score per image. A request that fails (unknown category, a crash
+on its image) comes back as an `InspectError` in its own slot; its neighbours are unaffected.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from descriptions import Category, CategoryCatalog, UnknownCategoryError, category_fingerprint
+from models import anomaly_maps as am
+from models.clip_backbone import make_preprocess
+from models.factory import ModelSpec, build_model, demo_spec
+from models.filo import FiLoModel
+from models.frame import FrameGeometry
+from models.prompts import POSITIONS, PromptBank
+from service.settings import FiloSettings
+from service.types import AnomalyType, Box, InspectError, InspectRequest, InspectResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Localisation:
+    position: str | None
+    keep: torch.Tensor | None  # (S, S) bool, None: no suppression
+    boxes: list[Box]
+
+
+class InspectionEngine:
+    def __init__(self, model: FiLoModel, model_info: dict[str, Any], catalog: CategoryCatalog,
+                 device: str, detector: Any | None = None, grounding_default: bool = True,
+                 precision: str = "fp32"):
+        self.model = model
+        self.info = model_info
+        self.catalog = catalog
+        self.device = device
+        self.detector = detector
+        self.grounding_default = grounding_default and detector is not None
+        self.precision = precision
+        self.image_size = model.image_size
+        self.preprocess = make_preprocess(model.image_size)
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: FiloSettings) -> InspectionEngine:
+        """Load everything a process needs (slow); production raises WeightsNotFoundError when weights are missing."""
+        device = settings.resolved_device()
+        catalog = CategoryCatalog.load(settings.descriptions)
+        if settings.is_demo:
+            spec = demo_spec(image_size=settings.image_size, tap_layout=settings.tap_layout,
+                             checkpoint=settings.checkpoint)
+        else:
+            spec = ModelSpec(clip_model=settings.clip_model, clip_weights=settings.clip_weights,
+                             image_size=settings.image_size, checkpoint=settings.checkpoint,
+                             tap_layout=settings.tap_layout)
+        cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+        model, info = build_model(spec, device=device, cache_dir=cache_dir)
+        detector = None
+        if settings.grounding:
+            from models.grounding import GroundingDetector
+
+            detector = (GroundingDetector.tiny(device=device) if settings.is_demo
+                        else GroundingDetector.from_pretrained(settings.grounding_model, device=device))
+            info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
+        return cls(model, info, catalog, device, detector, settings.grounding, settings.precision)
+
+    def model_info(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    # --- categories and caches -----------------------------------------------------------------------
+    def prepare_category(self, name: str) -> PromptBank:
+        """Build (or fetch) the category's tokenised prompts; raises UnknownCategoryError."""
+        category = self.catalog.get(name)
+        return self.model.prompt_bank(category.noun, category.descriptions)
+
+    def register_category(self, category: Category) -> None:
+        self.catalog.register(category)
+        self.prepare_category(category.name)
+
+    def _cache_key(self, category: Category) -> str:
+        return f"{self.info['backbone']}:{self.info['clip_weights']}:{category_fingerprint(category)}"
+
+    def cache_state(self) -> dict[str, bytes]:
+        """Every prepared category's prompt bank, serialised (safetensors) under a content key."""
+        state = {}
+        for name in self.catalog.names():
+            category = self.catalog.get(name)
+            bank = self.model.cached_banks().get((category.noun, tuple(category.descriptions)))
+            if bank is not None:
+                tensors = {k: v.detach().cpu().contiguous() for k, v in bank.as_tensors().items()}
+                state[self._cache_key(category)] = st_save(tensors)
+        return state
+
+    def load_cache_state(self, state: dict[str, bytes]) -> int:
+        """Install persisted prompt banks whose key matches a known category; returns how many."""
+        loaded = 0
+        for name in self.catalog.names():
+            category = self.catalog.get(name)
+            blob = state.get(self._cache_key(category))
+            if blob is not None:
+                self.model.put_prompt_bank(category.noun, category.descriptions, PromptBank.from_tensors(st_load(blob)))
+                loaded += 1
+        return loaded
+
+    def warmup(self) -> None:
+        """One tiny batch through every stage so the first real request pays no lazy initialisation."""
+        name = self.catalog.names()[0]
+        img = np.full((self.image_size, self.image_size, 3), 127, np.uint8)
+        result = self.inspect_batch([InspectRequest(image=img, category=name)])[0]
+        if isinstance(result, InspectError):
+            raise RuntimeError(f"warm-up failed: {result.message}")
+
+    # --- inspection -------------------------------------------------------------------------------------
+    def inspect_batch(self, requests: Sequence[InspectRequest]) -> list[InspectResult | InspectError]:
+        results: list[InspectResult | InspectError | None] = [None] * len(requests)
+        ok: list[int] = []
+        categories: dict[int, Category] = {}
+        for i, req in enumerate(requests):
+            try:
+                categories[i] = self._validate(req)
+                ok.append(i)
+            except InspectError as err:
+                results[i] = err
+        if ok:
+            try:
+                batch = self._run([requests[i] for i in ok], [categories[i] for i in ok])
+            except Exception:  # one bad image must not fail its neighbours: retry each alone
+                log.exception("batch of %d failed; retrying its requests one by one", len(ok))
+                batch = [self._run_one_safely(requests[i], categories[i]) for i in ok]
+            for i, res in zip(ok, batch, strict=True):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _run_one_safely(self, req: InspectRequest, category: Category) -> InspectResult | InspectError:
+        try:
+            return self._run([req], [category])[0]
+        except Exception as exc:
+            log.exception("inspection failed for one request")
+            return InspectError("model_error", f"the model failed on this image: {type(exc).__name__}: {exc}", 500)
+
+    def _validate(self, req: InspectRequest) -> Category:
+        try:
+            category = self.catalog.get(req.category)
+        except UnknownCategoryError as exc:
+            raise InspectError("unknown_category", str(exc), 404) from None
+        if req.position is not None and req.position not in POSITIONS:
+            raise InspectError("bad_parameter", f"position must be one of {', '.join(POSITIONS)}", 422)
+        img = req.image
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise InspectError("bad_image", "image must be an HxWx3 uint8 RGB array", 422)
+        if req.top_k < 1:
+            raise InspectError("bad_parameter", "top_k must be at least 1", 422)
+        if req.grounding and self.detector is None and req.boxes_frame is None:
+            raise InspectError("grounding_unavailable", "Grounding DINO is not loaded in this process", 422)
+        return category
+
+    def _run(self, reqs: Sequence[InspectRequest], cats: Sequence[Category]) -> list[InspectResult]:
+        t0 = time.perf_counter()
+        pixels = torch.stack([self.preprocess(Image.fromarray(r.image)) for r in reqs]).to(self.device)
+        t1 = time.perf_counter()
+        locs = self._localise(reqs, cats)
+        t2 = time.perf_counter()
+        banks = [self.model.prompt_bank(c.noun, c.descriptions) for c in cats]
+        with torch.no_grad(), self._autocast():
+            out = self.model(pixels, banks, [loc.position for loc in locs])
+        maps = out.anomaly_map.float()
+        t3 = time.perf_counter()
+        timing = {"preprocess": (t1 - t0) * 1e3, "grounding": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3,
+                  "batch_size": float(len(reqs))}
+        results = []
+        for i, (req, cat, loc) in enumerate(zip(reqs, cats, locs, strict=True)):
+            map_max = maps[i].max()
+            text_abnormal = out.text_probs[i, 1].float()
+            final = am.suppress(maps[i], None if loc.keep is None else loc.keep.to(maps.device))
+            sims = out.type_similarity[i].float().cpu()
+            order = torch.argsort(sims, descending=True)[: req.top_k].tolist()
+            results.append(InspectResult(
+                score=float(am.image_score(text_abnormal, map_max)),
+                text_score=float(text_abnormal),
+                map_max=float(map_max),
+                anomaly_map=final.cpu().numpy().astype(np.float32),
+                position=loc.position,
+                boxes=loc.boxes,
+                top_types=[AnomalyType(cat.descriptions[j], float(sims[j])) for j in order],
+                timing_ms=dict(timing),
+            ))
+        return results
+
+    def _autocast(self):
+        enabled = self.precision == "bf16" and str(self.device).startswith("cuda")
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+    # --- HQ-Loc -----------------------------------------------------------------------------------------
+    def _localise(self, reqs: Sequence[InspectRequest], cats: Sequence[Category]) -> list[_Localisation]:
+        from models import grounding as gd
+
+        locs: list[_Localisation | None] = [None] * len(reqs)
+        to_detect = []
+        size = self.image_size
+        for i, req in enumerate(reqs):
+            geo = FrameGeometry(req.image.shape[0], req.image.shape[1], size)
+            if req.boxes_frame is not None:
+                frame = np.asarray(req.boxes_frame, np.float64).reshape(-1, 4)
+                # given boxes are all valid and equally confident: the released tie rule picks the last
+                position = req.position or gd.choose_position(frame, np.ones(len(frame)), np.ones(len(frame), bool))
+                keep = gd.suppression_keep_mask(frame, size, semantics="clamp")
+                boxes = [_box(b, geo.boxes_to_original(b[None])[0], "given", 1.0, True) for b in frame]
+                locs[i] = _Localisation(position, keep, boxes)
+            elif self._grounding_on(req):
+                to_detect.append(i)
+            else:
+                locs[i] = _Localisation(req.position, None, [])
+        if to_detect:
+            detections = self.detector.detect([reqs[i].image for i in to_detect],
+                                              [list(cats[i].descriptions) for i in to_detect])
+            for i, dets in zip(to_detect, detections, strict=True):
+                locs[i] = self._from_detections(reqs[i], dets, gd)
+        return locs  # type: ignore[return-value]
+
+    def _grounding_on(self, req: InspectRequest) -> bool:
+        return bool(self.grounding_default if req.grounding is None else req.grounding)
+
+    def _from_detections(self, req: InspectRequest, dets: list, gd) -> _Localisation:
+        size = self.image_size
+        h, w = req.image.shape[:2]
+        geo = FrameGeometry(h, w, size)
+        if dets:
+            norm = np.array([d.box_norm for d in dets], np.float64)
+            frame = np.asarray(gd.boxes_norm_to_frame(norm, (h, w), size=size), np.float64)
+        else:
+            frame = np.zeros((0, 4))
+        conf = np.array([d.confidence for d in dets], np.float64)
+        valid = np.array([d.valid for d in dets], bool)
+        position = req.position or gd.choose_position(frame, conf, valid)
+        keep = gd.suppression_keep_mask(frame[valid], size, semantics="released")
+        boxes = [_box(frame[j], geo.boxes_to_original(frame[j:j + 1])[0], d.phrase, d.confidence, d.valid)
+                 for j, d in enumerate(dets)]
+        return _Localisation(position, keep, boxes)
+
+
+def _box(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrase: str, confidence: float, valid: bool) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in orig_xyxy)
+    return Box(x1, y1, x2, y2, phrase=phrase, confidence=float(confidence), valid=bool(valid),
+               frame=tuple(float(v) for v in frame_xyxy))
+
+
+def image_to_png_bytes(image: np.ndarray) -> bytes:
+    """Lossless round trip helper for tests and the CLI (PIL, no colour conversion surprises)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models of FiLo's real architecture, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from models.clip_backbone import TINY_CLIP_MODEL, BackboneSpec, create_clip
+
+    return create_clip(BackboneSpec(TINY_CLIP_MODEL, None, 518), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from models.clip_backbone import TINY_CLIP_MODEL, get_tokenizer
+
+    return get_tokenizer(TINY_CLIP_MODEL)
+
+
+def random_heads(clip, seed: int = 1, scale: float = 1.0):
+    """FiLo heads with random weights that are not PyTorch's default init (so tests see real mixing)."""
+    from models.heads import FiLoHeads
+
+    torch.manual_seed(seed)
+    heads = FiLoHeads(clip.visual.transformer.width, clip.text_projection.shape[1],
+                      clip.token_embedding.weight.shape[1])
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.05 * scale)
+    return heads.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_clip, tiny_tokenizer):
+    from models.filo import FiLoModel
+
+    return FiLoModel(tiny_clip, tiny_tokenizer, random_heads(tiny_clip), 518, "released").eval()
+
+
+def synthetic_image(h: int = 240, w: int = 320, seed: int = 0) -> np.ndarray:
+    """A textured image with a dark blob: enough structure for every stage to do real work."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 120 + 40 * np.sin(xx / 7.0) * np.cos(yy / 11.0)
+    img = np.stack([base, base * 0.9, base * 1.1], axis=-1) + rng.normal(0, 6, (h, w, 3))
+    cy, cx = int(h * 0.3), int(w * 0.7)
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) // 10) ** 2] = (30, 20, 25)
+    return np.clip(img, 0, 255).astype(np.uint8)
