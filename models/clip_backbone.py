@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def create_clip(spec: BackboneSpec, device: str | torch.device = "cpu", cache_di
             )
     if weights is None:
         torch.manual_seed(seed)
+    if weights is not None and is_torchscript_archive(weights):
+        model = _load_openai_archive(spec.model_name, weights)
+        model.eval().requires_grad_(False)
+        set_input_size(model, spec.image_size)
+        return model.to(device)
     try:
         model = open_clip.create_model(
             spec.model_name,
@@ -127,6 +133,25 @@ def create_clip(spec: BackboneSpec, device: str | torch.device = "cpu", cache_di
     model.eval().requires_grad_(False)
     set_input_size(model, spec.image_size)
     return model.to(device)
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """OpenAI's own CLIP files (e.g. ViT-L-14-336px.pt) are TorchScript zip archives, not state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.split("/", 1)[-1].startswith("code/") or n.endswith("constants.pkl") for n in zf.namelist())
+
+
+def _load_openai_archive(model_name: str, path: str) -> open_clip.CLIP:
+    """Read an OpenAI TorchScript archive through open_clip (QuickGELU, fp32), checking the architecture."""
+    model = open_clip.load_openai_model(path, precision="fp32", device="cpu")
+    expected = open_clip.get_model_config(model_name) or {}
+    vision = expected.get("vision_cfg", {})
+    got = (model.visual.transformer.width, len(model.visual.transformer.resblocks))
+    if vision and got != (vision.get("width"), vision.get("layers")):
+        raise ValueError(f"{path} holds a ViT of width/depth {got}, not the {model_name!r} architecture")
+    return model
 
 
 def _looks_like_shape_error(exc: Exception) -> bool:

@@ -102,3 +102,48 @@ def test_production_profile_without_weights_names_what_is_missing(images, tmp_pa
                           env={**__import__("os").environ, "FILO_PROFILE": "production", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "checkpoint" in proc.stderr and "--profile demo" in proc.stderr
+
+
+def test_production_path_with_local_clip_file_and_project_checkpoint(images, tmp_path):
+    """The real loading code (no demo shortcuts): a local open_clip state dict at native 224 px,
+    resized to 518, plus a project checkpoint; results equal the same weights run in-process."""
+    import open_clip
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.clip_backbone import register_repo_configs
+    from models.factory import ModelSpec, build_model
+    from tests.conftest import random_heads
+
+    d, paths = images
+    register_repo_configs()
+    torch.manual_seed(123)
+    native = open_clip.create_model("FiLo-Tiny-CLIP")
+    assert native.visual.positional_embedding.shape[0] == 1 + 16 * 16
+    clip_file = tmp_path / "tiny_clip.bin"
+    torch.save(native.state_dict(), clip_file)
+    heads = random_heads(native, seed=4)
+    ckpt = save_checkpoint(tmp_path / "filo.safetensors", heads,
+                           {"clip_model": "FiLo-Tiny-CLIP", "image_size": 518, "tap_layout": "released"})
+    out = tmp_path / "prod"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", str(paths[0]), "--category", "cable", "--profile",
+         "production", "--clip-model", "FiLo-Tiny-CLIP", "--clip-weights", str(clip_file), "--checkpoint",
+         str(ckpt), "--grounding", "off", "--json", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "DEMO" not in proc.stderr
+    rec = json.loads(proc.stdout)
+    model, info = build_model(ModelSpec("FiLo-Tiny-CLIP", str(clip_file), 518, str(ckpt)))
+    assert info["profile"] == "production" and info["tap_layout"] == "released"
+    assert torch.equal(model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight,
+                       native.visual.transformer.resblocks[0].mlp.c_fc.weight)
+    from service.engine import InspectionEngine
+    from descriptions import CategoryCatalog
+    from service.imaging import read_image_file
+    from service.types import InspectRequest
+
+    engine = InspectionEngine(model, info, CategoryCatalog.load(), "cpu", None, False)
+    res = engine.inspect_batch([InspectRequest(read_image_file(str(paths[0])), "cable", grounding=False)])[0]
+    assert rec["score"] == pytest.approx(res.score, abs=1e-6)
+    np.testing.assert_allclose(np.load(rec["map"]), res.anomaly_map, atol=1e-6)

@@ -1,0 +1,460 @@
+"""HQ-Loc pure functions against hand-computed numbers, and the tiny Grounding DINO end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.grounding import (
+    GENERAL_WORDS,
+    POSITIONS,
+    Detection,
+    GroundingDetector,
+    GroundingWeightsNotFound,
+    best_valid_box,
+    boxes_norm_to_frame,
+    build_caption,
+    cell_bounds,
+    choose_position,
+    is_valid_phrase,
+    load_tiny_tokenizer,
+    localise,
+    phrase_from_posmap,
+    position_of_point,
+    released_confidence,
+    select_queries,
+    suppression_keep_mask,
+)
+
+# ------------------------------------------------------------------------------------------ caption
+
+
+def test_build_caption() -> None:
+    assert build_caption([]) == "anomaly . damage . broken . defect . contamination."
+    assert build_caption(["Uneven coating", "scratches"]) == (
+        "anomaly . damage . broken . defect . contamination . uneven coating . scratches."
+    )
+    assert build_caption(["dent."]).endswith(". dent.")
+    assert not build_caption(["dent."]).endswith("..")
+    assert GENERAL_WORDS == ("anomaly", "damage", "broken", "defect", "contamination")
+
+
+# ------------------------------------------------------------------------------------------ queries
+
+
+def test_select_queries_thresholds_are_strict() -> None:
+    probs = torch.tensor(
+        [
+            [0.10, 0.30, 0.00],  # 0: 0.30 > 0.25, area 0.25 -> kept
+            [0.25, 0.25, 0.25],  # 1: 0.25 is not > 0.25 -> dropped
+            [0.90, 0.00, 0.00],  # 2: area 0.7 is not < 0.7 -> dropped
+            [0.00, 0.00, 0.26],  # 3: kept
+        ]
+    )
+    boxes = torch.tensor(
+        [
+            [0.5, 0.5, 0.5, 0.5],
+            [0.5, 0.5, 0.1, 0.1],
+            [0.5, 0.5, 1.0, 0.7],
+            [0.5, 0.5, 0.2, 0.2],
+        ]
+    )
+    assert select_queries(probs, boxes).tolist() == [0, 3]
+    assert select_queries(probs, boxes, box_threshold=0.27, area_threshold=0.71).tolist() == [0, 2]
+    assert select_queries(probs, boxes).dtype == torch.long
+
+
+def test_select_queries_fallback_keeps_single_best_even_if_too_big() -> None:
+    probs = torch.tensor([[0.10, 0.20], [0.24, 0.0], [0.0, 0.24], [0.9, 0.0]])
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]] * 3 + [[0.5, 0.5, 1.0, 1.0]])
+    # query 3 has the best probability but covers the whole image: nothing passes, so it is the fallback.
+    assert select_queries(probs, boxes).tolist() == [3]
+    # ties in the fallback go to the first query (torch.argmax), like the released code.
+    assert select_queries(probs[:3], boxes[:3]).tolist() == [1]
+
+
+# ------------------------------------------------------------------------------------------ phrases
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tiny_tokenizer()
+
+
+def ids_of(tokenizer, tokens: list[str]) -> list[int]:
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert tokenizer.unk_token_id not in ids or "[UNK]" in tokens
+    return ids
+
+
+def test_tiny_vocab_keeps_bert_special_ids(tokenizer) -> None:
+    # transformers' Grounding DINO hard-codes these ids to split the caption into phrases.
+    assert tokenizer.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", "a"]) == [
+        0, 100, 101, 102, 103, 1012, 1029, 1037,
+    ]  # fmt: skip
+    enc = tokenizer("anomaly . Bent scratchesq.")
+    assert tokenizer.convert_ids_to_tokens(enc["input_ids"]) == [
+        "[CLS]", "anomaly", ".", "bent", "scratches", "##q", ".", "[SEP]",
+    ]  # fmt: skip
+
+
+def test_phrase_joins_wordpieces_and_skips_cls(tokenizer) -> None:
+    ids = ids_of(tokenizer, ["[CLS]", "burn", "mark", "##s", ".", "bent", "[SEP]"])
+    probs = torch.zeros(256)
+    probs[:7] = torch.tensor([0.9, 0.1, 0.3, 0.3, 0.2, 0.26, 0.25])
+    # [CLS] is forced off; 0.25 is not > 0.25; "mark" + "##s" decode to one word.
+    assert phrase_from_posmap(probs, ids, tokenizer) == "marks bent"
+    probs[6] = 0.5
+    assert phrase_from_posmap(probs, ids, tokenizer) == "marks bent [SEP]"  # released keeps specials
+    assert phrase_from_posmap(probs, ids, tokenizer, text_threshold=0.29) == "marks [SEP]"
+    # tokenizers' WordPiece decoder glues "." to the previous word.
+    dots = ids_of(tokenizer, ["[CLS]", "damage", ".", "broken"])
+    assert phrase_from_posmap(torch.tensor([0.0, 1.0, 1.0, 1.0]), dots, tokenizer) == "damage. broken"
+
+
+def test_phrase_ignores_positions_past_caption_and_from_255(tokenizer) -> None:
+    bent, burn = ids_of(tokenizer, ["bent", "burn"])
+    short = [101, bent, 102]
+    probs = torch.zeros(256)
+    probs[1] = 0.9
+    probs[10] = 0.9  # past the caption: skipped, not an IndexError
+    assert phrase_from_posmap(probs, short, tokenizer) == "bent"
+
+    long_ids = [101] + [bent] * 253 + [burn] * 46  # 300 tokens; positions 254.. are "burn"
+    probs = torch.zeros(300)
+    probs[253] = probs[254] = probs[255] = probs[299] = 0.9
+    assert phrase_from_posmap(probs, long_ids, tokenizer) == "bent burn"
+    assert probs[255] == pytest.approx(0.9)  # the caller's tensor is not modified
+
+
+def test_is_valid_phrase_is_case_sensitive_substring() -> None:
+    assert is_valid_phrase("uneven coating", ["uneven coating"])
+    assert not is_valid_phrase("uneven coating", ["Uneven coating"])  # released: never matches
+    assert is_valid_phrase("damaged area", ["Uneven coating"])  # "damage" is a general word
+    assert not is_valid_phrase("Damage", [])
+    assert not is_valid_phrase("", ["scratches"])
+    assert is_valid_phrase("scratches [SEP]", ["scratches"])
+
+
+# ------------------------------------------------------------------------------------------ confidence
+
+
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.4567, 0.45),
+        (1.0, 1.0),
+        (0.25, 0.25),
+        (0.1, 0.1),
+        (0.999999, 0.99),
+        (0.05, 0.05),
+        (0.012345, 0.01),
+        (float(np.float32(0.45)), 0.44),  # 0.4499999881 as the released code saw it
+        (float(np.float32(0.3)), 0.3),  # 0.3000000119
+        (9.999999747378752e-06, 9.99),  # scientific notation cut to "9.99": reproduced
+        (1.2e-05, 0.0),  # "1.2e" would crash the released parse
+    ],
+)
+def test_released_confidence(p: float, expected: float) -> None:
+    assert released_confidence(p) == expected
+
+
+def test_best_box_ties_go_to_the_later_box() -> None:
+    assert best_valid_box([0.456, 0.459, 0.30], [True, True, True]) == 1  # both 0.45
+    assert best_valid_box([0.459, 0.456], [True, True]) == 1  # still the later one
+    assert best_valid_box([0.46, 0.459], [True, True]) == 0
+    assert best_valid_box([0.456, 0.99, 0.30], [True, False, True]) == 0  # invalid boxes never count
+    assert best_valid_box([0.0], [True]) == 0  # max_pred starts at 0 and compares with >=
+    assert best_valid_box([0.9], [False]) is None
+    assert best_valid_box(torch.tensor([0.3, 0.4]), torch.tensor([True, True])) == 1
+
+
+# ------------------------------------------------------------------------------------------ position
+
+
+def box_centred(x: float, y: float) -> list[float]:
+    return [x - 1.0, y - 2.0, x + 1.0, y + 2.0]
+
+
+@pytest.mark.parametrize(
+    "value, cell",
+    [(0, 0), (172, 0), (172.5, None), (173, 1), (344, 1), (344.5, None), (345, 2), (517, 2),
+     (517.5, None), (-0.5, None), (600, None)],
+)  # fmt: skip
+def test_cell_boundaries(value: float, cell: int | None) -> None:
+    expected_x = None if cell is None else POSITIONS[3 + cell]  # middle row
+    expected_y = None if cell is None else POSITIONS[3 * cell + 1]  # middle column
+    assert position_of_point(value, 259.0) == expected_x
+    assert position_of_point(259.0, value) == expected_y
+    assert choose_position([box_centred(value, 259.0)], [0.5], [True]) == expected_x
+
+
+def test_all_nine_cells_row_major() -> None:
+    centres = [173 * 0.5, 258.5, 431.0]
+    got = [choose_position([box_centred(x, y)], [0.9], [True]) for y in centres for x in centres]
+    assert got == list(POSITIONS)
+    assert got == [
+        "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right",
+    ]  # fmt: skip
+
+
+def test_centre_uses_both_corners() -> None:
+    # centre ((100 + 245) / 2, (0 + 345) / 2) = (172.5, 172.5): between cells -> None (average all nine).
+    assert choose_position([[100.0, 0.0, 245.0, 345.0]], [0.9], [True]) is None
+    # centre (172, 173) -> column 0, row 1 -> "left".
+    assert choose_position([[100.0, 1.0, 244.0, 345.0]], [0.9], [True]) == "left"
+
+
+def test_best_box_decides_position() -> None:
+    boxes = [box_centred(50, 50), box_centred(450, 450), box_centred(450, 50)]
+    assert choose_position(boxes, [0.50, 0.51, 0.9], [True, True, False]) == "bottom right"
+    assert choose_position(boxes, [0.512, 0.519, 0.9], [True, True, False]) == "bottom right"
+    assert choose_position(boxes, [0.52, 0.519, 0.9], [True, True, False]) == "top left"
+
+
+def test_no_valid_box_is_center() -> None:
+    assert choose_position([box_centred(50, 50)], [0.9], [False]) == "center"
+    assert choose_position(np.zeros((0, 4)), [], []) == "center"
+
+
+def test_cell_bounds() -> None:
+    assert cell_bounds() == ((0, 172), (173, 344), (345, 517))
+    assert cell_bounds(518) == ((0, 172), (173, 344), (345, 517))
+    assert cell_bounds(224) == ((0, 74), (75, 149), (150, 223))  # round(74.38), round(148.76), 223
+    assert position_of_point(149.0, 0.0, size=224) == "top"
+    assert position_of_point(149.5, 0.0, size=224) is None
+
+
+# ------------------------------------------------------------------------------------------ suppression
+
+
+def test_suppression_released_truncates_and_slices() -> None:
+    keep = suppression_keep_mask([[10.7, 20.2, 30.9, 40.99]])
+    assert keep.shape == (518, 518) and keep.dtype == torch.bool
+    assert int(keep.sum()) == 20 * 20  # rows 20:40, cols 10:30
+    assert keep[20, 10] and keep[39, 29]
+    assert not keep[40, 29] and not keep[39, 30] and not keep[19, 10] and not keep[20, 9]
+
+
+def test_suppression_released_negative_corner_wraps_to_empty() -> None:
+    # int(-3.5) = -3, and cols[-3:50] = cols[515:50] is empty: the box keeps nothing.
+    assert int(suppression_keep_mask([[-3.5, 10.0, 50.0, 60.0]]).sum()) == 0
+    # int(-0.7) = 0: a slight overflow is harmless.
+    assert int(suppression_keep_mask([[-0.7, 10.0, 50.0, 60.0]]).sum()) == 50 * 50
+    # a negative start with a stop beyond it from the end keeps the wrapped strip: cols[-3:518] = 515..517.
+    wrapped = suppression_keep_mask([[-3.5, 0.0, 600.0, 10.0]])
+    assert int(wrapped.sum()) == 3 * 10 and wrapped[0, 515] and not wrapped[0, 0]
+    # overflow on the right/bottom is clipped by slicing.
+    assert int(suppression_keep_mask([[500.0, 0.0, 600.0, 10.0]]).sum()) == 18 * 10
+
+
+def test_suppression_union_of_boxes() -> None:
+    keep = suppression_keep_mask([[0, 0, 10, 10], [5, 5, 15, 15]])
+    assert int(keep.sum()) == 100 + 100 - 25
+
+
+def test_suppression_clamp() -> None:
+    keep = suppression_keep_mask([[-3.5, 10.2, 50.0, 60.5]], semantics="clamp")
+    # cols: 0 <= x < 50 -> 50 columns; rows: 10.2 <= y < 60.5 -> 11..60 -> 50 rows.
+    assert int(keep.sum()) == 50 * 50
+    assert keep[11, 0] and keep[60, 49]
+    assert not keep[10, 0] and not keep[61, 0] and not keep[11, 50]
+    assert int(suppression_keep_mask([[500.0, 510.0, 900.0, 900.0]], semantics="clamp").sum()) == 18 * 8
+
+
+@pytest.mark.parametrize("empty", [[], np.zeros((0, 4)), torch.zeros(0, 4)])
+def test_suppression_empty_suppresses_everything(empty) -> None:
+    keep = suppression_keep_mask(empty)
+    assert keep.shape == (518, 518) and not bool(keep.any())
+    assert suppression_keep_mask(empty, size=37).shape == (37, 37)
+
+
+def test_suppression_rejects_unknown_semantics() -> None:
+    with pytest.raises(ValueError):
+        suppression_keep_mask([[0, 0, 1, 1]], semantics="nearest")
+    with pytest.raises(ValueError):
+        suppression_keep_mask([], semantics="nearest")
+
+
+# ------------------------------------------------------------------------------------------ box mapping
+
+
+def test_boxes_norm_to_frame_square_is_released() -> None:
+    got = boxes_norm_to_frame(torch.tensor([[0.5, 0.5, 0.2, 0.4]]), (400, 640), square=True)
+    torch.testing.assert_close(got, torch.tensor([[207.2, 155.4, 310.8, 362.6]]))
+    assert got.dtype == torch.float32
+
+
+def test_boxes_norm_to_frame_through_the_crop() -> None:
+    # 400 x 640 image: box [160, 100, 480, 300] in pixels; frame x = x * 828 / 640 - 155, y = y * 518 / 400.
+    got = boxes_norm_to_frame(np.array([[0.5, 0.5, 0.5, 0.5]]), (400, 640))
+    np.testing.assert_allclose(got.numpy(), [[52.0, 129.5, 466.0, 388.5]], rtol=1e-6)
+    # square originals map identically either way.
+    a = boxes_norm_to_frame([[0.3, 0.6, 0.2, 0.1]], (1000, 1000))
+    b = boxes_norm_to_frame([[0.3, 0.6, 0.2, 0.1]], (1000, 1000), square=True)
+    torch.testing.assert_close(a, b)
+
+
+def test_localise() -> None:
+    dets = [
+        Detection((0.1, 0.1, 0.1, 0.1), 0.9, "dent", True),
+        Detection((0.9, 0.9, 0.1, 0.1), 0.99, "x", False),
+        Detection((0.5, 0.5, 0.2, 0.2), 0.8, "damage", True),
+    ]
+    position, boxes = localise(dets, (518, 518))
+    assert position == "top left"  # 0.9 beats 0.8; the invalid 0.99 does not count
+    torch.testing.assert_close(boxes, torch.tensor([[25.9, 25.9, 77.7, 77.7], [207.2, 207.2, 310.8, 310.8]]))
+    assert localise([], (10, 10))[0] == "center"
+
+
+# ------------------------------------------------------------------------------------------ detector
+
+
+@pytest.fixture(scope="module")
+def detector() -> GroundingDetector:
+    return GroundingDetector.tiny()
+
+
+def image(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth pattern plus noise, so different seeds give different detections."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) % 64 * 4], axis=-1)
+    return np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+DESCS = ["burn mark", "bent"]
+
+
+def test_detect_structure_and_thresholds(detector: GroundingDetector) -> None:
+    img = image(120, 160, 0)
+    (dets,) = detector.detect([img], [DESCS])
+    assert dets and all(isinstance(d, Detection) for d in dets)
+
+    encoding = detector.encode_caption(build_caption(DESCS))
+    probs, boxes = detector.forward_batch(detector.preprocess(img), encoding)
+    assert probs.shape == (1, 20, 256) and boxes.shape == (1, 20, 4)
+    assert float(probs[0, :, len(encoding.ids) :].max()) == 0.0  # padding to 256 has probability 0
+    kept = select_queries(probs[0], boxes[0], 0.25, 0.7).tolist()
+    assert len(dets) == len(kept)
+    for det, q in zip(dets, kept):
+        assert det.confidence == pytest.approx(float(probs[0, q].max()), abs=1e-6)
+        assert det.confidence > 0.25
+        cx, cy, w, h = det.box_norm
+        assert w * h < 0.7 and 0 <= cx <= 1 and 0 <= cy <= 1
+        assert det.valid == is_valid_phrase(det.phrase, DESCS)
+        assert det.phrase == phrase_from_posmap(probs[0, q], encoding.ids, detector.tokenizer)
+
+
+def test_detect_fallback_when_thresholds_exclude_all() -> None:
+    strict = GroundingDetector.tiny(box_threshold=1.0)
+    img = image(120, 160, 1)
+    (dets,) = strict.detect([img], [DESCS])
+    probs, _ = strict.forward_batch(strict.preprocess(img), strict.encode_caption(build_caption(DESCS)))
+    assert len(dets) == 1
+    assert dets[0].confidence == pytest.approx(float(probs.max()), abs=1e-6)
+    strict.box_threshold, strict.area_threshold = 0.25, 1e-4  # every tiny box is 0.1 x 0.1 = 0.01
+    assert len(strict.detect([img], [DESCS])[0]) == 1
+
+
+def test_batched_equals_single(detector: GroundingDetector) -> None:
+    # two images share size and caption (one batch), one differs in size, one in caption
+    images = [image(120, 160, 2), image(120, 160, 3), image(90, 90, 4), image(120, 160, 5)]
+    descs = [DESCS, DESCS, DESCS, ["crack"]]
+    batched = detector.detect(images, descs)
+    singles = [detector.detect([img], [d])[0] for img, d in zip(images, descs)]
+    assert [len(b) for b in batched] == [len(s) for s in singles]
+    for got, want in zip(batched, singles):
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.box_norm, b.box_norm, atol=1e-5)
+            assert a.confidence == pytest.approx(b.confidence, abs=1e-5)
+            assert (a.phrase, a.valid) == (b.phrase, b.valid)
+    # the two seeds really differ, so the equality above is not trivial
+    assert [d.box_norm for d in batched[0]] != [d.box_norm for d in batched[1]]
+
+    enc = detector.encode_caption(build_caption(DESCS))
+    pix = torch.cat([detector.preprocess(images[0]), detector.preprocess(images[1])])
+    probs_b, boxes_b = detector.forward_batch(pix, enc)
+    probs_1, boxes_1 = detector.forward_batch(pix[1:], enc)
+    torch.testing.assert_close(probs_b[1:], probs_1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(boxes_b[1:], boxes_1, atol=1e-5, rtol=0)
+
+
+def test_small_batches_equal_one_big(detector: GroundingDetector) -> None:
+    images = [image(90, 90, s) for s in range(7, 10)]
+    big = detector.detect(images, [DESCS] * 3)
+    detector.max_batch = 2
+    try:
+        small = detector.detect(images, [DESCS] * 3)
+    finally:
+        detector.max_batch = 8
+    assert [[d.phrase for d in r] for r in big] == [[d.phrase for d in r] for r in small]
+
+
+def test_caption_cache_and_special_ids(detector: GroundingDetector) -> None:
+    caption = build_caption(DESCS)
+    enc = detector.encode_caption(caption)
+    assert detector.encode_caption(caption) is enc
+    tokens = detector.tokenizer.convert_ids_to_tokens(enc.ids)
+    assert tokens == ["[CLS]", "anomaly", ".", "damage", ".", "broken", ".", "defect", ".", "contamination",
+                      ".", "burn", "mark", ".", "bent", ".", "[SEP]"]  # fmt: skip
+    special = detector.model.model.special_tokens.tolist()
+    assert special == detector.tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", ".", "?"])
+
+
+def test_tiny_is_seeded_and_leaves_global_rng() -> None:
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = GroundingDetector.tiny(seed=0), GroundingDetector.tiny(seed=0), GroundingDetector.tiny(seed=1)
+    assert torch.equal(torch.rand(1), before)
+    wa, wb, wc = (d.model.model.text_projection.weight for d in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_detect_rejects_bad_input(detector: GroundingDetector) -> None:
+    with pytest.raises(ValueError):
+        detector.detect([image(50, 50, 0)], [])
+    with pytest.raises(ValueError):
+        detector.detect([image(50, 50, 0).astype(np.float32)], [DESCS])
+    with pytest.raises(ValueError):
+        detector.detect([image(50, 50, 0)[..., :2]], [DESCS])
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_missing_weights_raise_with_instructions(tmp_path) -> None:
+    with pytest.raises(GroundingWeightsNotFound) as info:
+        GroundingDetector.from_pretrained(cache_dir=str(tmp_path), local_files_only=True)
+    message = str(info.value)
+    assert "IDEA-Research/grounding-dino-tiny" in message
+    assert str(tmp_path) in message
+    assert "hf download IDEA-Research/grounding-dino-tiny" in message
+    assert isinstance(info.value, FileNotFoundError)
+
+    with pytest.raises(GroundingWeightsNotFound, match="local directory"):
+        GroundingDetector.from_pretrained(str(tmp_path), local_files_only=True)
+
+
+def test_offline_env_means_local_files_only(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(GroundingWeightsNotFound):
+        GroundingDetector.from_pretrained(cache_dir=str(tmp_path))
+
+
+def test_save_and_load_round_trip_and_incomplete_checkpoint(detector: GroundingDetector, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    detector.save_pretrained(tmp_path)
+    loaded = GroundingDetector.from_pretrained(str(tmp_path), local_files_only=True)
+    img = image(100, 120, 11)
+    assert loaded.detect([img], [DESCS]) == detector.detect([img], [DESCS])
+
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.text_projection.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(GroundingWeightsNotFound, match="lacks"):
+        GroundingDetector.from_pretrained(str(tmp_path), local_files_only=True)
