@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
 
 FORMAT = "filo-descriptions/v1"
 BUNDLED_DIR = Path(__file__).resolve().parent
@@ -108,10 +111,13 @@ class CategoryCatalog:
     def load(cls, extra_files: Iterable[str | Path] = (), include_bundled: bool = True) -> CategoryCatalog:
         files = [BUNDLED_DIR / f for f in BUNDLED_FILES] if include_bundled else []
         files += [Path(f) for f in extra_files]
-        cats: list[Category] = []
+        catalog = cls()
         for f in files:
-            cats.extend(load_file(f).categories)
-        return cls(cats)
+            for category in load_file(f).categories:
+                if category.name in catalog and catalog.get(category.name) != category:
+                    log.warning("%s redefines category %r (the later file wins)", f, category.name)
+                catalog.register(category)
+        return catalog
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
