@@ -173,7 +173,8 @@ class InspectionEngine:
         t0 = time.perf_counter()
         pixels = torch.stack([self.preprocess(Image.fromarray(r.image)) for r in reqs]).to(self.device)
         t1 = time.perf_counter()
-        locs = self._localise(reqs, cats)
+        with torch.no_grad(), self._autocast():
+            locs = self._localise(reqs, cats)
         t2 = time.perf_counter()
         banks = [self.model.prompt_bank(c.noun, c.descriptions) for c in cats]
         with torch.no_grad(), self._autocast():
@@ -202,8 +203,9 @@ class InspectionEngine:
         return results
 
     def _autocast(self):
-        enabled = self.precision == "bf16" and str(self.device).startswith("cuda")
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast for the frozen backbones (maps, softmax and score stay float32)."""
+        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # --- HQ-Loc -----------------------------------------------------------------------------------------
     def _localise(self, reqs: Sequence[InspectRequest], cats: Sequence[Category]) -> list[_Localisation]:
