@@ -1,0 +1,112 @@
+"""Model-only throughput of the inspection pipeline: images/s per batch size, precision and device.
+
+Weights are random (the real ones cannot be fetched everywhere, and random weights time the same
+as trained ones); the architectures are the real ones with `arch="real"` (ViT-L/14@336 at 518 and
+Grounding DINO tiny) or the tiny test models with `arch="tiny"`. Decoding and PNG encoding are
+excluded: this measures what a GPU worker spends per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from descriptions import CategoryCatalog
+from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL, BackboneSpec, create_clip, get_tokenizer
+from models.filo import FiLoModel
+from models.heads import FiLoHeads
+from service.engine import InspectionEngine
+from service.types import InspectRequest
+
+
+@dataclass
+class BenchRow:
+    device: str
+    precision: str
+    grounding: bool
+    batch_size: int
+    images_per_s: float
+    ms_per_batch: float
+
+
+def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) -> InspectionEngine:
+    """An engine of the chosen architecture with random weights (labelled as such in model_info)."""
+    clip_name = DEFAULT_CLIP_MODEL if arch == "real" else TINY_CLIP_MODEL
+    clip = create_clip(BackboneSpec(clip_name, None, 518), seed=seed)
+    torch.manual_seed(seed)
+    heads = FiLoHeads(clip.visual.transformer.width, clip.text_projection.shape[1],
+                      clip.token_embedding.weight.shape[1])
+    model = FiLoModel(clip, get_tokenizer(clip_name), heads, 518, "released").to(device).eval()
+    detector = None
+    if grounding:
+        from models.grounding import GroundingDetector, load_tiny_tokenizer, make_image_processor
+
+        if arch == "real":
+            from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+
+            torch.manual_seed(seed)
+            gd_model = GroundingDinoForObjectDetection(GroundingDinoConfig())  # grounding-dino-tiny's shape
+            detector = GroundingDetector(gd_model, make_image_processor(), load_tiny_tokenizer(), device=device,
+                                         max_batch=64)
+        else:
+            detector = GroundingDetector.tiny(device=device, seed=seed, max_batch=64)
+    info = {"name": "FiLo", "version": f"random-{arch}", "tap_layout": "released", "backbone": clip_name,
+            "clip_weights": "random", "image_size": 518, "profile": "bench"}
+    return InspectionEngine(model, info, CategoryCatalog.load(), device, detector, grounding)
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (518, 518, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_batches(engine: InspectionEngine, batch_size: int, iters: int, warmup: int,
+                 category: str = "pcb1") -> tuple[float, float]:
+    """Returns (images/s, ms per batch) over `iters` timed batches after `warmup` untimed ones."""
+    reqs = [InspectRequest(image=im, category=category) for im in _images(batch_size)]
+    for _ in range(warmup):
+        engine.inspect_batch(reqs)
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine.inspect_batch(reqs)
+    _sync(engine.device)
+    dt = (time.perf_counter() - t0) / iters
+    return batch_size / dt, dt * 1e3
+
+
+def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: str = "pcb1") -> float:
+    """Largest absolute difference of the final maps between bf16 autocast and fp32."""
+    reqs = [InspectRequest(image=im, category=category) for im in _images(batch_size, seed=1)]
+    saved = engine.precision
+    try:
+        engine.precision = "fp32"
+        ref = engine.inspect_batch(reqs)
+        engine.precision = "bf16"
+        low = engine.inspect_batch(reqs)
+    finally:
+        engine.precision = saved
+    return max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ref, low))
+
+
+def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[str], groundings: list[bool],
+              iters: int, warmup: int) -> Iterator[BenchRow]:
+    for grounding in groundings:
+        engine = build_random_engine(arch, device, grounding)
+        for precision in precisions:
+            engine.precision = precision
+            for bs in batch_sizes:
+                ips, ms = time_batches(engine, bs, iters, warmup)
+                yield BenchRow(device, precision, grounding, bs, ips, ms)
+        del engine
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()

@@ -1,0 +1,44 @@
+"""`filo bench`: model-only throughput per batch size and precision, and the bf16 map deviation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="model-only throughput (random weights)", description=__doc__)
+    p.add_argument("--arch", choices=["tiny", "real"], default="tiny",
+                   help="real = ViT-L-14-336-quickgelu at 518 + Grounding DINO tiny (random weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--grounding", choices=["on", "off", "both"], default="both")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.bench import bf16_map_deviation, build_random_engine, run_bench
+
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    precisions = [x.strip() for x in args.precisions.split(",")]
+    groundings = {"on": [True], "off": [False], "both": [False, True]}[args.grounding]
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}")
+    print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    base: dict[tuple, float] = {}
+    for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup):
+        key = (row.precision, row.grounding)
+        base.setdefault(key, row.images_per_s)
+        print(f"| {row.device} | {row.precision} | {'on' if row.grounding else 'off'} | {row.batch_size} | "
+              f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x |", flush=True)
+    if "bf16" in precisions:
+        dev = bf16_map_deviation(build_random_engine(args.arch, args.device, False))
+        print(f"\nlargest |map(bf16) - map(fp32)| = {dev:.2e}")
+    sys.stdout.flush()
+    return 0
