@@ -72,10 +72,13 @@ def suppress(anomaly_map: torch.Tensor, keep: torch.Tensor | None,
 
     keep: (..., H, W) bool, True inside a valid box; all False multiplies the whole map (code);
     None means no suppression at all (grounding switched off).
+    Pixels whose value is exactly 1.0 are kept too (code): the released script marks box pixels
+    by writing 1 into a copy of the map and keeps every pixel where that copy equals 1, which a
+    saturated map value also does.
     """
     if keep is None:
         return anomaly_map
-    return torch.where(keep, anomaly_map, anomaly_map * lam)
+    return torch.where(keep | (anomaly_map == 1), anomaly_map, anomaly_map * lam)
 
 
 def image_score(text_abnormal: torch.Tensor, map_max: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,9 @@ def test_suppression_and_score():
     out = am.suppress(m, keep)
     assert out[0, 0] == pytest.approx(0.56) and out[1, 1] == pytest.approx(0.8)
     assert torch.equal(am.suppress(m, None), m)
+    saturated = m.clone()
+    saturated[3, 3] = 1.0  # outside the box, but the released marking cannot tell it from a box pixel
+    assert am.suppress(saturated, keep)[3, 3] == 1.0
     assert float(am.image_score(torch.tensor(0.2), torch.tensor(0.9))) == pytest.approx(0.55)
 
 
