@@ -1,0 +1,217 @@
+"""Dataset readers for evaluation and training: MVTec AD, VisA, and a plain folder layout.
+
+`read_dataset` only lists files (cheap, and it fails early on a broken layout: a missing mask, an
+unknown category); `load_sample` decodes one sample when it is needed, so a corrupt image is reported
+with its path at the moment it is read. Every problem is a `DatasetError` naming the path involved.
+
+Images are decoded with Pillow, as the released FiLo code does, because JPEG decoders differ in their
+last bits (VisA is JPEG). Category names follow the released code: folder underscores become spaces
+("metal_nut" -> "metal nut"); a request may use either spelling.
+
+Frame geometry (`resize_crop_image`, `resize_crop_mask`) is open_clip's preprocessing: resize the
+shorter side to S (the longer one to int(S * long / short)), then center-crop S x S, the crop offset
+being int(round((side - S) / 2)). The mask goes through the same geometry so that its pixels line up
+with the anomaly map's, then is binarised at 0.5 (spec section 9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+LAYOUTS = ("auto", "mvtec", "visa", "folder")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+GOOD = "good"  # defect_type of normal images, in every layout
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked; the message names the offending path."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset and where its ground truth lies."""
+
+    image_path: Path
+    mask_path: Path | None  # None: a normal image, or an anomalous one whose mask is unknown
+    category: str
+    label: int  # 0 normal, 1 anomalous
+    defect_type: str  # "good" for normal images
+
+
+def category_name(folder: str) -> str:
+    """Category name of a dataset folder, as the released code spells it ("metal_nut" -> "metal nut")."""
+    return folder.replace("_", " ")
+
+
+def read_dataset(
+    root: str | Path,
+    layout: str = "auto",
+    categories: list[str] | str | None = None,
+    split: str = "test",
+) -> list[Sample]:
+    """List the samples of a dataset, category by category in name order.
+
+    layout: "mvtec", "visa", "folder", or "auto" (guessed from the files). categories: names to keep
+    (either spelling, a list or one comma-separated string; None keeps all). split: "test" or "train".
+    """
+    if isinstance(categories, str):
+        categories = [name for name in categories.split(",") if name.strip()]
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root not found (or not a folder): {root}")
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r} for {root}; expected one of {', '.join(LAYOUTS)}")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for {root}; expected one of {', '.join(SPLITS)}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    from models.data import folder, mvtec, visa  # the readers import this module's names
+
+    reader = {"mvtec": mvtec.read, "visa": visa.read, "folder": folder.read}[layout]
+    return reader(root, categories, split)
+
+
+def detect_layout(root: Path) -> str:
+    """Guess a dataset's layout from the files at its root."""
+    if (root / "split_csv" / "1cls.csv").is_file():
+        return "visa"
+    children = [child for child in sorted(root.iterdir()) if child.is_dir()]
+    if any((child / "test").is_dir() for child in children):
+        return "mvtec"
+    if any((child / GOOD).is_dir() for child in children):
+        return "folder"
+    raise DatasetError(
+        f"cannot tell the layout of {root}: expected split_csv/1cls.csv (VisA), "
+        "<category>/test/ (MVTec AD) or <category>/good/ (folder)"
+    )
+
+
+def select_categories(found: dict[str, object], requested: list[str] | None, root: Path) -> list[str]:
+    """The requested category names (all when None), in name order; unknown ones are an error."""
+    if not found:
+        raise DatasetError(f"no category found under {root}")
+    if requested is None:
+        return sorted(found)
+    chosen = []
+    for name in requested:
+        canonical = category_name(name.strip())
+        if canonical not in found:
+            raise DatasetError(f"unknown category {name!r} in {root}; known: {', '.join(sorted(found))}")
+        chosen.append(canonical)
+    return sorted(set(chosen))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder, in name order (hidden files skipped)."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
+
+
+def require_samples(samples: list[Sample], category: str, where: Path, split: str) -> list[Sample]:
+    """An empty category is an error: it would silently vanish from the metrics."""
+    if not samples:
+        raise DatasetError(f"category {category!r} has no {split} images under {where}")
+    return samples
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_sample(sample: Sample, size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode a sample: (image uint8 HxWx3 RGB, mask uint8 HxW of 0/1).
+
+    The mask is zeros for a normal image and None only when an anomalous image's ground truth is
+    unknown (a folder dataset without masks). With `size`, both are brought to the S x S model frame
+    by `resize_crop_image` / `resize_crop_mask`.
+    """
+    image = read_image(sample.image_path)
+    if sample.mask_path is not None:
+        mask = read_mask(sample.mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DatasetError(
+                f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{sample.image_path} is {image.shape[1]}x{image.shape[0]}"
+            )
+    elif sample.label == 0:
+        mask = np.zeros(image.shape[:2], dtype=np.uint8)
+    else:
+        mask = None
+    if size is not None:
+        image = resize_crop_image(image, size)
+        mask = None if mask is None else resize_crop_mask(mask, size)
+    return image, mask
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a DatasetError."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later
+            return opened.copy()
+    except FileNotFoundError as exc:
+        raise DatasetError(f"image file not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"cannot decode image (corrupt or not an image): {path}: {exc}") from exc
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 HxWx3 RGB."""
+    return np.asarray(_open(Path(path)).convert("RGB"), dtype=np.uint8)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask file as uint8 HxW 0/1: every non-zero pixel (or palette index) is anomalous."""
+    image = _open(Path(path))
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGB") if image.mode == "RGBA" else image.convert("L")
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array.max(axis=2)
+    return (array > 0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- frame geometry
+
+
+def resize_crop_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of open_clip's resize + center crop."""
+    if size <= 0:
+        raise ValueError(f"frame size must be positive, not {size}")
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_h, new_w = size, int(size * width / height)
+    return new_h, new_w, round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+
+
+def _resize_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
+    new_h, new_w, top, left = resize_crop_geometry(image.height, image.width, size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample=resample)
+    return image.crop((left, top, left + size, top + size))
+
+
+def resize_crop_image(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> SxSx3: bicubic resize of the shorter side to S, then center crop (open_clip)."""
+    return np.asarray(_resize_crop(Image.fromarray(image), size, Image.Resampling.BICUBIC))
+
+
+def resize_crop_mask(mask: np.ndarray, size: int, interpolation: str = "nearest") -> np.ndarray:
+    """HxW 0/1 mask -> SxS 0/1 mask through the image's resize + crop, binarised at 0.5.
+
+    "nearest" keeps the mask's own pixels; "bilinear" averages them first (what the released code's
+    torchvision Resize does to its mask before its `> 0.5`).
+    """
+    resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}.get(interpolation)
+    if resample is None:
+        raise ValueError(f"interpolation must be 'nearest' or 'bilinear', not {interpolation!r}")
+    scaled = Image.fromarray(((np.asarray(mask) > 0) * 255).astype(np.uint8))
+    return (np.asarray(_resize_crop(scaled, size, resample)) > 127.5).astype(np.uint8)
