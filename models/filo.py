@@ -43,6 +43,7 @@ class FiLoModel(nn.Module):
         self.text_encoder = PromptTextEncoder(clip)
         self.heads = heads
         self.image_size = image_size
+        self.precision = "fp32"  # "bf16": autocast for the frozen encoders and the heads; maps stay fp32
         self._banks: dict[tuple[str, tuple[str, ...]], PromptBank] = {}
 
     # --- configuration ------------------------------------------------------------------------
@@ -57,6 +58,12 @@ class FiLoModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.heads.adapter.fc[0].weight.device
+
+    def _low_precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _full_precision(self):
+        return torch.autocast(self.device.type, enabled=False)
 
     # --- per-category text cache ---------------------------------------------------------------
     def prompt_bank(self, noun: str, descriptions: Sequence[str]) -> PromptBank:
@@ -78,14 +85,15 @@ class FiLoModel(nn.Module):
 
     # --- image side ------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> EncoderOutput:
-        with torch.no_grad():
+        with torch.no_grad(), self._low_precision():
             return self.encoder(images)
 
     def image_features(self, enc: EncoderOutput, with_adapter: bool = True) -> torch.Tensor:
         feats = enc.global_feature.float()
-        if with_adapter:
-            feats = self.heads.adapter(feats)
-        return am.normalize(feats)
+        with self._full_precision():
+            if with_adapter:
+                feats = self.heads.adapter(feats)
+            return am.normalize(feats)
 
     # --- text side -------------------------------------------------------------------------------
     def text_features(self, image_features: torch.Tensor, banks: Sequence[PromptBank],
@@ -111,7 +119,9 @@ class FiLoModel(nn.Module):
             start += n_norm + sel.numel()
         length = max(s.shape[1] for s in seqs)
         batch = torch.cat([nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in seqs], dim=0)
-        feats = am.normalize(self.text_encoder(batch, torch.cat(eots)).float())
+        with self._low_precision():
+            encoded = self.text_encoder(batch, torch.cat(eots))
+        feats = am.normalize(encoded.float())
         texts, type_sims = [], []
         for i, ((s0, n_norm, sel), bank) in enumerate(zip(spans, banks, strict=True)):
             normal = am.normalize(feats[s0:s0 + n_norm].mean(dim=0))
@@ -124,9 +134,11 @@ class FiLoModel(nn.Module):
     # --- maps ------------------------------------------------------------------------------------
     def maps(self, enc: EncoderOutput, text: torch.Tensor,
              return_layer_maps: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        feats = self.heads.decoder_linear(enc.qkv) + self.heads.decoder_cov(enc.vv)
-        two_ch = [am.two_channel_map(f.float(), text, self.image_size) for f in feats]
-        anomaly_map = am.combine_maps([am.layer_anomaly_map(m) for m in two_ch])
+        with self._low_precision():
+            feats = self.heads.decoder_linear(enc.qkv) + self.heads.decoder_cov(enc.vv)
+        with self._full_precision():
+            two_ch = [am.two_channel_map(f.float(), text.float(), self.image_size) for f in feats]
+            anomaly_map = am.combine_maps([am.layer_anomaly_map(m) for m in two_ch])
         return anomaly_map, (two_ch if return_layer_maps else None)
 
     def forward(self, images: torch.Tensor, banks: Sequence[PromptBank], positions: Sequence[str | None],
@@ -135,7 +147,8 @@ class FiLoModel(nn.Module):
         enc = self.encode_images(images)
         img = self.image_features(enc, with_adapter)
         text, type_sims = self.text_features(img, banks, positions)
-        text_probs = (img[:, None, :] @ text.transpose(1, 2))[:, 0]
+        with self._full_precision():
+            text_probs = (img[:, None, :].float() @ text.transpose(1, 2).float())[:, 0]
         anomaly_map, layer_maps = self.maps(enc, text, return_layer_maps)
         return FiLoOutput(text_probs, anomaly_map, img, type_sims, layer_maps)
 

@@ -107,15 +107,16 @@ class InspectionEngine:
         return state
 
     def load_cache_state(self, state: dict[str, bytes]) -> int:
-        """Install persisted prompt banks whose key matches a known category; returns how many."""
-        loaded = 0
+        """Install persisted prompt banks whose key matches a known category; returns how many banks."""
+        loaded: set[str] = set()
         for name in self.catalog.names():
             category = self.catalog.get(name)
-            blob = state.get(self._cache_key(category))
-            if blob is not None:
-                self.model.put_prompt_bank(category.noun, category.descriptions, PromptBank.from_tensors(st_load(blob)))
-                loaded += 1
-        return loaded
+            key = self._cache_key(category)
+            if key in state and key not in loaded:
+                bank = PromptBank.from_tensors(st_load(state[key]))
+                self.model.put_prompt_bank(category.noun, category.descriptions, bank)
+                loaded.add(key)
+        return len(loaded)
 
     def warmup(self) -> None:
         """One tiny batch through every stage so the first real request pays no lazy initialisation."""
@@ -177,7 +178,8 @@ class InspectionEngine:
             locs = self._localise(reqs, cats)
         t2 = time.perf_counter()
         banks = [self.model.prompt_bank(c.noun, c.descriptions) for c in cats]
-        with torch.no_grad(), self._autocast():
+        self.model.precision = self.precision
+        with torch.no_grad():
             out = self.model(pixels, banks, [loc.position for loc in locs])
         maps = out.anomaly_map.float()
         t3 = time.perf_counter()
@@ -203,7 +205,7 @@ class InspectionEngine:
         return results
 
     def _autocast(self):
-        """bf16 autocast for the frozen backbones (maps, softmax and score stay float32)."""
+        """bf16 autocast for Grounding DINO (FiLo's own precision is set on the model)."""
         device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
