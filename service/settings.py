@@ -67,6 +67,9 @@ class FiloSettings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_api_key: str | None = None
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker /healthz /readyz /metrics port")
+    worker_metrics_host: str = Field(
+        "0.0.0.0", description="worker health/metrics bind address (all interfaces: probes and Prometheus reach it)"
+    )
     state_dir: Path | None = Field(
         None, description="without Redis: where categories and prompt caches persist (default ~/.cache/filo-inspect)"
     )

@@ -1,0 +1,1 @@
+"""The HTTP API of FiLo Inspect (FastAPI): `create_app(settings, backend)` in app.py."""

@@ -1,0 +1,154 @@
+"""The FastAPI application factory: one settings object and one backend in, an app out.
+
+Everything the routes use hangs off `app.state` (see deps.py), so tests can build several apps
+side by side. The backend starts in the lifespan; loading happens in the background so /healthz
+answers at once while /readyz waits for the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import routes_categories, routes_health, routes_inspect
+from service.api.auth import Authenticator, check_auth_config
+from service.api.errors import __doc__ as ERRORS_DOC
+from service.api.errors import error_body, install_error_handlers
+from service.backends import Backend
+from service.metrics import Metrics
+from service.settings import FiloSettings
+
+API_VERSION = "1.0.0"
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`, enforced as the body streams in (never read whole first).
+
+    A declared Content-Length over the limit is refused before reading anything; a chunked or
+    lying body is cut off at the first chunk past the limit: the client gets the 413 and the app
+    sees a disconnect, so it stops reading.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def _reject(self, send: Send) -> None:
+        self.metrics.error("body_too_large")
+        body = json.dumps(error_body("body_too_large", f"request body exceeds {self.max_bytes} bytes")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._reject(send)
+                return
+        received = 0
+        state = {"started": False, "rejected": False}
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if state["rejected"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    state["rejected"] = True
+                    if not state["started"]:
+                        state["started"] = True
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if state["rejected"]:
+                return  # the 413 went out already; whatever the app says now is dropped
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+class MetricsMiddleware:
+    """Duration, count and in-flight gauge of every HTTP request, labelled by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.inflight.dec()
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            code = str(status["code"])
+            self.metrics.http_duration.labels(label, scope.get("method", ""), code).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(label, code).inc()
+
+
+def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
+    """Build the app; raises AuthConfigError for a production service without API keys."""
+    check_auth_config(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.stop()
+
+    app = FastAPI(
+        title="FiLo Inspect",
+        version=API_VERSION,
+        description="Zero-shot anomaly detection and localisation (FiLo) as a service.\n\n" + (ERRORS_DOC or ""),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backend = backend
+    app.state.metrics = backend.metrics
+    app.state.auth = Authenticator(settings)
+    install_error_handlers(app)
+    app.include_router(routes_inspect.router)
+    app.include_router(routes_categories.router)
+    app.include_router(routes_health.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=backend.metrics)
+    return app

@@ -1,0 +1,163 @@
+"""Every error the service answers with, and the one JSON shape they all share.
+
+Clients get `{"error": {"code", "message", ...}}` for every failure, whatever raised it (our
+code, FastAPI's validation, Starlette's routing), so they can branch on `code` alone. The codes
+and statuses (documented in the OpenAPI description too):
+
+| status | code | when |
+| --- | --- | --- |
+| 401 | unauthorized | missing or wrong bearer key |
+| 403 | forbidden | a valid inspection key used for an admin write |
+| 404 | unknown_category | category missing or not registered (lists the known ones) |
+| 404 | not_found | no such route |
+| 413 | body_too_large | body over `max_body_bytes` (checked while it streams in) |
+| 415 | unsupported_media_type | body neither multipart/form-data nor JSON |
+| 415 | not_an_image / unsupported_image | the bytes are no image we can decode |
+| 422 | truncated_image / decompression_bomb | an image, but cut short or over `max_image_pixels` |
+| 422 | validation_error / invalid_base64 | bad parameters |
+| 429 | queue_full | too many requests queued; retry after `Retry-After` seconds |
+| 500 | inspection_failed / poison_request | the model failed on this request (alone) |
+| 503 | not_ready / redis_unavailable | still warming up, or the queue cannot be reached |
+| 504 | deadline_exceeded | no answer within `request_timeout_s` |
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger(__name__)
+
+# ImageDecodeError.code -> HTTP status (see the table above)
+IMAGE_ERROR_STATUS = {
+    "not_an_image": 415,
+    "unsupported_image": 415,
+    "truncated_image": 422,
+    "decompression_bomb": 422,
+}
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "queue_full",
+    500: "internal_error",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status and stable code; raised anywhere below the routes."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message, **self.details)
+
+
+class QueueFullError(ServiceError):
+    def __init__(self, message: str = "too many requests queued", retry_after_s: int = 1) -> None:
+        super().__init__(429, "queue_full", message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class DeadlineExceededError(ServiceError):
+    def __init__(self, message: str = "no answer within the request deadline") -> None:
+        super().__init__(504, "deadline_exceeded", message)
+
+
+class UnavailableError(ServiceError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(503, code, message, headers={"Retry-After": "1"})
+
+
+class CategoryNotFoundError(ServiceError):
+    def __init__(self, name: str | None, known: list[str]) -> None:
+        what = "category is required" if not name else f"unknown category {name!r}"
+        super().__init__(
+            404,
+            "unknown_category",
+            f"{what}; known categories: {', '.join(sorted(known)) or '(none)'}",
+            details={"known_categories": sorted(known)},
+        )
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+def error_response(err: ServiceError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _count(request: Request, code: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.error(code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception to the one error shape (FastAPI's 422 and Starlette's 404/405 too)."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        _count(request, exc.code)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count(request, "validation_error")
+        return JSONResponse(validation_body(exc.errors()), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        _count(request, code)
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # the client left, or BodyLimitMiddleware cut the body off and already answered 413
+        return JSONResponse(error_body("client_disconnected", "the client went away"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        _count(request, "internal_error")
+        return JSONResponse(error_body("internal_error", "internal error; see the server log"), status_code=500)
+
+
+def validation_body(errors: Any) -> dict[str, Any]:
+    """422 body for pydantic/FastAPI validation errors: a readable message plus the field list."""
+    fields = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))
+        fields.append({"field": loc, "message": e.get("msg", "")})
+    message = "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields) or "invalid request"
+    return error_body("validation_error", message, fields=fields)

@@ -1,0 +1,90 @@
+"""Category listing (any API key) and registration (admin key), including LLM-drafted descriptions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from descriptions import Category
+from service.api.auth import require_admin_key, require_api_key
+from service.api.deps import BackendDep, SettingsDep
+from service.api.errors import CategoryNotFoundError, ServiceError, validation_body
+from service.api.schemas import ERROR_RESPONSES, CategoryIn, CategoryList, CategoryOut
+from service.category_store import default_state_dir
+from service.llm import LLMError, agenerate_descriptions, write_draft
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/categories", tags=["categories"])
+
+NameParam = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+def _out(c: Category) -> CategoryOut:
+    return CategoryOut(name=c.name, noun=c.noun, descriptions=list(c.descriptions), status="active")
+
+
+@router.get("", response_model=CategoryList, responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
+async def list_categories(backend: BackendDep) -> CategoryList:
+    """Every category this deployment can inspect."""
+    return CategoryList(categories=[_out(c) for c in await backend.list_categories()])
+
+
+@router.get("/{name}", response_model=CategoryOut, responses=ERROR_RESPONSES,
+            dependencies=[Depends(require_api_key)])
+async def get_category(name: NameParam, backend: BackendDep) -> CategoryOut:
+    found = {c.name: c for c in await backend.list_categories()}
+    if name not in found:
+        raise CategoryNotFoundError(name, list(found))
+    return _out(found[name])
+
+
+@router.put(
+    "/{name}",
+    response_model=CategoryOut,
+    responses={**ERROR_RESPONSES, 202: {"model": CategoryOut, "description": "an LLM draft, not registered"},
+               502: ERROR_RESPONSES[503] | {"description": "the LLM endpoint failed"}},
+    dependencies=[Depends(require_admin_key)],
+)
+async def put_category(
+    body: CategoryIn,
+    name: NameParam,
+    backend: BackendDep,
+    settings: SettingsDep,
+) -> Response:
+    """Register (or replace) a category and build its caches; `generate: true` only drafts descriptions.
+
+    A draft is written to `<state_dir>/drafts/NAME.json` and returned with status `draft` (202);
+    it is not inspectable until a person reviews it and PUTs the descriptions.
+    """
+    noun = body.noun or name
+    if body.generate:
+        try:
+            texts = await agenerate_descriptions(settings, name, noun, body.count)
+        except LLMError as exc:
+            raise ServiceError(502, "llm_failed", str(exc)) from None
+        path = (settings.state_dir or default_state_dir()) / "drafts" / f"{name}.json"
+        try:
+            write_draft(path, name, noun, texts, settings.llm_model)
+            where: str | None = str(path)
+        except OSError as exc:  # e.g. a read-only root filesystem: the draft is in the answer anyway
+            log.warning("could not write the draft %s (%s)", path, exc)
+            where = None
+        out = CategoryOut(name=name, noun=noun, descriptions=texts, status="draft", draft_path=where)
+        return JSONResponse(out.model_dump(mode="json"), status_code=202)
+    try:
+        category = Category(name=name, noun=noun, descriptions=tuple(body.descriptions))
+    except ValidationError as exc:
+        err = validation_body(exc.errors())["error"]
+        raise ServiceError(422, "validation_error", err["message"], details={"fields": err["fields"]}) from None
+    await backend.put_category(category)
+    return JSONResponse(_out(category).model_dump(mode="json"))
+
+
+@router.delete("/{name}", status_code=204, responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
+async def delete_category(name: NameParam, backend: BackendDep) -> Response:
+    await backend.delete_category(name)
+    return Response(status_code=204)

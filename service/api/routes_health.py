@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics (no auth: probed by the orchestrator and Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import BackendDep, MetricsDep
+from service.api.schemas import HealthOut, ReadyOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=HealthOut)
+async def healthz() -> HealthOut:
+    """The process is alive and its event loop answers (even while the model loads)."""
+    return HealthOut()
+
+
+@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+async def readyz(backend: BackendDep) -> JSONResponse:
+    """Ready once the model is loaded, warmed and its caches built (embedded), or Redis and the
+    published categories are reachable (queue mode). `detail` tells which cache was used."""
+    state = await backend.readiness()
+    body = ReadyOut(ready=state.ready, mode=backend.mode, detail=state.detail)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
+    await backend.refresh_gauges()
+    data, content_type = registry.render()
+    return Response(data, media_type=content_type)

@@ -1,0 +1,138 @@
+"""Every pydantic schema of the HTTP API, in one place (requests, responses, errors)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+HeatmapMode = Literal["png", "none"]
+
+
+class InspectParams(BaseModel):
+    """The parameters of one inspection, whichever body (multipart or JSON) carried them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: str | None = Field(None, description="registered category (see GET /v1/categories)")
+    top_k: int | None = Field(None, ge=1, le=100, description="how many anomaly types to return")
+    grounding: bool | None = Field(None, description="run Grounding DINO (default: the server's setting)")
+    heatmap: HeatmapMode = Field("png", description="'png' returns a base64 heatmap; 'none' skips it")
+
+
+class InspectJSON(InspectParams):
+    """JSON body of POST /v1/inspect."""
+
+    image_base64: str = Field(..., min_length=1, description="the image file (PNG, JPEG, ...) base64-encoded")
+
+
+class BoxOut(BaseModel):
+    x1: float = Field(..., description="left, original image pixels")
+    y1: float
+    x2: float
+    y2: float
+    phrase: str
+    confidence: float
+    valid: bool = Field(..., description="the phrase names an anomaly; only valid boxes steer the result")
+
+
+class AnomalyTypeOut(BaseModel):
+    description: str
+    similarity: float
+
+
+class ModelInfoOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    tap_layout: str | None = None
+
+
+class TimingOut(BaseModel):
+    queue_wait: float = Field(..., description="ms from accepted to its batch starting")
+    model: float = Field(..., description="ms the engine batch holding this request took")
+    total: float = Field(..., description="ms from the request arriving to the answer")
+
+
+class InspectResponse(BaseModel):
+    request_id: str
+    category: str
+    score: float = Field(..., description="image anomaly score")
+    is_anomalous: bool = Field(..., description="score >= threshold")
+    threshold: float
+    position: str | None = Field(None, description="one of the nine positions; null: all nine averaged")
+    boxes: list[BoxOut]
+    top_types: list[AnomalyTypeOut]
+    heatmap_png: str | None = Field(None, description="base64 PNG heatmap at the original size")
+    model: ModelInfoOut
+    timing_ms: TimingOut
+
+
+class CategoryIn(BaseModel):
+    """PUT /v1/categories/{name}: register (or replace) a category, or ask an LLM for a draft."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noun: str | None = Field(None, min_length=1, description="the word used in the prompts (default: name)")
+    descriptions: list[str] = Field(default_factory=list, description="fine-grained anomaly descriptions")
+    generate: bool = Field(False, description="ask the configured LLM for descriptions; returns a draft")
+    count: int = Field(10, ge=1, le=50, description="with generate: how many descriptions to ask for")
+
+    @field_validator("descriptions")
+    @classmethod
+    def _clean(cls, v: list[str]) -> list[str]:
+        cleaned = [d.strip() for d in v]
+        if any(not d for d in cleaned):
+            raise ValueError("descriptions must not be empty strings")
+        return cleaned
+
+
+class CategoryOut(BaseModel):
+    name: str
+    noun: str
+    descriptions: list[str]
+    status: Literal["active", "draft"] = "active"
+    draft_path: str | None = Field(None, description="draft file a person reviews before registering")
+
+
+class CategoryList(BaseModel):
+    categories: list[CategoryOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    mode: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text}
+    for status, text in {
+        401: "missing or wrong API key",
+        403: "admin key required",
+        404: "unknown category (lists the known ones)",
+        413: "body or image too large",
+        415: "unsupported media type or not an image",
+        422: "bad parameters, truncated image or decompression bomb",
+        429: "queue full (see Retry-After)",
+        500: "the model failed on this request",
+        503: "not ready or queue unreachable",
+        504: "deadline exceeded",
+    }.items()
+}

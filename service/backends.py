@@ -1,0 +1,344 @@
+"""The two ways an API process gets inspections done, behind one interface the routes use.
+
+* `EmbeddedBackend` (`filo serve --embedded`): the engine lives in this process; an asyncio
+  micro-batcher feeds it on one thread. Categories and caches persist under `state_dir`.
+* `RedisBackend` (`filo serve` with `redis_url`): requests go through a Redis stream to
+  `filo worker` processes (see service/queue.py); categories and caches live in Redis.
+
+Both answer `inspect` with an `InspectOutcome` or raise a `ServiceError` with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from descriptions import Category
+from service.api.errors import (
+    CategoryNotFoundError,
+    DeadlineExceededError,
+    QueueFullError,
+    ServiceError,
+    UnavailableError,
+)
+from service.batcher import MicroBatcher
+from service.category_store import (
+    DiskCacheStore,
+    FileCategoryStore,
+    RedisCategoryStore,
+    StartReport,
+    apply_categories,
+    default_state_dir,
+    persist_caches,
+    start_engine,
+)
+from service.metrics import Metrics
+from service.queue import (
+    NOT_SEEDED,
+    QUEUE_FULL,
+    UNKNOWN_CATEGORY,
+    Job,
+    Keys,
+    Producer,
+    ensure_group,
+    result_from_dict,
+)
+from service.settings import FiloSettings
+from service.types import InspectError, InspectRequest, InspectResult
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[FiloSettings], Any]
+
+
+@dataclass
+class InspectJob:
+    """One validated request: decoded image (embedded) and its original bytes (queue)."""
+
+    request_id: str
+    category: str
+    image: np.ndarray
+    image_bytes: bytes
+    top_k: int
+    grounding: bool | None
+    want_map: bool
+    deadline: float  # time.monotonic() by which an answer is due
+
+
+@dataclass
+class InspectOutcome:
+    result: InspectResult
+    model: dict[str, Any]
+    queue_wait_ms: float
+    model_ms: float
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    mode: str
+    metrics: Metrics
+    fatal: BaseException | None
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def readiness(self) -> Readiness: ...
+    async def inspect(self, job: InspectJob) -> InspectOutcome: ...
+    async def list_categories(self) -> list[Category]: ...
+    async def put_category(self, category: Category) -> None: ...
+    async def delete_category(self, name: str) -> None: ...
+    async def refresh_gauges(self) -> None: ...
+
+
+def error_from_slot(value: BaseException) -> ServiceError:
+    """What a failed slot of a batch means for its HTTP caller."""
+    if isinstance(value, ServiceError):
+        return value
+    if isinstance(value, InspectError):
+        return ServiceError(value.status, value.code, value.message)
+    return ServiceError(500, "inspection_failed", f"the model failed on this request: {type(value).__name__}")
+
+
+def default_engine_factory(settings: FiloSettings) -> Any:
+    from service.engine import InspectionEngine  # torch: only processes that run the model import it
+
+    return InspectionEngine.from_settings(settings)
+
+
+class EmbeddedBackend:
+    """The engine in this process, fed by a micro-batcher; needs no Redis."""
+
+    mode = "embedded"
+
+    def __init__(self, settings: FiloSettings, engine_factory: EngineFactory | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.engine_factory = engine_factory or default_engine_factory
+        state_dir = settings.state_dir or default_state_dir()
+        self.store = FileCategoryStore(state_dir / "categories.json")
+        self.caches = DiskCacheStore(state_dir / "caches")
+        self.engine: Any = None
+        self.report: StartReport | None = None
+        self.fatal: BaseException | None = None
+        self._batcher: MicroBatcher | None = None
+        self._load_task: asyncio.Task | None = None
+        self._category_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_ms=self.settings.max_wait_ms,
+            max_depth=self.settings.queue_max_depth,
+            on_batch=self._observe,
+        )
+        self._batcher.start()
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="filo-engine-load")
+
+    async def _load(self) -> None:
+        """Load, restore caches, warm up: in the background so /healthz answers meanwhile."""
+        assert self._batcher is not None
+        try:
+            engine = await self._batcher.run_exclusive(self.engine_factory, self.settings)
+            self.report = await start_engine(engine, self.store, self.caches, self._batcher.run_exclusive)
+            self.engine = engine
+        except Exception as exc:  # reported by /readyz and by `filo serve`, which exits
+            log.exception("the engine failed to start")
+            self.fatal = exc
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self._batcher is not None:
+            await self._batcher.stop()
+
+    def _run_batch(self, requests: list[InspectRequest]) -> list[Any]:
+        return self.engine.inspect_batch(requests)
+
+    def _observe(self, size: int, run_s: float, waits: list[float]) -> None:
+        self.metrics.observe_batch(size, run_s, waits)
+        self.metrics.update_gpu_memory(str(self.engine.device))
+
+    def _require_ready(self) -> None:
+        if self.fatal is not None:
+            raise UnavailableError("not_ready", f"the engine failed to start: {self.fatal}")
+        if self.engine is None or self._batcher is None:
+            raise UnavailableError("not_ready", "the model is still loading")
+
+    async def readiness(self) -> Readiness:
+        if self.fatal is not None:
+            return Readiness(False, {"error": str(self.fatal)})
+        if self.engine is None:
+            return Readiness(False, {"loading": True})
+        assert self.report is not None
+        return Readiness(True, {"device": str(self.engine.device), **self.report.__dict__})
+
+    async def inspect(self, job: InspectJob) -> InspectOutcome:
+        self._require_ready()
+        assert self._batcher is not None
+        if job.category not in self.engine.catalog:
+            raise CategoryNotFoundError(job.category, self.engine.catalog.names())
+        request = InspectRequest(image=job.image, category=job.category, top_k=job.top_k, grounding=job.grounding)
+        done = await self._batcher.submit(request, job.deadline)
+        if isinstance(done.value, BaseException):
+            raise error_from_slot(done.value)
+        return InspectOutcome(done.value, self.engine.model_info(), done.queue_wait_s * 1e3, done.run_s * 1e3)
+
+    async def list_categories(self) -> list[Category]:
+        self._require_ready()
+        catalog = self.engine.catalog
+        return [catalog.get(n) for n in catalog.names()]
+
+    async def put_category(self, category: Category) -> None:
+        """Persist, then register and build its caches (on the engine thread, between batches)."""
+        self._require_ready()
+        assert self._batcher is not None
+        async with self._category_lock:
+            await self.store.put(category)
+            await self._batcher.run_exclusive(apply_categories, self.engine, await self.store.all())
+            await persist_caches(self.engine, self.caches, self._batcher.run_exclusive)
+
+    async def delete_category(self, name: str) -> None:
+        self._require_ready()
+        assert self._batcher is not None
+        async with self._category_lock:
+            if name not in self.engine.catalog:
+                raise CategoryNotFoundError(name, self.engine.catalog.names())
+            await self.store.delete(name)
+            await self._batcher.run_exclusive(apply_categories, self.engine, await self.store.all(), False)
+
+    async def refresh_gauges(self) -> None:
+        self.metrics.queue_depth.set(self._batcher.depth if self._batcher else 0)
+        self.metrics.workers.set(1 if self.engine is not None else 0)
+        if self.engine is not None:
+            self.metrics.update_gpu_memory(str(self.engine.device))
+
+
+def redis_client(url: str, longest_block_s: float = 1.0) -> Redis:
+    """Binary-safe client; connects fail fast (503) instead of hanging a request when Redis is down.
+
+    The read timeout must outlast the longest blocking command sent on it (BLPOP up to the request
+    deadline, XREADGROUP BLOCK), or redis-py reports a healthy wait as a timeout.
+    """
+    return Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0, socket_keepalive=True,
+                          socket_timeout=longest_block_s + 5.0)
+
+
+class RedisBackend:
+    """Hands requests to `filo worker` processes through a Redis stream; runs no model itself."""
+
+    mode = "queue"
+
+    def __init__(self, settings: FiloSettings, metrics: Metrics | None = None) -> None:
+        if not settings.redis_url:
+            raise ValueError("RedisBackend needs settings.redis_url")
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.fatal: BaseException | None = None
+        self.redis = redis_client(settings.redis_url, settings.request_timeout_s)
+        self.keys = Keys.from_settings(settings)
+        self.producer = Producer(self.redis, settings)
+        self.store = RedisCategoryStore(self.redis, self.keys)
+
+    async def start(self) -> None:
+        try:
+            await ensure_group(self.redis, self.keys)
+        except RedisError as exc:  # not fatal: /readyz says so, requests get 503 until Redis is back
+            log.warning("Redis unreachable at start (%s); will keep trying per request", exc)
+
+    async def stop(self) -> None:
+        await self.redis.aclose()
+
+    async def readiness(self) -> Readiness:
+        try:
+            await self.redis.ping()
+            seeded = await self.store.version() > 0
+            workers = await self.producer.workers_alive()
+            depth = await self.producer.depth()
+        except RedisError as exc:
+            return Readiness(False, {"redis": f"unreachable: {exc}"})
+        detail = {"redis": "ok", "categories_published": seeded, "workers": workers, "queue_depth": depth}
+        return Readiness(seeded, detail)
+
+    def _unavailable(self, exc: Exception, queued: bool) -> UnavailableError:
+        if queued:
+            return UnavailableError(
+                "redis_unavailable",
+                f"the request was queued but Redis became unreachable before its answer arrived ({exc}); "
+                "its result is lost to this call, retry it",
+            )
+        return UnavailableError("redis_unavailable", f"the queue (Redis) is unreachable; request not accepted ({exc})")
+
+    async def inspect(self, job: InspectJob) -> InspectOutcome:
+        left_s = job.deadline - time.monotonic()
+        if left_s <= 0:
+            raise DeadlineExceededError()
+        queued = Job(job.request_id, job.category, job.image_bytes, int(left_s * 1000), job.top_k, job.grounding,
+                     job.want_map)
+        try:
+            outcome, depth = await self.producer.enqueue(queued)
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+        self.metrics.queue_depth.set(depth)
+        if outcome == UNKNOWN_CATEGORY:
+            raise CategoryNotFoundError(job.category, [c.name for c in await self.list_categories()])
+        if outcome == QUEUE_FULL:
+            raise QueueFullError(f"{depth} requests already queued (limit {self.settings.queue_max_depth})")
+        if outcome == NOT_SEEDED:
+            raise UnavailableError("not_ready", "no worker has published the categories yet; start `filo worker`")
+        try:
+            reply = await self.producer.wait_reply(job.request_id, job.deadline - time.monotonic())
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=True) from None
+        if reply is None:
+            raise DeadlineExceededError(f"no worker answered request {job.request_id} in time")
+        if reply.error:
+            err = reply.error
+            raise ServiceError(int(err.get("status", 500)), err.get("code", "inspection_failed"),
+                               err.get("message", ""))
+        assert reply.result is not None
+        return InspectOutcome(result_from_dict(reply.result, reply.anomaly_map), reply.model, reply.queue_wait_ms,
+                              reply.model_ms)
+
+    async def list_categories(self) -> list[Category]:
+        try:
+            found = await self.store.all()
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+        return [found[n] for n in sorted(found)]
+
+    async def put_category(self, category: Category) -> None:
+        """Store it; every worker applies it (and builds its caches) before its next batch."""
+        try:
+            await self.store.put(category)
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+
+    async def delete_category(self, name: str) -> None:
+        try:
+            names = [c.name for c in await self.list_categories()]
+            if name not in names:
+                raise CategoryNotFoundError(name, names)
+            await self.store.delete(name)
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+
+    async def refresh_gauges(self) -> None:
+        try:
+            self.metrics.queue_depth.set(await self.producer.depth())
+            self.metrics.workers.set(await self.producer.workers_alive())
+        except RedisError:
+            self.metrics.workers.set(0)

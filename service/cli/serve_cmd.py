@@ -1,0 +1,89 @@
+"""`filo serve`: the HTTP API under uvicorn, in queue mode (Redis + `filo worker`) or `--embedded`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import TYPE_CHECKING
+
+from service.settings import FiloSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from service.backends import Backend
+
+log = logging.getLogger("filo.serve")
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by serve and worker; each overrides its FILO_* setting when given."""
+    p.add_argument("--profile", choices=["production", "demo"], help="FILO_PROFILE")
+    p.add_argument("--redis-url", help="FILO_REDIS_URL")
+    p.add_argument("--checkpoint", help="FILO_CHECKPOINT")
+    p.add_argument("--device", help="FILO_DEVICE: auto, cpu, cuda, cuda:N")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from_args(args: argparse.Namespace, **extra: object) -> FiloSettings:
+    flags = {k: getattr(args, k, None) for k in ("profile", "redis_url", "checkpoint", "device", "host", "port")}
+    return FiloSettings(**{k: v for k, v in {**flags, **extra}.items() if v is not None})
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP API", description=__doc__)
+    add_common_flags(p)
+    p.add_argument("--host", help="FILO_HOST")
+    p.add_argument("--port", type=int, help="FILO_PORT")
+    p.add_argument("--embedded", action="store_true",
+                   help="run the model in this process (micro-batched); no Redis, no workers")
+    p.set_defaults(func=main)
+
+
+async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_level: str) -> int:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+
+    async def watch_fatal() -> None:
+        """A model that cannot load (e.g. missing weights) must stop the process, not idle unready."""
+        while not server.should_exit:
+            if backend.fatal is not None:
+                log.error("stopping: %s", backend.fatal)
+                server.should_exit = True
+                return
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.get_running_loop().create_task(watch_fatal())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+    return 2 if backend.fatal is not None else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from service.api.app import create_app
+    from service.api.auth import AuthConfigError
+    from service.backends import EmbeddedBackend, RedisBackend
+
+    setup_logging(args.log_level)
+    settings = settings_from_args(args)
+    embedded = args.embedded or not settings.redis_url
+    backend = EmbeddedBackend(settings) if embedded else RedisBackend(settings)
+    try:
+        app = create_app(settings, backend)
+    except AuthConfigError as exc:
+        print(f"filo serve: {exc}", file=sys.stderr)
+        return 2
+    log.info("serving on http://%s:%d (%s mode, %s profile)", settings.host, settings.port, backend.mode,
+             settings.profile)
+    return asyncio.run(_serve(app, backend, settings, args.log_level))

@@ -1,0 +1,71 @@
+"""Prometheus metrics of one process (API or worker), on a registry of its own.
+
+The metric names are a contract with the deployment's Grafana dashboard: do not rename them.
+Each app or worker gets its own `CollectorRegistry` (never the global one) so that tests can
+build several apps in one process and each `/metrics` shows only its own process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric FiLo Inspect exports; one instance per process-level app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_duration = Histogram(
+            "filo_http_request_duration_seconds",
+            "HTTP request duration by route template, method and status",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter("filo_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.queue_wait = Histogram("filo_queue_wait_seconds", "time a request waited before its batch ran",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.model_seconds = Histogram("filo_model_seconds", "wall time of one engine batch",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("filo_batch_size", "requests per engine batch", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("filo_queue_depth", "requests queued or in progress", registry=r)
+        self.inflight = Gauge("filo_inflight_requests", "HTTP requests being handled", registry=r)
+        self.errors = Counter("filo_errors_total", "errors answered, by error code", ["reason"], registry=r)
+        self.workers = Gauge("filo_workers", "inspection workers alive (heartbeat within the last 10 s)",
+                             registry=r)
+        self.gpu_memory = Gauge("filo_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+
+    def error(self, reason: str) -> None:
+        self.errors.labels(reason=reason).inc()
+
+    def observe_batch(self, size: int, model_s: float, queue_waits_s: list[float]) -> None:
+        """Record one engine batch; called where batches run (embedded app or worker)."""
+        self.batch_size.observe(size)
+        self.model_seconds.observe(model_s)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(max(0.0, wait))
+
+    def update_gpu_memory(self, device: str) -> None:
+        """Set `filo_gpu_memory_bytes` when the engine runs on CUDA; a no-op on CPU."""
+        if not device.startswith("cuda"):
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            self.gpu_memory.set(torch.cuda.memory_allocated(torch.device(device)))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,380 @@
+"""Redis Streams protocol between API processes and inspection workers.
+
+Design (see also service/worker.py):
+
+* Request path. The API XADDs one entry per request to `settings.stream` (fields: request id,
+  reply key, timeout in ms, JSON params, the original image bytes) through a Lua script that, in
+  one atomic step, refuses unknown categories and refuses when the stream already holds
+  `queue_max_depth` entries (-> 429). Workers read with XREADGROUP in the consumer group
+  `settings.consumer_group`, so each entry goes to exactly one worker at a time.
+* Reply path. Every request has its own reply list `<stream>:reply:<request id>`. The worker
+  LPUSHes the reply, sets the list's expiry, XACKs and XDELs the entry in ONE MULTI/EXEC
+  transaction, and the API BLPOPs that list. A list (unlike pub/sub) keeps the reply even if the
+  API starts waiting after the worker answered, so no reply is lost; a reply nobody collects
+  (the caller gave up) expires after `request_timeout_s + 60` s. A duplicate reply (an entry
+  reclaimed from a worker that was only slow) is harmless: the API takes the first.
+* Deadlines use Redis' clock only: an entry's ID is the server's millisecond time at XADD, so
+  `deadline = id_ms + timeout_ms` is compared with the server's TIME, never a pod's clock.
+* Claiming. Entries read but not acknowledged stay in the group's pending list. A worker that
+  dies leaves them there; other workers XAUTOCLAIM entries idle longer than `claim_idle_ms`.
+  A live worker with a long batch resets its entries' idle time (XCLAIM ... JUSTID) so they are
+  not stolen. Each delivery counts; an entry delivered more than `max_deliveries` times (it
+  keeps killing workers) is answered `poison_request` and acknowledged instead of being run.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from service.settings import FiloSettings
+from service.types import AnomalyType, Box, InspectResult
+
+_ENQUEUE_LUA = """
+-- KEYS[1] stream, KEYS[2] categories hash, KEYS[3] categories version (exists once seeded)
+-- ARGV[1] max depth, ARGV[2] category, ARGV[3..] field/value pairs of the entry
+if redis.call('EXISTS', KEYS[3]) == 0 then return {-3, 0} end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return {-1, 0} end
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {-2, depth} end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3, #ARGV))
+return {id, depth + 1}
+"""
+
+ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED = "enqueued", "unknown_category", "queue_full", "not_seeded"
+HEARTBEAT_WINDOW_MS = 10_000
+
+
+@dataclass
+class Keys:
+    """Every Redis key of one deployment, derived from the stream name so deployments can share a Redis."""
+
+    stream: str
+    group: str
+
+    @classmethod
+    def from_settings(cls, settings: FiloSettings) -> Keys:
+        return cls(settings.stream, settings.consumer_group)
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.stream}:reply:{request_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.stream}:workers"
+
+    @property
+    def categories(self) -> str:
+        return f"{self.stream}:categories"
+
+    @property
+    def categories_deleted(self) -> str:
+        return f"{self.stream}:categories:deleted"
+
+    @property
+    def categories_version(self) -> str:
+        return f"{self.stream}:categories:version"
+
+    def cache(self, key: str) -> str:
+        return f"{self.stream}:cache:{key}"
+
+
+# --- payloads ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request as it travels through the stream."""
+
+    request_id: str
+    category: str
+    image: bytes
+    timeout_ms: int
+    top_k: int
+    grounding: bool | None = None
+    want_map: bool = True
+
+    def fields(self, reply_key: str) -> dict[str, Any]:
+        params = {"category": self.category, "top_k": self.top_k, "grounding": self.grounding,
+                  "want_map": self.want_map}
+        return {"id": self.request_id, "reply": reply_key, "timeout_ms": str(self.timeout_ms),
+                "params": json.dumps(params), "image": self.image}
+
+
+@dataclass
+class Entry:
+    """A stream entry as a worker sees it; `deliveries` counts this delivery too."""
+
+    entry_id: str
+    request_id: str
+    reply_key: str | None
+    timeout_ms: int
+    params: dict[str, Any]
+    image: bytes
+    deliveries: int = 1
+    malformed: str | None = None
+
+    @property
+    def enqueued_ms(self) -> int:
+        return int(self.entry_id.split("-")[0])
+
+    @property
+    def deadline_ms(self) -> int:
+        return self.enqueued_ms + self.timeout_ms
+
+    @classmethod
+    def parse(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            return cls(
+                entry_id=eid,
+                request_id=fields[b"id"].decode(),
+                reply_key=fields[b"reply"].decode(),
+                timeout_ms=int(fields[b"timeout_ms"]),
+                params=json.loads(fields[b"params"]),
+                image=fields[b"image"],
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            reply = fields.get(b"reply")
+            return cls(eid, (fields.get(b"id") or b"?").decode(errors="replace"),
+                       reply.decode(errors="replace") if reply else None, 0, {}, b"",
+                       malformed=f"malformed stream entry: {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Reply:
+    """A worker's answer to one request: a result summary (+ map) or an error."""
+
+    request_id: str
+    error: dict[str, Any] | None = None  # code, message, status
+    result: dict[str, Any] | None = None  # InspectResult fields without the map
+    model: dict[str, Any] = field(default_factory=dict)
+    queue_wait_ms: float = 0.0
+    model_ms: float = 0.0
+    anomaly_map: np.ndarray | None = None
+
+    def encode(self) -> bytes:
+        """4-byte header length, JSON header, then the raw float32 map (if any)."""
+        header: dict[str, Any] = {
+            "request_id": self.request_id, "error": self.error, "result": self.result, "model": self.model,
+            "queue_wait_ms": self.queue_wait_ms, "model_ms": self.model_ms, "map_shape": None,
+        }
+        blob = b""
+        if self.anomaly_map is not None:
+            arr = np.ascontiguousarray(self.anomaly_map, dtype=np.float32)
+            header["map_shape"] = list(arr.shape)
+            blob = arr.tobytes()
+        raw = json.dumps(header).encode()
+        return struct.pack(">I", len(raw)) + raw + blob
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        (n,) = struct.unpack(">I", data[:4])
+        header = json.loads(data[4:4 + n])
+        amap = None
+        if header.get("map_shape"):
+            amap = np.frombuffer(data[4 + n:], dtype=np.float32).reshape(header["map_shape"]).copy()
+        return cls(header["request_id"], header.get("error"), header.get("result"), header.get("model") or {},
+                   float(header.get("queue_wait_ms", 0.0)), float(header.get("model_ms", 0.0)), amap)
+
+
+def error_dict(code: str, message: str, status: int) -> dict[str, Any]:
+    return {"code": code, "message": message, "status": status}
+
+
+# --- both sides ---------------------------------------------------------------------------------------
+
+
+async def ensure_group(redis: Redis, keys: Keys) -> None:
+    """Create the stream and its consumer group (from the start, so nothing added earlier is missed)."""
+    try:
+        await redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def server_time_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# --- API side -----------------------------------------------------------------------------------------
+
+
+class Producer:
+    """What an API process does with the stream: enqueue, wait for the reply, report depth and workers."""
+
+    def __init__(self, redis: Redis, settings: FiloSettings) -> None:
+        self.redis = redis
+        self.keys = Keys.from_settings(settings)
+        self.max_depth = settings.queue_max_depth
+        self.reply_ttl_s = int(settings.request_timeout_s) + 60
+        self._enqueue = redis.register_script(_ENQUEUE_LUA)
+
+    async def enqueue(self, job: Job) -> tuple[str, int]:
+        """Returns (outcome, depth); outcome is ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL or NOT_SEEDED."""
+        fields = job.fields(self.keys.reply(job.request_id))
+        argv: list[Any] = [self.max_depth, job.category]
+        for k, v in fields.items():
+            argv += [k, v]
+        res = await self._enqueue(
+            keys=[self.keys.stream, self.keys.categories, self.keys.categories_version], args=argv
+        )
+        code, depth = res[0], int(res[1])
+        if isinstance(code, bytes):
+            return ENQUEUED, depth
+        return {-1: UNKNOWN_CATEGORY, -2: QUEUE_FULL, -3: NOT_SEEDED}[int(code)], depth
+
+    async def wait_reply(self, request_id: str, timeout_s: float) -> Reply | None:
+        """Block until the reply arrives or `timeout_s` passes (None)."""
+        if timeout_s <= 0:
+            return None
+        key = self.keys.reply(request_id)
+        got = await self.redis.blpop([key], timeout=max(0.01, round(timeout_s, 3)))
+        if got is None:
+            return None
+        return Reply.decode(got[1])
+
+    async def depth(self) -> int:
+        return int(await self.redis.xlen(self.keys.stream))
+
+    async def workers_alive(self) -> int:
+        now = await server_time_ms(self.redis)
+        await self.redis.zremrangebyscore(self.keys.workers, 0, now - 6 * HEARTBEAT_WINDOW_MS)
+        return int(await self.redis.zcount(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf"))
+
+
+# --- worker side --------------------------------------------------------------------------------------
+
+
+class Consumer:
+    """What a worker does with the stream: read batches, reclaim, reply-and-acknowledge, heartbeat."""
+
+    def __init__(self, redis: Redis, settings: FiloSettings, name: str) -> None:
+        self.redis = redis
+        self.keys = Keys.from_settings(settings)
+        self.name = name
+        self.claim_idle_ms = settings.claim_idle_ms
+        self.reply_ttl_s = int(settings.request_timeout_s) + 60
+
+    async def read(self, count: int, block_ms: int) -> list[Entry]:
+        """New entries for this consumer: at most `count`, blocking up to `block_ms` for the first."""
+        try:
+            resp = await self.redis.xreadgroup(
+                self.keys.group, self.name, {self.keys.stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await ensure_group(self.redis, self.keys)  # the stream was deleted (FLUSHALL): start again
+            return []
+        entries: list[Entry] = []
+        for _stream, items in resp or []:
+            for entry_id, fields in items:
+                if fields:  # an entry deleted after delivery comes back empty
+                    entries.append(Entry.parse(entry_id, fields))
+        return entries
+
+    async def read_batch(self, max_n: int, max_wait_ms: int, idle_block_ms: int) -> list[Entry]:
+        """Up to `max_n` entries: block up to `idle_block_ms` for the first, then gather for `max_wait_ms`."""
+        batch = await self.read(max_n, idle_block_ms)
+        if not batch or len(batch) >= max_n or max_wait_ms <= 0:
+            return batch
+        until = time.monotonic() + max_wait_ms / 1000.0
+        while len(batch) < max_n:
+            left_ms = int((until - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            more = await self.read(max_n - len(batch), left_ms)
+            if not more:
+                break
+            batch += more
+        return batch
+
+    async def claim(self, count: int) -> list[Entry]:
+        """Take over entries other consumers left pending longer than `claim_idle_ms`."""
+        try:
+            resp = await self.redis.xautoclaim(
+                self.keys.stream, self.keys.group, self.name, self.claim_idle_ms, start_id="0-0", count=count
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        claimed = [Entry.parse(eid, fields) for eid, fields in resp[1] if fields]
+        if not claimed:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for e in claimed:
+            pipe.xpending_range(self.keys.stream, self.keys.group, min=e.entry_id, max=e.entry_id, count=1)
+        for e, info in zip(claimed, await pipe.execute()):
+            e.deliveries = int(info[0]["times_delivered"]) if info else 1
+        return claimed
+
+    async def touch(self, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this consumer is still working on, so nobody reclaims them."""
+        if entry_ids:
+            await self.redis.xclaim(self.keys.stream, self.keys.group, self.name, 0, entry_ids, justid=True)
+
+    async def answer(self, entry: Entry, reply: Reply) -> None:
+        """Reply, set the reply's expiry, acknowledge and delete the entry: all or nothing."""
+        pipe = self.redis.pipeline(transaction=True)
+        if entry.reply_key:
+            pipe.lpush(entry.reply_key, reply.encode())
+            pipe.expire(entry.reply_key, self.reply_ttl_s)
+        pipe.xack(self.keys.stream, self.keys.group, entry.entry_id)
+        pipe.xdel(self.keys.stream, entry.entry_id)
+        await pipe.execute()
+
+    async def heartbeat(self) -> int:
+        now = await server_time_ms(self.redis)
+        await self.redis.zadd(self.keys.workers, {self.name: now})
+        return now
+
+    async def leave(self) -> None:
+        """On a clean exit: drop the heartbeat, and the consumer if it holds nothing pending."""
+        await self.redis.zrem(self.keys.workers, self.name)
+        try:
+            info = await self.redis.xinfo_consumers(self.keys.stream, self.keys.group)
+        except ResponseError:
+            return
+        for c in info:
+            if c["name"] in (self.name, self.name.encode()) and int(c["pending"]) == 0:
+                await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+
+
+# --- InspectResult <-> JSON (the map travels separately, as raw float32) -------------------------------
+
+
+def result_to_dict(result: InspectResult) -> dict[str, Any]:
+    return {
+        "score": float(result.score),
+        "text_score": float(result.text_score),
+        "map_max": float(result.map_max),
+        "position": result.position,
+        "boxes": [asdict(b) for b in result.boxes],
+        "top_types": [asdict(t) for t in result.top_types],
+        "timing_ms": dict(result.timing_ms),
+    }
+
+
+def result_from_dict(data: dict[str, Any], anomaly_map: np.ndarray | None) -> InspectResult:
+    boxes = [Box(**{**b, "frame": tuple(b["frame"])}) for b in data.get("boxes", [])]
+    return InspectResult(
+        score=float(data["score"]),
+        text_score=float(data.get("text_score", 0.0)),
+        map_max=float(data.get("map_max", 0.0)),
+        anomaly_map=anomaly_map if anomaly_map is not None else np.zeros((0, 0), np.float32),
+        position=data.get("position"),
+        boxes=boxes,
+        top_types=[AnomalyType(**t) for t in data.get("top_types", [])],
+        timing_ms=dict(data.get("timing_ms", {})),
+    )

@@ -1,0 +1,297 @@
+"""`filo worker`: load the engine once, then turn stream entries into engine batches, forever.
+
+One loop iteration (see service/queue.py for the protocol):
+1. heartbeat (`filo_workers` on the API side counts them) and category sync: if the categories
+   version in Redis moved, apply the difference to the engine and persist the caches;
+2. reclaim entries that another (dead) worker left pending longer than `claim_idle_ms`; each runs
+   in a batch of its own, so an entry that kills workers only ever counts against itself;
+3. read up to `max_batch_size` new entries (waiting at most `max_wait_ms` after the first);
+4. answer without running: malformed entries, entries delivered more than `max_deliveries` times
+   (poison) and entries past their deadline; decode the rest and run them as ONE engine batch,
+   resetting their idle time meanwhile so nobody reclaims a batch that is merely slow;
+5. reply, acknowledge and delete each entry in one transaction.
+
+The engine runs on one dedicated thread; the event loop keeps serving /healthz, /readyz and
+/metrics on `worker_metrics_port` meanwhile. If Redis goes away the loop backs off and retries:
+entries stay pending in Redis and are answered after it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from service.backends import EngineFactory, default_engine_factory, error_from_slot, redis_client
+from service.batcher import run_isolated
+from service.category_store import (
+    RedisCacheStore,
+    RedisCategoryStore,
+    StartReport,
+    apply_categories,
+    persist_caches,
+    start_engine,
+)
+from service.imaging import ImageDecodeError, decode_image
+from service.metrics import Metrics
+from service.queue import (
+    Consumer,
+    Entry,
+    Keys,
+    Reply,
+    ensure_group,
+    error_dict,
+    result_to_dict,
+    server_time_ms,
+)
+from service.settings import FiloSettings
+from service.types import InspectRequest, InspectResult
+
+log = logging.getLogger(__name__)
+
+IDLE_BLOCK_MS = 1000  # how long one XREADGROUP blocks when the stream is empty (bounds shutdown latency)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One inspection worker: an engine, a stream consumer and a health/metrics app."""
+
+    def __init__(self, settings: FiloSettings, engine_factory: EngineFactory | None = None,
+                 name: str | None = None) -> None:
+        if not settings.redis_url:
+            raise ValueError("filo worker needs FILO_REDIS_URL (or --redis-url)")
+        self.settings = settings
+        self.engine_factory = engine_factory or default_engine_factory
+        self.name = name or consumer_name()
+        self.metrics = Metrics()
+        self.redis = redis_client(settings.redis_url, max(IDLE_BLOCK_MS, settings.max_wait_ms) / 1000)
+        self.keys = Keys.from_settings(settings)
+        self.consumer = Consumer(self.redis, settings, self.name)
+        self.store = RedisCategoryStore(self.redis, self.keys)
+        self.caches = RedisCacheStore(self.redis, self.keys)
+        self.engine: Any = None
+        self.report: StartReport | None = None
+        self.fatal: BaseException | None = None
+        self.redis_ok = False
+        self.batches = 0
+        self._categories_version = -1
+        self._last_claim = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
+        self.stopping = asyncio.Event()
+
+    # --- engine thread ------------------------------------------------------------------------------
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the engine, restore caches from Redis (or build and persist them), warm up."""
+        await self._wait_for_redis()
+        if self.stopping.is_set():
+            return
+        await ensure_group(self.redis, self.keys)
+        engine = await self._run(self.engine_factory, self.settings)
+        self.report = await start_engine(engine, self.store, self.caches, self._run)
+        self._categories_version = self.report.categories_version
+        self.engine = engine
+        self.metrics.workers.set(1)
+        log.info("worker %s ready (cache %s)", self.name, self.report.cache_source)
+
+    async def _wait_for_redis(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.redis.ping()
+                self.redis_ok = True
+                return
+            except RedisError as exc:
+                self.redis_ok = False
+                log.warning("Redis unreachable (%s); retrying", exc)
+                await self._sleep(1.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def run(self) -> None:
+        """Start, then loop until `stopping` is set; Redis outages are waited out, not fatal."""
+        try:
+            await self.start()
+        except Exception as exc:
+            self.fatal = exc
+            raise
+        while not self.stopping.is_set():
+            try:
+                await self.step()
+                self.redis_ok = True
+            except RedisError as exc:
+                self.redis_ok = False
+                log.warning("Redis error in the worker loop (%s); retrying in 1 s", exc)
+                await self._sleep(1.0)
+        if self.engine is not None:
+            with contextlib.suppress(RedisError):
+                await self.consumer.leave()
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        await self.redis.aclose()
+
+    # --- one iteration ---------------------------------------------------------------------------------
+    async def step(self) -> None:
+        await self.consumer.heartbeat()
+        await self._sync_categories()
+        if time.monotonic() - self._last_claim >= min(1.0, self.settings.claim_idle_ms / 2000):
+            self._last_claim = time.monotonic()
+            for entry in await self.consumer.claim(self.settings.max_batch_size):
+                log.warning("reclaimed %s (request %s, delivery %d)", entry.entry_id, entry.request_id,
+                            entry.deliveries)
+                await self.process([entry])  # alone: a suspect must not take neighbours down with it
+        batch = await self.consumer.read_batch(self.settings.max_batch_size, self.settings.max_wait_ms,
+                                               IDLE_BLOCK_MS)
+        if batch:
+            await self.process(batch)
+
+    async def _sync_categories(self) -> None:
+        version = await self.store.version()
+        if version == self._categories_version:
+            return
+        changed = await self._run(apply_categories, self.engine, await self.store.all())
+        if changed:
+            log.info("categories changed (version %d): %s", version, ", ".join(changed))
+            await persist_caches(self.engine, self.caches, self._run)
+        self._categories_version = version
+
+    async def _refuse(self, entry: Entry, code: str, message: str, status: int) -> None:
+        self.metrics.error(code)
+        await self.consumer.answer(entry, Reply(entry.request_id, error=error_dict(code, message, status)))
+
+    async def process(self, entries: list[Entry]) -> None:
+        """Answer every entry: refuse what must not run, run the rest as one engine batch."""
+        await self._sync_categories()  # a PUT may have landed while this worker blocked on the read
+        now_ms = await server_time_ms(self.redis)
+        runnable: list[tuple[Entry, InspectRequest]] = []
+        for e in entries:
+            if e.malformed:
+                await self._refuse(e, "malformed_request", e.malformed, 422)
+            elif e.deliveries > self.settings.max_deliveries:
+                await self._refuse(e, "poison_request", f"request {e.request_id} was delivered {e.deliveries} times "
+                                   "and crashed its workers each time; it is failed, not retried", 500)
+            elif now_ms >= e.deadline_ms:
+                await self._refuse(e, "deadline_exceeded", "deadline passed while queued; not run", 504)
+            else:
+                try:
+                    image = await asyncio.to_thread(decode_image, e.image, self.settings.max_image_pixels)
+                except ImageDecodeError as exc:
+                    await self._refuse(e, exc.code, exc.message, 422)
+                    continue
+                p = e.params
+                runnable.append((e, InspectRequest(image=image, category=str(p.get("category")),
+                                                   top_k=int(p.get("top_k") or self.settings.top_k),
+                                                   grounding=p.get("grounding"))))
+        if runnable:
+            await self._run_batch(runnable)
+
+    async def _run_batch(self, runnable: list[tuple[Entry, InspectRequest]]) -> None:
+        start_ms = await server_time_ms(self.redis)
+        keeper = asyncio.get_running_loop().create_task(self._keep_claimed([e.entry_id for e, _ in runnable]))
+        t0 = time.monotonic()
+        try:
+            results = await self._run(run_isolated, self.engine.inspect_batch, [r for _, r in runnable])
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError):
+                await keeper
+        model_s = time.monotonic() - t0
+        self.batches += 1
+        waits = [max(0.0, (start_ms - e.enqueued_ms) / 1000) for e, _ in runnable]
+        self.metrics.observe_batch(len(runnable), model_s, waits)
+        self.metrics.update_gpu_memory(str(self.engine.device))
+        model = self.engine.model_info()
+        for (e, _), value, wait in zip(runnable, results, waits):
+            reply = Reply(e.request_id, model=model, queue_wait_ms=wait * 1e3, model_ms=model_s * 1e3)
+            if isinstance(value, InspectResult):
+                reply.result = result_to_dict(value)
+                if e.params.get("want_map", True):
+                    reply.anomaly_map = value.anomaly_map
+            else:
+                err = error_from_slot(value)
+                self.metrics.error(err.code)
+                reply.error = error_dict(err.code, err.message, err.status)
+            await self.consumer.answer(e, reply)
+
+    async def _keep_claimed(self, entry_ids: list[str]) -> None:
+        """While a batch runs, reset its entries' idle time so a slow batch is not reclaimed."""
+        period = max(0.05, self.settings.claim_idle_ms / 3000)
+        while True:
+            await asyncio.sleep(period)
+            await self.consumer.touch(entry_ids)
+
+    # --- health app ----------------------------------------------------------------------------------
+    def health_app(self) -> FastAPI:
+        """/healthz, /readyz and /metrics of this worker (no auth: for probes and Prometheus)."""
+        app = FastAPI(title="FiLo Inspect worker", openapi_url=None, docs_url=None, redoc_url=None)
+
+        @app.get("/healthz")
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/readyz")
+        async def readyz() -> JSONResponse:
+            ready = self.engine is not None and self.redis_ok and self.fatal is None
+            detail: dict[str, Any] = {"worker": self.name, "redis": "ok" if self.redis_ok else "unreachable",
+                                      "batches": self.batches}
+            if self.report is not None:
+                detail.update(self.report.__dict__)
+            if self.fatal is not None:
+                detail["error"] = str(self.fatal)
+            return JSONResponse({"ready": ready, "mode": "worker", "detail": detail}, status_code=200 if ready else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            with contextlib.suppress(RedisError):
+                self.metrics.queue_depth.set(await self.redis.xlen(self.keys.stream))
+            data, ctype = self.metrics.render()
+            return Response(data, media_type=ctype)
+
+        return app
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the worker decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_worker(worker: Worker, host: str, port: int) -> int:
+    """Serve the health app and run the worker until it is told to stop; the exit status."""
+    config = uvicorn.Config(worker.health_app(), host=host, port=port, log_level="warning", lifespan="off")
+    server = QuietServer(config)
+    serve = asyncio.get_running_loop().create_task(server.serve())
+    status = 0
+    try:
+        await worker.run()
+    except Exception as exc:  # noqa: BLE001 - a worker that cannot start exits non-zero, loudly
+        log.error("worker failed: %s", exc)
+        status = 2
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serve, 5)
+        await worker.close()
+    return status
