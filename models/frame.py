@@ -15,11 +15,14 @@ Coordinates are continuous pixel coordinates: pixel ``i`` covers ``[i, i + 1)``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
-ArrayLike = np.ndarray | torch.Tensor | float
+if TYPE_CHECKING:  # torch stays unimported here: the API process decodes images without it
+    import torch
+
+ArrayLike = Union[np.ndarray, "torch.Tensor", float]
 
 
 def resized_size(orig_h: int, orig_w: int, size: int) -> tuple[int, int]:
@@ -98,7 +101,9 @@ class FrameGeometry:
 
     @staticmethod
     def _map_boxes(xyxy, fn):
-        is_torch = isinstance(xyxy, torch.Tensor)
+        is_torch = type(xyxy).__module__.startswith("torch")
+        if is_torch:
+            import torch
         boxes = xyxy.to(torch.float64) if is_torch else np.asarray(xyxy, dtype=np.float64)
         if boxes.ndim != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"boxes must have shape (n, 4), got {tuple(boxes.shape)}")
