@@ -42,8 +42,10 @@ class ModelSpec:
     checkpoint: str | None = None  # None: random heads (demo/tests only)
     tap_layout: str | None = None  # None: what the checkpoint says ("released" for official files)
     n_ctx: int = 12
-    seed: int = 0
+    seed: int = 0  # random backbone (demo) and, unless head_seed is set, random heads
     demo: bool = False
+    fresh_heads: bool = False  # training only: heads may start from PyTorch's init without a checkpoint
+    head_seed: int | None = None
 
 
 DEMO_SPEC = ModelSpec(clip_model=TINY_CLIP_MODEL, clip_weights=None, checkpoint=None, demo=True)
@@ -58,7 +60,7 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
     """Returns the model (eval mode, on device) and its description for /v1 responses and logs."""
     if not spec.demo and spec.clip_weights is None:
         raise WeightsNotFoundError("production models need CLIP weights; use the demo profile for random ones")
-    if not spec.demo and spec.checkpoint is None:
+    if not spec.demo and spec.checkpoint is None and not spec.fresh_heads:
         raise WeightsNotFoundError(
             "no FiLo checkpoint given (--checkpoint FILE or FILO_CHECKPOINT): the official .pth files are "
             "linked from https://github.com/CASIA-IVA-Lab/FiLo; `filo train` makes one in the project format. "
@@ -72,7 +74,7 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
     width = clip.visual.transformer.width
     embed_dim = clip.text_projection.shape[1]
     token_dim = clip.token_embedding.weight.shape[1]
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed if spec.head_seed is None else spec.head_seed)
     heads = FiLoHeads(width, embed_dim, token_dim, n_ctx=spec.n_ctx)
     if state:
         apply_head_state(heads, state, source=str(spec.checkpoint))
@@ -107,7 +109,7 @@ def _check_compatible(spec: ModelSpec, meta: dict[str, Any]) -> None:
 
 def _version(spec: ModelSpec, meta: dict[str, Any]) -> str:
     if spec.checkpoint is None:
-        return f"random-seed{spec.seed}"
+        return f"random-seed{spec.seed if spec.head_seed is None else spec.head_seed}"
     h = hashlib.sha256()
     with open(spec.checkpoint, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

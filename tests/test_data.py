@@ -264,3 +264,18 @@ def test_mask_follows_the_image_and_stays_binary(mvtec: Path):
     assert frame_image.shape == (16, 16, 3) and frame_mask.shape == (16, 16) and frame_mask.max() == 1
     with pytest.raises(ValueError, match="interpolation"):
         resize_crop_mask(mask, size, interpolation="cubic")
+
+
+def test_mask_geometry_squash_differs_from_crop_on_non_square_images():
+    from models.data import resize_crop_mask
+
+    mask = np.zeros((100, 200), np.uint8)
+    mask[:, :20] = 1  # a stripe at the left edge: cropped away by the center crop, kept by squashing
+    crop = resize_crop_mask(mask, 50, "nearest", "crop")
+    squash = resize_crop_mask(mask, 50, "nearest", "squash")
+    assert crop.sum() == 0
+    assert squash[:, :5].all() and squash[:, 6:].sum() == 0
+    square = np.zeros((80, 80), np.uint8)
+    square[10:30, 40:70] = 1
+    np.testing.assert_array_equal(resize_crop_mask(square, 40, "nearest", "crop"),
+                                  resize_crop_mask(square, 40, "nearest", "squash"))

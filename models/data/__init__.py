@@ -204,14 +204,24 @@ def resize_crop_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(_resize_crop(Image.fromarray(image), size, Image.Resampling.BICUBIC))
 
 
-def resize_crop_mask(mask: np.ndarray, size: int, interpolation: str = "nearest") -> np.ndarray:
-    """HxW 0/1 mask -> SxS 0/1 mask through the image's resize + crop, binarised at 0.5.
+MASK_GEOMETRIES = ("crop", "squash")
 
+
+def resize_crop_mask(mask: np.ndarray, size: int, interpolation: str = "nearest",
+                     geometry: str = "crop") -> np.ndarray:
+    """HxW 0/1 mask -> SxS 0/1 mask, binarised at 0.5.
+
+    geometry "crop" is the image's own resize + center crop, so mask and map line up; "squash"
+    resizes to SxS ignoring the aspect ratio, which is what the released test script did to masks
+    (its figures on non-square VisA images were computed that way; square images are unaffected).
     "nearest" keeps the mask's own pixels; "bilinear" averages them first (what the released code's
     torchvision Resize does to its mask before its `> 0.5`).
     """
     resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}.get(interpolation)
     if resample is None:
         raise ValueError(f"interpolation must be 'nearest' or 'bilinear', not {interpolation!r}")
+    if geometry not in MASK_GEOMETRIES:
+        raise ValueError(f"geometry must be one of {MASK_GEOMETRIES}, not {geometry!r}")
     scaled = Image.fromarray(((np.asarray(mask) > 0) * 255).astype(np.uint8))
-    return (np.asarray(_resize_crop(scaled, size, resample)) > 127.5).astype(np.uint8)
+    framed = _resize_crop(scaled, size, resample) if geometry == "crop" else scaled.resize((size, size), resample)
+    return (np.asarray(framed) > 127.5).astype(np.uint8)

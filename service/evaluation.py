@@ -1,0 +1,288 @@
+"""Benchmark evaluation: a dataset's test split through the inspection engine, into the seven metrics.
+
+`filo eval` is a thin command over `evaluate_dataset`; keeping the loop here (not in the CLI) lets
+tests and notebooks evaluate a model held in memory, for instance one just trained.
+
+The images go through exactly the code path the service uses (`InspectionEngine.inspect_batch`:
+preprocessing, Grounding DINO when on, FiLo, box suppression, image score), so the figures describe
+what a deployed model does. Maps come back in the model's S x S frame; the ground-truth masks are
+brought into the same frame with the image's own resize + center crop and binarised at 0.5
+(spec section 9). Categories are evaluated one at a time and their arrays dropped afterwards, so
+memory holds one category's maps (VisA's largest category: about 200 maps of 518 x 518), not the
+whole benchmark's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from descriptions import CategoryCatalog, UnknownCategoryError
+from models.data import Sample, detect_layout, load_sample, read_dataset, resize_crop_image, resize_crop_mask
+from models.metrics import METRIC_KEYS, evaluate_with_curves
+from models.reporting import mean_metrics, slug, write_report
+
+if TYPE_CHECKING:  # the engine is the one service object this module drives (see evaluate_dataset)
+    from service.engine import InspectionEngine
+
+log = logging.getLogger(__name__)
+
+MASK_INTERPOLATIONS = ("bilinear", "nearest")
+DEFAULT_MASK_INTERPOLATION = "bilinear"  # the released code: torchvision Resize (bilinear), then > 0.5
+EXAMPLES_PER_CATEGORY = 2
+MAX_EXAMPLE_ROWS = 16
+
+
+@dataclass
+class CategoryArrays:
+    """What the metrics of one category are computed from, all in the S x S model frame."""
+
+    masks: np.ndarray | None  # (N, S, S) uint8 0/1; None when the ground truth is unknown
+    maps: np.ndarray  # (N, S, S) float32, after box suppression (what the service returns)
+    labels: np.ndarray  # (N,) int64 0/1
+    scores: np.ndarray  # (N,) float64
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    per_category: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    images: dict[str, int]
+    failures: list[tuple[str, str]]  # (image path, message) of images the engine refused
+    seconds: float
+    report: dict[str, Any] | None = None  # paths written by `models.reporting.write_report`
+    arrays: dict[str, CategoryArrays] | None = None  # with keep_arrays
+
+    def table(self) -> str:
+        from models.reporting import format_table
+
+        return format_table(self.per_category)
+
+
+def limit_per_category(samples: Sequence[Sample], max_images: int | None) -> list[Sample]:
+    """At most `max_images` samples of each category, evenly spaced through its (sorted) list.
+
+    Readers list a category's normal images and each defect type in turn; taking the first N would
+    keep only normal images (and undefined metrics), evenly spaced indices keep every kind.
+    """
+    if max_images is None:
+        return list(samples)
+    if max_images < 1:
+        raise ValueError(f"max_images must be at least 1, not {max_images}")
+    chosen: list[Sample] = []
+    for group in _by_category(samples).values():
+        if len(group) <= max_images:
+            chosen += group
+        else:
+            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_images)).astype(int))
+            chosen += [group[i] for i in idx]
+    return chosen
+
+
+def catalog_name(catalog: CategoryCatalog, dataset_name: str) -> str:
+    """The catalog's spelling of a dataset category ("metal nut" or "metal_nut"); raises if neither."""
+    for candidate in (dataset_name, dataset_name.replace(" ", "_"), dataset_name.replace("_", " ")):
+        if candidate in catalog:
+            return candidate
+    raise UnknownCategoryError(dataset_name, catalog.names())
+
+
+def evaluate_dataset(
+    engine: InspectionEngine,
+    root: str | Path,
+    *,
+    layout: str = "auto",
+    categories: list[str] | None = None,
+    split: str = "test",
+    batch_size: int = 8,
+    max_images: int | None = None,
+    grounding: bool = True,
+    mask_interpolation: str = DEFAULT_MASK_INTERPOLATION,
+    mask_geometry: str = "crop",
+    out_dir: str | Path | None = None,
+    examples_per_category: int = EXAMPLES_PER_CATEGORY,
+    keep_arrays: bool = False,
+    save_arrays: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Run `engine` over a dataset split and compute the metrics per category.
+
+    The engine, not the bare model, is what is measured: benchmark figures then describe exactly what
+    the service returns (grounding, suppression, score), at the price of this one upward dependency.
+
+    With `out_dir`, writes the report (metrics.md/.csv/.json, roc/<category>.png, examples.png) and
+    eval_info.json; with `save_arrays` also arrays/<category>.npz (masks, maps, labels, scores) so
+    the metrics can be recomputed without the model. Every category must exist in the engine's
+    catalog (checked before any image is read).
+    """
+    if mask_interpolation not in MASK_INTERPOLATIONS:
+        raise ValueError(f"mask_interpolation must be one of {MASK_INTERPOLATIONS}, not {mask_interpolation!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    t0 = time.perf_counter()
+    root = Path(root)
+    samples = limit_per_category(read_dataset(root, layout, categories, split), max_images)
+    groups = _by_category(samples)
+    names = {cat: catalog_name(engine.catalog, cat) for cat in groups}  # fail before any work
+    out = Path(out_dir) if out_dir is not None else None
+    if save_arrays and out is None:
+        raise ValueError("save_arrays needs an out_dir")
+
+    per_category: dict[str, dict[str, float]] = {}
+    curves: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    examples: list[dict] = []
+    failures: list[tuple[str, str]] = []
+    kept: dict[str, CategoryArrays] = {}
+    counts: dict[str, int] = {}
+    with tqdm(total=len(samples), desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
+        for cat, group in groups.items():
+            bar.set_postfix_str(cat)
+            arrays, cat_examples, cat_failures = _run_category(
+                engine, names[cat], group, batch_size, grounding, (mask_interpolation, mask_geometry),
+                examples_per_category, bar,
+            )
+            failures += cat_failures
+            counts[cat] = len(arrays.labels)
+            if not len(arrays.labels):
+                log.error("category %s: every image failed; it has no metrics", cat)
+                per_category[cat] = {key: math.nan for key in METRIC_KEYS}
+                continue
+            metrics, cat_curves = evaluate_with_curves(arrays.masks, arrays.maps, arrays.labels, arrays.scores)
+            per_category[cat] = metrics
+            curves[cat] = cat_curves
+            examples += cat_examples
+            if save_arrays:
+                _save_arrays(out / "arrays" / f"{slug(cat)}.npz", arrays)
+            if keep_arrays:
+                kept[cat] = arrays
+    result = EvalResult(
+        per_category=per_category,
+        mean=mean_metrics(per_category),
+        images=counts,
+        failures=failures,
+        seconds=time.perf_counter() - t0,
+        arrays=kept if keep_arrays else None,
+    )
+    if out is not None:
+        result.report = write_report(out, per_category, curves, examples[:MAX_EXAMPLE_ROWS] or None)
+        _write_info(out / "eval_info.json", engine, root, layout, split, grounding,
+                    f"{mask_interpolation}/{mask_geometry}",
+                    max_images, result)
+    return result
+
+
+def _by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.category, []).append(s)
+    return groups
+
+
+def _run_category(engine: InspectionEngine, name: str, group: list[Sample], batch_size: int, grounding: bool,
+                  mask_mode: tuple[str, str], n_examples: int, bar) -> tuple[CategoryArrays, list[dict], list]:
+    """Inspect one category's images in batches; returns its arrays, example rows and failures."""
+    from service.types import InspectError, InspectRequest
+
+    size = engine.image_size
+    maps, masks, labels, scores, paths = [], [], [], [], []
+    examples: list[dict] = []
+    failures: list[tuple[str, str]] = []
+    mask_unknown = False
+    want = _example_indices(group, n_examples)
+    for start in range(0, len(group), batch_size):
+        chunk = group[start:start + batch_size]
+        loaded = [load_sample(s) for s in chunk]
+        reqs = [InspectRequest(image=img, category=name, grounding=grounding) for img, _ in loaded]
+        for k, (sample, (image, mask), res) in enumerate(zip(chunk, loaded, engine.inspect_batch(reqs))):
+            bar.update(1)
+            if isinstance(res, InspectError):
+                failures.append((str(sample.image_path), res.message))
+                log.error("%s: %s", sample.image_path, res.message)
+                continue
+            frame_mask = None if mask is None else resize_crop_mask(mask, size, *mask_mode)
+            mask_unknown |= frame_mask is None
+            maps.append(np.asarray(res.anomaly_map, np.float32))
+            masks.append(frame_mask)
+            labels.append(sample.label)
+            scores.append(float(res.score))
+            paths.append(str(sample.image_path))
+            if start + k in want:
+                examples.append(_example(sample, image, frame_mask, res, size))
+    arrays = CategoryArrays(
+        masks=None if mask_unknown or not masks else np.stack(masks).astype(np.uint8),
+        maps=np.stack(maps) if maps else np.zeros((0, size, size), np.float32),
+        labels=np.asarray(labels, np.int64),
+        scores=np.asarray(scores, np.float64),
+        paths=paths,
+    )
+    return arrays, examples, failures
+
+
+def _example_indices(group: list[Sample], n: int) -> set[int]:
+    """The first anomalous image and the first normal one (then more anomalous ones), up to n."""
+    anomalous = [i for i, s in enumerate(group) if s.label == 1]
+    normal = [i for i, s in enumerate(group) if s.label == 0]
+    order = anomalous[:1] + normal[:1] + anomalous[1:]
+    return set(order[:n])
+
+
+def _example(sample: Sample, image: np.ndarray, mask: np.ndarray | None, res, size: int) -> dict:
+    """One row of the example grid, in the model frame (where maps, masks and frame boxes live)."""
+    return {
+        "image": resize_crop_image(image, size),
+        "anomaly_map": res.anomaly_map,
+        "mask": mask,
+        "boxes": [b.frame for b in res.boxes if b.valid],
+        "title": f"{sample.category}/{sample.defect_type}/{sample.image_path.stem}",
+        "score": float(res.score),
+    }
+
+
+def _save_arrays(path: Path, arrays: CategoryArrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        maps=arrays.maps,
+        masks=arrays.masks if arrays.masks is not None else np.zeros((0,), np.uint8),
+        masks_known=np.asarray(arrays.masks is not None),
+        labels=arrays.labels,
+        scores=arrays.scores,
+        paths=np.asarray(arrays.paths),
+    )
+
+
+def load_arrays(path: str | Path) -> CategoryArrays:
+    """Read back an arrays/<category>.npz written by `evaluate_dataset(save_arrays=True)`."""
+    with np.load(path) as z:
+        return CategoryArrays(
+            masks=z["masks"] if bool(z["masks_known"]) else None,
+            maps=z["maps"],
+            labels=z["labels"],
+            scores=z["scores"],
+            paths=[str(p) for p in z["paths"]],
+        )
+
+
+def _write_info(path: Path, engine: InspectionEngine, root: Path, layout: str, split: str, grounding: bool,
+                mask_mode: str, max_images: int | None, result: EvalResult) -> None:
+    info = {
+        "model": engine.model_info(),
+        "dataset": {"root": str(root), "layout": detect_layout(root) if layout == "auto" else layout,
+                    "split": split, "max_images_per_category": max_images, "images": result.images},
+        "grounding": grounding,
+        "mask": mask_mode,  # interpolation/geometry
+        "seconds": round(result.seconds, 3),
+        "failures": [{"image": p, "message": m} for p, m in result.failures],
+    }
+    path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
