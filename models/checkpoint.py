@@ -69,7 +69,7 @@ def _load_project(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw_meta = (f.metadata() or {}).get(METADATA_KEY)
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has keys(), not __iter__)
     except Exception as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
     if raw_meta is None:

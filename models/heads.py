@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # MMCI kernels in the official naming: name -> (kh, kw)
-MMCI_KERNELS: "OrderedDict[str, tuple[int, int]]" = OrderedDict(
+MMCI_KERNELS: OrderedDict[str, tuple[int, int]] = OrderedDict(
     fc_11=(1, 1), fc_33=(3, 3), fc_55=(5, 5), fc_77=(7, 7), fc_15=(1, 5), fc_51=(5, 1)
 )
 FUSED_KERNEL = 7

@@ -13,6 +13,7 @@ The batcher is generic over the batch function; it knows nothing of images or mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +51,7 @@ def run_isolated(batch_fn: BatchFn, items: list[T]) -> list[Any]:
         try:
             single = list(batch_fn([item]))
             out.append(single[0] if len(single) == 1 else RuntimeError("batch function lost the result"))
-        except Exception as exc:  # noqa: BLE001 - it becomes this item's error
+        except Exception as exc:
             out.append(exc)
     return out
 
@@ -110,10 +111,8 @@ class MicroBatcher(Generic[T]):
         """Stop batching; whatever still waits is answered 503, never left hanging."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while not self._queue.empty():
             p = self._queue.get_nowait()
@@ -187,7 +186,7 @@ class MicroBatcher(Generic[T]):
                 results = await loop.run_in_executor(
                     self._executor, run_isolated, self._batch_fn, [p.item for p in live]
                 )
-            except Exception as exc:  # noqa: BLE001 - the executor itself failed; answer, keep going
+            except Exception as exc:
                 results = [exc] * len(live)
             finally:
                 self._running = 0

@@ -286,7 +286,7 @@ async def run_worker(worker: Worker, host: str, port: int) -> int:
     status = 0
     try:
         await worker.run()
-    except Exception as exc:  # noqa: BLE001 - a worker that cannot start exits non-zero, loudly
+    except Exception as exc:
         log.error("worker failed: %s", exc)
         status = 2
     finally:

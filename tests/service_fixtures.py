@@ -47,7 +47,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001, S110 - not up yet
+        except Exception:
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")

@@ -32,7 +32,7 @@ def images(tmp_path_factory):
 
 
 def test_inspect_writes_maps_heatmaps_and_json(images, tmp_path):
-    d, paths = images
+    _, paths = images
     out = tmp_path / "out"
     proc = _run([str(p) for p in paths] + ["--category", "bottle", "--out", str(out), "--json"])
     assert proc.returncode == 0, proc.stderr
@@ -43,7 +43,7 @@ def test_inspect_writes_maps_heatmaps_and_json(images, tmp_path):
         assert set(rec) == {"image", "score", "position", "boxes", "top_types", "map", "heatmap"}
         amap = np.load(rec["map"])
         assert amap.dtype == np.float32 and amap.shape == (518, 518)
-        assert 0.0 <= amap.min() and amap.max() <= 1.0
+        assert amap.min() >= 0.0 and amap.max() <= 1.0
         assert 0.0 < rec["score"] < 1.0
         heat = Image.open(rec["heatmap"])
         assert heat.size == Image.open(p).size  # original size
@@ -55,7 +55,7 @@ def test_inspect_writes_maps_heatmaps_and_json(images, tmp_path):
 
 
 def test_grounding_off_averages_positions_and_suppresses_nothing(images, tmp_path):
-    d, paths = images
+    _, paths = images
     out = tmp_path / "off"
     proc = _run([str(paths[1]), "--category", "pcb1", "--grounding", "off", "--out", str(out), "--json"])
     assert proc.returncode == 0, proc.stderr
@@ -68,7 +68,7 @@ def test_grounding_off_averages_positions_and_suppresses_nothing(images, tmp_pat
 
 
 def test_given_boxes_suppress_outside_and_force_position(images, tmp_path):
-    d, paths = images
+    _, paths = images
     base = tmp_path / "base"
     boxed = tmp_path / "boxed"
     common = [str(paths[1]), "--category", "pcb1", "--json", "--position", "top left"]
@@ -96,7 +96,7 @@ def test_bad_inputs_give_clear_errors(images, tmp_path):
 
 
 def test_production_profile_without_weights_names_what_is_missing(images, tmp_path):
-    d, paths = images
+    _, paths = images
     proc = subprocess.run([sys.executable, "-m", "service.cli", "inspect", str(paths[0]), "--category", "bottle"],
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "FILO_PROFILE": "production", "HF_HUB_OFFLINE": "1"})
@@ -115,7 +115,7 @@ def test_production_path_with_local_clip_file_and_project_checkpoint(images, tmp
     from models.factory import ModelSpec, build_model
     from tests.conftest import random_heads
 
-    d, paths = images
+    _, paths = images
     register_repo_configs()
     torch.manual_seed(123)
     native = open_clip.create_model("FiLo-Tiny-CLIP")
@@ -138,8 +138,8 @@ def test_production_path_with_local_clip_file_and_project_checkpoint(images, tmp
     assert info["profile"] == "production" and info["tap_layout"] == "released"
     assert torch.equal(model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight,
                        native.visual.transformer.resblocks[0].mlp.c_fc.weight)
-    from service.engine import InspectionEngine
     from descriptions import CategoryCatalog
+    from service.engine import InspectionEngine
     from service.imaging import read_image_file
     from service.types import InspectRequest
 

@@ -43,7 +43,7 @@ import pytest
 import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-from kubernetes_validate.utils import latest_version
+from kubernetes_validate.utils import latest_version  # noqa: E402 (after the importorskip)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

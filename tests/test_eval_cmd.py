@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from models.data import load_sample, read_dataset, resize_crop_mask
-from service.evaluation import limit_per_category, load_arrays
 from models.metrics import METRIC_KEYS, evaluate
 from models.reporting import format_table, percent
 from models.synth import generate
+from service.evaluation import limit_per_category, load_arrays
 
 CATEGORIES = ["fabric", "pill"]
 

@@ -63,6 +63,7 @@ def test_paper_layout_matches_unaliased_taps(tiny_clip, tiny_tokenizer):
                                         category.descriptions, [], (2, 4, 6, 8), 518, clone_taps=True)
     ref_map, ref_score = released_postprocess(text_probs, maps, [])
     np.testing.assert_allclose(ours_map, ref_map, atol=1e-5, rtol=0)
+    assert abs(ours_score - ref_score) < 1e-6
     # and the two layouts really differ, so the default matters
     released = FiLoModel(tiny_clip, tiny_tokenizer, model.heads, 518, "released").eval()
     rel_map, _, _ = _ours(released, pixels, category, None, [])
@@ -83,7 +84,7 @@ def test_full_size_vit_l_architecture_matches_released_code(tiny_tokenizer):
     category = CATALOG.get("candle")
     pixels = make_preprocess(518)(Image.fromarray(synthetic_image(400, 400, seed=7)))[None]
     boxes = [(50.0, 60.0, 250.5, 300.2)]
-    ours_map, ours_score, out = _ours(model, pixels, category, "top", boxes)
+    ours_map, ours_score, _ = _ours(model, pixels, category, "top", boxes)
     text_probs, maps = released_forward(clip, tokenizer, heads, pixels, category.noun, category.descriptions,
                                         ["top"], (6, 12, 18, 24), 518)
     ref_map, ref_score = released_postprocess(text_probs, maps, boxes)

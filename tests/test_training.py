@@ -23,7 +23,6 @@ from descriptions import CategoryCatalog, UnknownCategoryError
 from models.checkpoint import load_checkpoint
 from models.clip_backbone import TINY_CLIP_MODEL, make_preprocess
 from models.data import load_sample, read_dataset, resize_crop_mask
-from service.evaluation import evaluate_dataset
 from models.synth import generate
 from models.training import (
     LAST,
@@ -35,6 +34,7 @@ from models.training import (
     build_training_model,
     read_loss_log,
 )
+from service.evaluation import evaluate_dataset
 
 TRAIN_CATEGORIES = ["fabric", "wood", "tiles", "washer", "pill", "bolt"]
 HELD_OUT_CATEGORY = "metal"
