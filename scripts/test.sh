@@ -6,4 +6,5 @@ bash scripts/setup_env.sh
 bash scripts/start_redis.sh
 . .venv/bin/activate
 export FILO_TEST_REDIS_URL=${FILO_TEST_REDIS_URL:-redis://127.0.0.1:${FILO_TEST_REDIS_PORT:-6390}/0}
+ruff check .
 python -m pytest -q "$@"
