@@ -31,7 +31,11 @@ from models.heads import FiLoHeads
 
 log = logging.getLogger(__name__)
 
-DEMO_BANNER = "DEMO PROFILE: tiny randomly initialised models - outputs are NOT real inspection results"
+DEMO_BANNER = ("DEMO PROFILE: tiny random CLIP + Grounding DINO, FiLo heads trained on synthetic data only - "
+               "outputs are NOT real inspection results")
+# The demo's heads: trained by scripts/train_demo_checkpoint.sh on `filo synth` data over the demo's
+# random tiny CLIP, so that demo heatmaps respond to (synthetic) defects instead of showing noise.
+DEMO_CHECKPOINT = str(Path(__file__).resolve().parent / "weights" / "filo-demo-tiny.safetensors")
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,19 @@ class ModelSpec:
     head_seed: int | None = None
 
 
-DEMO_SPEC = ModelSpec(clip_model=TINY_CLIP_MODEL, clip_weights=None, checkpoint=None, demo=True)
+DEMO_SPEC = ModelSpec(clip_model=TINY_CLIP_MODEL, clip_weights=None, checkpoint=DEMO_CHECKPOINT, demo=True)
 
 
 def demo_spec(**overrides: Any) -> ModelSpec:
+    """The demo model; `checkpoint=None` keeps the bundled demo heads (pass `random_heads=True` for none)."""
+    random_heads = overrides.pop("random_heads", False)
+    size = overrides.get("image_size") or DEMO_SPEC.image_size
+    if overrides.get("checkpoint") is None:
+        # the bundled heads were trained at 518; at another size the demo runs random heads (still demo)
+        use_bundled = not random_heads and size == DEFAULT_IMAGE_SIZE
+        if not use_bundled and not random_heads:
+            log.warning("demo heads are trained for %d px; using random heads at %d px", DEFAULT_IMAGE_SIZE, size)
+        overrides["checkpoint"] = DEMO_CHECKPOINT if use_bundled else None
     return replace(DEMO_SPEC, **overrides)
 
 

@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--api-key", default=None)
+    p.add_argument("--grounding", choices=["on", "off"], default="off",
+                   help="the demo's Grounding DINO has random weights, so its boxes are noise: off by default")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -41,7 +43,8 @@ def main() -> int:
         for path in args.images:
             category = path.stem.split("_")[0]
             files = {"image": (path.name, path.read_bytes(), "image/png")}
-            r = client.post("/v1/inspect", files=files, data={"category": category})
+            data = {"category": category, "grounding": "true" if args.grounding == "on" else "false"}
+            r = client.post("/v1/inspect", files=files, data=data)
             if r.status_code != 200:
                 print(f"{path}: HTTP {r.status_code} {r.text}", file=sys.stderr)
                 return 1
