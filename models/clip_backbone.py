@@ -144,13 +144,20 @@ def is_torchscript_archive(path: str) -> bool:
 
 
 def _load_openai_archive(model_name: str, path: str) -> open_clip.CLIP:
-    """Read an OpenAI TorchScript archive through open_clip (QuickGELU, fp32), checking the architecture."""
-    model = open_clip.load_openai_model(path, precision="fp32", device="cpu")
-    expected = open_clip.get_model_config(model_name) or {}
-    vision = expected.get("vision_cfg", {})
-    got = (model.visual.transformer.width, len(model.visual.transformer.resblocks))
-    if vision and got != (vision.get("width"), vision.get("layers")):
-        raise ValueError(f"{path} holds a ViT of width/depth {got}, not the {model_name!r} architecture")
+    """OpenAI's TorchScript archive, read into the *named* config (so the config decides the activation).
+
+    The archive's tensors are OpenAI's (fp16) in open_clip's own naming; loading them strictly into
+    `model_name`'s architecture also checks that the file is that model. torch.jit.load runs no pickled
+    Python, only TorchScript, and only for this official file format.
+    """
+    archive = torch.jit.load(path, map_location="cpu")
+    state = {k: v.float() for k, v in archive.state_dict().items()
+             if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
+    model = open_clip.create_model(model_name, pretrained=None, device="cpu", precision="fp32")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not hold the {model_name!r} architecture: {exc}") from exc
     return model
 
 

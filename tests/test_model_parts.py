@@ -254,3 +254,24 @@ def test_descriptions_bundled_files_are_complete():
     assert CATALOG.get("pcb3").noun == "pcb" and CATALOG.get("macaroni2").noun == "macaroni"
     assert CATALOG.get("macaroni1").descriptions[0] == "uneven shape "  # released spacing kept
     assert CATALOG.get("hazelnut").descriptions[1] == "Unusual discoloration"  # released case kept
+
+
+def test_openai_torchscript_archive_loads_into_the_named_config(tmp_path):
+    """OpenAI ships CLIP as TorchScript; its tensors go into the named config (which picks the activation)."""
+    from models.clip_backbone import TINY_CLIP_MODEL, BackboneSpec, create_clip, is_torchscript_archive
+
+    source = create_clip(BackboneSpec(TINY_CLIP_MODEL, None, 224), seed=3)
+    traced = torch.jit.trace_module(source, {"encode_image": torch.randn(1, 3, 224, 224)})
+    path = tmp_path / "tiny-openai.pt"
+    torch.jit.save(traced, str(path))
+    assert is_torchscript_archive(str(path)) and not is_torchscript_archive(__file__)
+    loaded = create_clip(BackboneSpec(TINY_CLIP_MODEL, str(path), 518))
+    ref = source.state_dict()
+    for k, v in loaded.state_dict().items():
+        if k == "visual.positional_embedding":
+            assert v.shape == (1 + 37 * 37, ref[k].shape[1])
+            torch.testing.assert_close(v, resize_position_grid(ref[k], 37))
+        else:
+            assert torch.equal(v, ref[k]), k
+    with pytest.raises(ValueError, match="architecture"):
+        create_clip(BackboneSpec("ViT-B-16-quickgelu", str(path), 224))
