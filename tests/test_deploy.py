@@ -1077,6 +1077,7 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
         "README.md",
         "service/cli/__init__.py",
         "models/configs/x.json",
+        "models/weights/filo-demo-tiny.safetensors",  # package data the demo profile needs
         "descriptions/mvtec.json",
     ):
         assert in_build_context(path), f"{path} is missing from the build context"
