@@ -63,7 +63,7 @@ class InspectionEngine:
         catalog = CategoryCatalog.load(settings.descriptions)
         if settings.is_demo:
             spec = demo_spec(image_size=settings.image_size, tap_layout=settings.tap_layout,
-                             checkpoint=settings.checkpoint)
+                             checkpoint=settings.checkpoint, random_heads=settings.demo_heads == "random")
         else:
             spec = ModelSpec(clip_model=settings.clip_model, clip_weights=settings.clip_weights,
                              image_size=settings.image_size, checkpoint=settings.checkpoint,

@@ -25,6 +25,9 @@ class FiloSettings(BaseSettings):
         description="'production' loads real weights and fails loudly when they are missing; "
         "'demo' builds the tiny randomly initialised models from models/configs (never real results).",
     )
+    demo_heads: Literal["trained", "random"] = Field(
+        "trained", description="demo profile only: the bundled synthetic-data heads, or random ones (a baseline)"
+    )
     clip_model: str = Field("ViT-L-14-336-quickgelu", description="open_clip model name")
     clip_weights: str = Field("openai", description="open_clip pretrained tag or local state-dict file")
     image_size: int = Field(518, description="model input size (the position grid is resized to it)")

@@ -14,6 +14,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--profile", choices=["production", "demo"], default=None,
                    help="demo = tiny random models, loudly labelled (default: $FILO_PROFILE or production)")
+    g.add_argument("--demo-heads", choices=["trained", "random"], default=None,
+                   help="demo profile: bundled heads trained on synthetic data (default) or random ones")
     g.add_argument("--clip-model", default=None, help="open_clip model name (default ViT-L-14-336-quickgelu)")
     g.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or local state-dict file")
     g.add_argument("--checkpoint", default=None, help="FiLo checkpoint: official .pth or project .safetensors")
@@ -31,6 +33,7 @@ def settings_from_args(args: argparse.Namespace, **extra) -> FiloSettings:
     """Environment (FILO_*) first, then any flag given on the command line."""
     overrides = {
         "profile": args.profile,
+        "demo_heads": args.demo_heads,
         "clip_model": args.clip_model,
         "clip_weights": args.clip_weights,
         "checkpoint": args.checkpoint,
