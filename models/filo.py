@@ -6,6 +6,7 @@ both are the pipeline's business (service/engine.py), since they need the origin
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from models.dual_path import DualPathEncoder, EncoderOutput, TapLayout
 from models.heads import FiLoHeads
 from models.prompts import POSITIONS, PromptBank, build_prompt_bank, position_index
 from models.text_encoder import PromptTextEncoder
+
+MAX_CACHED_CATEGORIES = 256
 
 
 @dataclass
@@ -44,7 +47,7 @@ class FiLoModel(nn.Module):
         self.heads = heads
         self.image_size = image_size
         self.precision = "fp32"  # "bf16": autocast for the frozen encoders and the heads; maps stay fp32
-        self._banks: dict[tuple[str, tuple[str, ...]], PromptBank] = {}
+        self._banks: OrderedDict[tuple[str, tuple[str, ...]], PromptBank] = OrderedDict()
 
     # --- configuration ------------------------------------------------------------------------
     @property
@@ -67,18 +70,27 @@ class FiLoModel(nn.Module):
 
     # --- per-category text cache ---------------------------------------------------------------
     def prompt_bank(self, noun: str, descriptions: Sequence[str]) -> PromptBank:
-        """The category's tokenised prompts (cached: they depend on the text only)."""
+        """The category's tokenised prompts (cached, least recently used first out: text-only work)."""
         key = (noun, tuple(descriptions))
         bank = self._banks.get(key)
         if bank is None:
             bank = build_prompt_bank(noun, descriptions, self.tokenizer, self.clip.token_embedding, self.n_ctx)
-            bank = bank.to(self.device)
-            self._banks[key] = bank
+            self._remember(key, bank.to(self.device))
+            return self._banks[key]
+        self._banks.move_to_end(key)
         return bank
 
     def put_prompt_bank(self, noun: str, descriptions: Sequence[str], bank: PromptBank) -> None:
         """Install a bank restored from a persisted cache (a restarted pod skips tokenisation)."""
-        self._banks[(noun, tuple(descriptions))] = bank.to(self.device)
+        self._remember((noun, tuple(descriptions)), bank.to(self.device))
+
+    def _remember(self, key: tuple[str, tuple[str, ...]], bank: PromptBank) -> None:
+        # about 10 MB per category with ViT-L: categories registered and deleted over the API
+        # must not accumulate without bound
+        self._banks[key] = bank
+        self._banks.move_to_end(key)
+        while len(self._banks) > MAX_CACHED_CATEGORIES:
+            self._banks.popitem(last=False)
 
     def cached_banks(self) -> dict[tuple[str, tuple[str, ...]], PromptBank]:
         return dict(self._banks)

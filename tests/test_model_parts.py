@@ -275,3 +275,21 @@ def test_openai_torchscript_archive_loads_into_the_named_config(tmp_path):
             assert torch.equal(v, ref[k]), k
     with pytest.raises(ValueError, match="architecture"):
         create_clip(BackboneSpec("ViT-B-16-quickgelu", str(path), 224))
+
+
+def test_prompt_bank_cache_is_bounded_lru(tiny_model, monkeypatch):
+    import models.filo as filo
+
+    monkeypatch.setattr(filo, "MAX_CACHED_CATEGORIES", 2)
+    m = tiny_model
+    saved = m.cached_banks()
+    try:
+        m._banks.clear()
+        a = m.prompt_bank("a", ["x"])
+        m.prompt_bank("b", ["y"])
+        assert m.prompt_bank("a", ["x"]) is a  # a hit refreshes "a"
+        m.prompt_bank("c", ["z"])  # evicts "b", the least recently used
+        assert set(m.cached_banks()) == {("a", ("x",)), ("c", ("z",))}
+    finally:
+        m._banks.clear()
+        m._banks.update(saved)
