@@ -31,8 +31,7 @@ from models.heads import FiLoHeads
 
 log = logging.getLogger(__name__)
 
-DEMO_BANNER = ("DEMO PROFILE: tiny random CLIP + Grounding DINO, FiLo heads trained on synthetic data only - "
-               "outputs are NOT real inspection results")
+DEMO_BANNER = "DEMO PROFILE: random-weight CLIP and Grounding DINO - outputs are NOT real inspection results"
 # The demo's heads: trained by scripts/train_demo_checkpoint.sh on `filo synth` data over the demo's
 # random tiny CLIP, so that demo heatmaps respond to (synthetic) defects instead of showing noise.
 DEMO_CHECKPOINT = str(Path(__file__).resolve().parent / "weights" / "filo-demo-tiny.safetensors")
@@ -104,7 +103,8 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
         "profile": "demo" if spec.demo else "production",
     }
     if spec.demo:
-        log.warning(DEMO_BANNER)
+        heads = "random" if spec.checkpoint is None else f"from {Path(spec.checkpoint).name}"
+        log.warning("%s (FiLo heads: %s)", DEMO_BANNER, heads)
     return model, info
 
 

@@ -315,18 +315,18 @@ def localise(
     orig_hw: tuple[int, int],
     size: int = RELEASED_FRAME,
     square: bool = False,
-) -> tuple[str | None, torch.Tensor]:
-    """HQ-Loc for one image: (position word or None, (k, 4) frame boxes of the valid detections).
+) -> tuple[str | None, torch.Tensor, torch.Tensor]:
+    """HQ-Loc for one image: (position word or None, (n, 4) frame boxes of all detections, (n,) valid mask).
 
-    Glue over the pure functions: map boxes into the frame, choose the position, return the valid boxes
-    for ``suppression_keep_mask``.
+    Glue over the pure functions, in the released code's float32 arithmetic: map boxes into the frame
+    and choose the position; ``frame[valid]`` is what ``suppression_keep_mask`` takes.
     """
+    valid = torch.tensor([d.valid for d in detections], dtype=torch.bool)
     if not detections:
-        return "center", torch.zeros(0, 4)
+        return "center", torch.zeros(0, 4), valid
     frame = boxes_norm_to_frame(torch.tensor([d.box_norm for d in detections]), orig_hw, size, square)
-    valid = [d.valid for d in detections]
-    position = choose_position(frame, [d.confidence for d in detections], valid, size)
-    return position, frame[torch.tensor(valid, dtype=torch.bool)]
+    position = choose_position(frame, [d.confidence for d in detections], valid.tolist(), size)
+    return position, frame, valid
 
 
 # Grounding DINO ties its box/class heads across decoder layers (stored once in the checkpoint) and

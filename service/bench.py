@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from descriptions import CategoryCatalog
-from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL, BackboneSpec, create_clip, get_tokenizer
-from models.filo import FiLoModel
-from models.heads import FiLoHeads
+from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL
+from models.factory import ModelSpec, build_model
 from service.engine import InspectionEngine
 from service.types import InspectRequest
 
@@ -36,11 +35,8 @@ class BenchRow:
 def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) -> InspectionEngine:
     """An engine of the chosen architecture with random weights (labelled as such in model_info)."""
     clip_name = DEFAULT_CLIP_MODEL if arch == "real" else TINY_CLIP_MODEL
-    clip = create_clip(BackboneSpec(clip_name, None, 518), seed=seed)
-    torch.manual_seed(seed)
-    heads = FiLoHeads(clip.visual.transformer.width, clip.text_projection.shape[1],
-                      clip.token_embedding.weight.shape[1])
-    model = FiLoModel(clip, get_tokenizer(clip_name), heads, 518, "released").to(device).eval()
+    spec = ModelSpec(clip_model=clip_name, clip_weights=None, checkpoint=None, demo=True, seed=seed)
+    model, info = build_model(spec, device=device)
     detector = None
     if grounding:
         from models.grounding import GroundingDetector, load_tiny_tokenizer, make_image_processor
@@ -54,8 +50,7 @@ def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) 
                                          max_batch=64)
         else:
             detector = GroundingDetector.tiny(device=device, seed=seed, max_batch=64)
-    info = {"name": "FiLo", "version": f"random-{arch}", "tap_layout": "released", "backbone": clip_name,
-            "clip_weights": "random", "image_size": 518, "profile": "bench"}
+    info.update(version=f"random-{arch}", profile="bench")
     return InspectionEngine(model, info, CategoryCatalog.load(), device, detector, grounding)
 
 

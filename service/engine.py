@@ -8,7 +8,6 @@ on its image) comes back as an `InspectError` in its own slot; its neighbours ar
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -98,9 +97,10 @@ class InspectionEngine:
     def cache_state(self) -> dict[str, bytes]:
         """Every prepared category's prompt bank, serialised (safetensors) under a content key."""
         state = {}
+        banks = self.model.cached_banks()
         for name in self.catalog.names():
             category = self.catalog.get(name)
-            bank = self.model.cached_banks().get((category.noun, tuple(category.descriptions)))
+            bank = banks.get((category.noun, tuple(category.descriptions)))
             if bank is not None:
                 tensors = {k: v.detach().cpu().contiguous() for k, v in bank.as_tensors().items()}
                 state[self._cache_key(category)] = st_save(tensors)
@@ -223,7 +223,7 @@ class InspectionEngine:
                 # given boxes are all valid and equally confident: the released tie rule picks the last
                 position = req.position or gd.choose_position(frame, np.ones(len(frame)), np.ones(len(frame), bool))
                 keep = gd.suppression_keep_mask(frame, size, semantics="clamp")
-                boxes = [_box(b, geo.boxes_to_original(b[None])[0], "given", 1.0, True) for b in frame]
+                boxes = [_box(f, o, "given", 1.0, True) for f, o in zip(frame, geo.boxes_to_original(frame), strict=True)]
                 locs[i] = _Localisation(position, keep, boxes)
             elif self._grounding_on(req):
                 to_detect.append(i)
@@ -241,20 +241,13 @@ class InspectionEngine:
 
     def _from_detections(self, req: InspectRequest, dets: list, gd) -> _Localisation:
         size = self.image_size
-        h, w = req.image.shape[:2]
-        geo = FrameGeometry(h, w, size)
-        if dets:
-            norm = np.array([d.box_norm for d in dets], np.float64)
-            frame = np.asarray(gd.boxes_norm_to_frame(norm, (h, w), size=size), np.float64)
-        else:
-            frame = np.zeros((0, 4))
-        conf = np.array([d.confidence for d in dets], np.float64)
-        valid = np.array([d.valid for d in dets], bool)
-        position = req.position or gd.choose_position(frame, conf, valid)
+        hw = req.image.shape[:2]
+        position, frame, valid = gd.localise(dets, hw, size)
         keep = gd.suppression_keep_mask(frame[valid], size, semantics="released")
-        boxes = [_box(frame[j], geo.boxes_to_original(frame[j:j + 1])[0], d.phrase, d.confidence, d.valid)
-                 for j, d in enumerate(dets)]
-        return _Localisation(position, keep, boxes)
+        frame = frame.numpy()
+        orig = FrameGeometry(hw[0], hw[1], size).boxes_to_original(frame)
+        boxes = [_box(f, o, d.phrase, d.confidence, d.valid) for f, o, d in zip(frame, orig, dets, strict=True)]
+        return _Localisation(req.position or position, keep, boxes)
 
 
 def _box(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrase: str, confidence: float, valid: bool) -> Box:
@@ -262,9 +255,3 @@ def _box(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrase: str, confidence:
     return Box(x1, y1, x2, y2, phrase=phrase, confidence=float(confidence), valid=bool(valid),
                frame=tuple(float(v) for v in frame_xyxy))
 
-
-def image_to_png_bytes(image: np.ndarray) -> bytes:
-    """Lossless round trip helper for tests and the CLI (PIL, no colour conversion surprises)."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()

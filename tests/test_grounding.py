@@ -302,9 +302,10 @@ def test_localise() -> None:
         Detection((0.9, 0.9, 0.1, 0.1), 0.99, "x", False),
         Detection((0.5, 0.5, 0.2, 0.2), 0.8, "damage", True),
     ]
-    position, boxes = localise(dets, (518, 518))
+    position, frame, valid = localise(dets, (518, 518))
     assert position == "top left"  # 0.9 beats 0.8; the invalid 0.99 does not count
-    torch.testing.assert_close(boxes, torch.tensor([[25.9, 25.9, 77.7, 77.7], [207.2, 207.2, 310.8, 310.8]]))
+    assert valid.tolist() == [True, False, True] and frame.shape == (3, 4)
+    torch.testing.assert_close(frame[valid], torch.tensor([[25.9, 25.9, 77.7, 77.7], [207.2, 207.2, 310.8, 310.8]]))
     assert localise([], (10, 10))[0] == "center"
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.frame import center_crop_offsets, resized_size
+
 LAYOUTS = ("auto", "mvtec", "visa", "folder")
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -185,11 +187,9 @@ def resize_crop_geometry(height: int, width: int, size: int) -> tuple[int, int, 
     """(resized height, resized width, crop top, crop left) of open_clip's resize + center crop."""
     if size <= 0:
         raise ValueError(f"frame size must be positive, not {size}")
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_h, new_w = size, int(size * width / height)
-    return new_h, new_w, round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    new_h, new_w = resized_size(height, width, size)
+    top, left = center_crop_offsets(new_h, new_w, size)
+    return new_h, new_w, top, left
 
 
 def _resize_crop(image: Image.Image, size: int, resample: int) -> Image.Image:
