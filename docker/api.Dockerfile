@@ -1,12 +1,10 @@
 # syntax=docker/dockerfile:1
-# FiLo Inspect API image: `filo serve` (FastAPI) in queue mode. It imports the package (and
-# so torch) but never runs a model; docker/README.md explains why it still carries torch.
+# FiLo Inspect API image: `filo serve` (FastAPI) in queue mode. It never runs a model, so it
+# installs the package without the `model` extra: no torch, no CUDA wheels (docker/README.md).
 # Build from the repo root:  docker build -f docker/api.Dockerfile -t filo-api:0.1.0 .
 FROM python:3.11.14-slim-bookworm
 
 ARG PIP_VERSION=26.3
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 
 # HOME and XDG_CACHE_HOME point into /tmp so library caches still work when the root
 # filesystem is read-only (Kubernetes mounts an emptyDir on /tmp).
@@ -25,14 +23,11 @@ RUN groupadd --system --gid 10001 filo \
     && python -m venv /opt/venv \
     && pip install --no-cache-dir "pip==${PIP_VERSION}"
 
-# torch/torchvision in their own layer: the biggest and least often changed.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
-
-# The source is bind-mounted, not copied, so no layer holds it; the torch pins are repeated
-# so the resolver can never move them. .dockerignore limits the context to the package.
+# The source is bind-mounted, not copied, so no layer holds it. .dockerignore limits the
+# context to the package. The `service` extra only: tests/test_deploy.py and the torch-free API
+# test in tests/test_worker_redis.py keep this process free of torch.
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" "/src[service]"
+    pip install --no-cache-dir "/src[service]"
 
 WORKDIR /tmp
 USER 10001:10001

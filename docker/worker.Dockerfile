@@ -41,7 +41,7 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVI
 # The source is bind-mounted, not copied, so no layer holds it.
 RUN --mount=type=bind,source=.,target=/src,rw \
     pip install --no-cache-dir \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" "/src[service]"
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" "/src[worker]"
 
 WORKDIR /tmp
 USER 10001:10001

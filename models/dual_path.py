@@ -1,8 +1,8 @@
 """FiLo's dual-path (QKV + V-V) image encoder, run over open_clip's own ViT modules.
 
-Nothing of open_clip is copied or patched: blocks up to the first tap run as open_clip wrote them;
-from then on each block's own ln_1 / attention projection / MLP weights are applied here to two
-streams (spec section 2). The V-V stream (softmax(v v^T) v) keeps locality that plain QKV
+Nothing of open_clip is copied or patched: each block's own ln_1 / attention projection / MLP
+weights are applied (block_ops.py says why not through the block's forward), to one stream up to
+the first tap and to two from then on (spec section 2). The V-V stream (softmax(v v^T) v) keeps locality that plain QKV
 attention washes out in deep CLIP layers, which is what makes patch-level maps possible.
 
 Tap layouts (spec section 2): "paper" is what the paper describes; "released" reproduces the
@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from models.block_ops import check_block, finish_block, merge_heads, run_block, split_heads
 
 TapLayout = Literal["released", "paper"]
 TAP_LAYOUTS: tuple[str, ...] = ("released", "paper")
@@ -67,7 +69,7 @@ class DualPathEncoder(nn.Module):
         blocks = visual.transformer.resblocks
         first = self.taps[0]
         for blk in blocks[:first]:
-            x = blk(x)
+            x = run_block(blk, x)
         s, v = x, x
         s_taps: dict[int, torch.Tensor] = {first: x}
         v_taps: dict[int, torch.Tensor] = {}
@@ -77,8 +79,7 @@ class DualPathEncoder(nn.Module):
             a_std, a_vv = _dual_attention(blk, blk.ln_1(s))
             if (idx - 1) in self.taps:
                 attn_after[idx - 1] = a_std  # the released code's tap after block idx-1 absorbed this
-            s = s + blk.ls_1(a_std)
-            s = s + blk.ls_2(blk.mlp(blk.ln_2(s)))
+            s = finish_block(blk, s, a_std)
             v = v + a_vv
             if idx in self.taps:
                 s_taps[idx] = s
@@ -99,16 +100,10 @@ class DualPathEncoder(nn.Module):
 
 def _dual_attention(blk: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both attentions of one block on h = ln_1(s): (Proj(softmax(qk^T)v), Proj(softmax(vv^T)v))."""
-    attn: nn.MultiheadAttention = blk.attn
-    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
-        raise ValueError("expected open_clip's packed nn.MultiheadAttention projections")
-    b, n, w = h.shape
-    heads = attn.num_heads
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    qkv = qkv.view(b, n, 3, heads, w // heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = check_block(blk)
+    b = h.shape[0]
+    q, k, v = split_heads(attn, h)
     std = F.scaled_dot_product_attention(q, k, v)
     vv = F.scaled_dot_product_attention(v, v, v)
-    both = torch.cat([std, vv], dim=0).transpose(1, 2).reshape(2 * b, n, w)
-    out = F.linear(both, attn.out_proj.weight, attn.out_proj.bias)
+    out = merge_heads(attn, torch.cat([std, vv], dim=0))
     return out[:b], out[b:]

@@ -47,6 +47,7 @@ class FiLoModel(nn.Module):
         self.heads = heads
         self.image_size = image_size
         self.precision = "fp32"  # "bf16": autocast for the frozen encoders and the heads; maps stay fp32
+        self.shared_text_prefix = True  # False: every sentence runs its whole sequence (the plain path)
         self._banks: OrderedDict[tuple[str, tuple[str, ...]], PromptBank] = OrderedDict()
 
     # --- configuration ------------------------------------------------------------------------
@@ -113,26 +114,36 @@ class FiLoModel(nn.Module):
         """Per image: T (B, 2, E) and the per-description similarities.
 
         All images' sentences go through the text transformer in one call; sequences are padded
-        after their EOT only, which the causal mask makes invisible.
+        after their EOT only, which the causal mask makes invisible. With `shared_text_prefix` the
+        SOT + context prefix runs once per image and state (text_encoder.py says why that is exact).
         """
         ctx_n = self.heads.normal_prompt_learner(image_features)
         ctx_a = self.heads.abnormal_prompt_learner(image_features)
-        seqs: list[torch.Tensor] = []
+        prefixes: list[torch.Tensor] = []  # 2 per image: SOT + its normal / abnormal context
+        suffixes: list[torch.Tensor] = []
+        groups: list[torch.Tensor] = []
         eots: list[torch.Tensor] = []
         spans: list[tuple[int, int, torch.Tensor]] = []  # (start, n_normal, abnormal sentence idx)
         start = 0
         for i, (bank, pos) in enumerate(zip(banks, positions, strict=True)):
             sel = _abnormal_selection(bank, pos)
             n_norm = bank.normal_eot.shape[0]
-            seqs.append(_splice(bank.normal_prefix, ctx_n[i], bank.normal_suffix))
-            seqs.append(_splice(bank.abnormal_prefix[sel], ctx_a[i], bank.abnormal_suffix[sel]))
+            prefixes += [_splice(bank.normal_prefix[:1], ctx_n[i], bank.normal_suffix[:1, :0]),
+                         _splice(bank.abnormal_prefix[:1], ctx_a[i], bank.abnormal_suffix[:1, :0])]
+            suffixes += [bank.normal_suffix, bank.abnormal_suffix[sel]]
+            groups += [torch.full((n_norm,), 2 * i), torch.full((sel.numel(),), 2 * i + 1)]
             eots += [bank.normal_eot, bank.abnormal_eot[sel]]
             spans.append((start, n_norm, sel))
             start += n_norm + sel.numel()
-        length = max(s.shape[1] for s in seqs)
-        batch = torch.cat([nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in seqs], dim=0)
+        length = max(s.shape[1] for s in suffixes)
+        suffix = torch.cat([nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in suffixes], dim=0)
+        prefix = torch.cat(prefixes, dim=0)
+        group = torch.cat(groups).to(suffix.device)
         with self._low_precision():
-            encoded = self.text_encoder(batch, torch.cat(eots))
+            if self.shared_text_prefix:
+                encoded = self.text_encoder.forward_shared_prefix(prefix, suffix, group, torch.cat(eots))
+            else:
+                encoded = self.text_encoder(torch.cat([prefix[group], suffix], dim=1), torch.cat(eots))
         feats = am.normalize(encoded.float())
         texts, type_sims = [], []
         for i, ((s0, n_norm, sel), bank) in enumerate(zip(spans, banks, strict=True)):

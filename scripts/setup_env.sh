@@ -16,5 +16,5 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[service,eval,dev]"
+python -m pip install -q -e ".[model,service,eval,dev]"
 echo "$want" > "$stamp"

@@ -42,6 +42,7 @@ from service.category_store import (
 )
 from service.metrics import Metrics
 from service.queue import (
+    NO_WORKERS,
     NOT_SEEDED,
     QUEUE_FULL,
     UNKNOWN_CATEGORY,
@@ -51,6 +52,7 @@ from service.queue import (
     ensure_group,
     result_from_dict,
 )
+from service.retry_after import QueueWaitEstimate
 from service.settings import FiloSettings
 from service.types import InspectError, InspectRequest, InspectResult
 
@@ -112,7 +114,10 @@ def error_from_slot(value: BaseException) -> ServiceError:
 
 
 def default_engine_factory(settings: FiloSettings) -> Any:
-    from service.engine import InspectionEngine  # torch: only processes that run the model import it
+    try:
+        from service.engine import InspectionEngine  # torch: only processes that run the model import it
+    except ImportError as exc:  # the slim API install has no torch
+        raise RuntimeError(f"running the model needs the 'model' extra (pip install 'filo-inspect[model]'): {exc}") from exc
 
     return InspectionEngine.from_settings(settings)
 
@@ -252,6 +257,7 @@ class RedisBackend:
         self.keys = Keys.from_settings(settings)
         self.producer = Producer(self.redis, settings)
         self.store = RedisCategoryStore(self.redis, self.keys)
+        self.waits = QueueWaitEstimate()  # Retry-After of 429s
 
     async def start(self) -> None:
         try:
@@ -296,7 +302,12 @@ class RedisBackend:
         if outcome == UNKNOWN_CATEGORY:
             raise CategoryNotFoundError(job.category, [c.name for c in await self.list_categories()])
         if outcome == QUEUE_FULL:
-            raise QueueFullError(f"{depth} requests already queued (limit {self.settings.queue_max_depth})")
+            raise QueueFullError(f"{depth} requests already queued (limit {self.settings.queue_max_depth})",
+                                 self.waits.retry_after_s())
+        if outcome == NO_WORKERS:
+            raise UnavailableError("no_workers", "no `filo worker` is alive to run the request; not queued "
+                                   "(FILO_REJECT_WITHOUT_WORKERS=false queues it for workers that scale from zero)",
+                                   retry_after_s=5)
         if outcome == NOT_SEEDED:
             raise UnavailableError("not_ready", "no worker has published the categories yet; start `filo worker`")
         try:
@@ -305,6 +316,7 @@ class RedisBackend:
             raise self._unavailable(exc, queued=True) from None
         if reply is None:
             raise DeadlineExceededError(f"no worker answered request {job.request_id} in time")
+        self.waits.observe(reply.queue_wait_ms / 1000.0)
         if reply.error:
             err = reply.error
             raise ServiceError(int(err.get("status", 500)), err.get("code", "inspection_failed"),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from service.api.errors import DeadlineExceededError, QueueFullError, UnavailableError
+from service.retry_after import QueueWaitEstimate
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class MicroBatcher(Generic[T]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
         self._task: asyncio.Task | None = None
         self._running = 0
+        self.waits = QueueWaitEstimate()
 
     @property
     def depth(self) -> int:
@@ -137,7 +139,8 @@ class MicroBatcher(Generic[T]):
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
-            raise QueueFullError(f"{self._queue.maxsize} requests already queued") from None
+            raise QueueFullError(f"{self._queue.maxsize} requests already queued",
+                                 self.waits.retry_after_s()) from None
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), max(0.0, deadline - time.monotonic()))
         except (TimeoutError, asyncio.TimeoutError):
@@ -192,6 +195,8 @@ class MicroBatcher(Generic[T]):
                 self._running = 0
             run_s = time.monotonic() - started
             waits = [started - p.enqueued for p in live]
+            for wait in waits:
+                self.waits.observe(wait)
             if self._on_batch is not None:
                 try:
                     self._on_batch(len(live), run_s, waits)

@@ -38,17 +38,26 @@ from service.settings import FiloSettings
 from service.types import AnomalyType, Box, InspectResult
 
 _ENQUEUE_LUA = """
--- KEYS[1] stream, KEYS[2] categories hash, KEYS[3] categories version (exists once seeded)
--- ARGV[1] max depth, ARGV[2] category, ARGV[3..] field/value pairs of the entry
+-- KEYS[1] stream, KEYS[2] categories hash, KEYS[3] categories version (exists once seeded),
+-- KEYS[4] worker heartbeats (zset, score = last beat in ms)
+-- ARGV[1] max depth, ARGV[2] category, ARGV[3] heartbeat window in ms (0: do not require a live
+-- worker), ARGV[4..] field/value pairs of the entry
 if redis.call('EXISTS', KEYS[3]) == 0 then return {-3, 0} end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return {-1, 0} end
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {-2, depth} end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3, #ARGV))
+local window = tonumber(ARGV[3])
+if window > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if redis.call('ZCOUNT', KEYS[4], now - window, '+inf') == 0 then return {-4, depth} end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4, #ARGV))
 return {id, depth + 1}
 """
 
 ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED = "enqueued", "unknown_category", "queue_full", "not_seeded"
+NO_WORKERS = "no_workers"
 HEARTBEAT_WINDOW_MS = 10_000
 
 
@@ -216,22 +225,24 @@ class Producer:
         self.redis = redis
         self.keys = Keys.from_settings(settings)
         self.max_depth = settings.queue_max_depth
+        self.require_worker = settings.reject_without_workers
         self.reply_ttl_s = int(settings.request_timeout_s) + 60
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
 
     async def enqueue(self, job: Job) -> tuple[str, int]:
-        """Returns (outcome, depth); outcome is ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL or NOT_SEEDED."""
+        """Returns (outcome, depth): ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED or NO_WORKERS."""
         fields = job.fields(self.keys.reply(job.request_id))
-        argv: list[Any] = [self.max_depth, job.category]
+        argv: list[Any] = [self.max_depth, job.category, HEARTBEAT_WINDOW_MS if self.require_worker else 0]
         for k, v in fields.items():
             argv += [k, v]
         res = await self._enqueue(
-            keys=[self.keys.stream, self.keys.categories, self.keys.categories_version], args=argv
+            keys=[self.keys.stream, self.keys.categories, self.keys.categories_version, self.keys.workers],
+            args=argv
         )
         code, depth = res[0], int(res[1])
         if isinstance(code, bytes):
             return ENQUEUED, depth
-        return {-1: UNKNOWN_CATEGORY, -2: QUEUE_FULL, -3: NOT_SEEDED}[int(code)], depth
+        return {-1: UNKNOWN_CATEGORY, -2: QUEUE_FULL, -3: NOT_SEEDED, -4: NO_WORKERS}[int(code)], depth
 
     async def wait_reply(self, request_id: str, timeout_s: float) -> Reply | None:
         """Block until the reply arrives or `timeout_s` passes (None)."""

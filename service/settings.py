@@ -55,6 +55,10 @@ class FiloSettings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_wait_ms: int = Field(10, ge=0, le=10_000)
     queue_max_depth: int = Field(1000, ge=1)
+    reject_without_workers: bool = Field(
+        True, description="queue mode: answer 503 at once when no worker heartbeat is live instead of queueing "
+        "until the deadline (504); set false when workers scale from zero on queue lag (KEDA minReplicaCount 0)",
+    )
     request_timeout_s: float = Field(30.0, gt=0)
     claim_idle_ms: int = Field(15_000, ge=100, description="pending requests idle this long are reclaimed")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)

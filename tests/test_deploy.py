@@ -40,6 +40,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
@@ -76,6 +77,7 @@ APP_ENV = {
     "FILO_MAX_BATCH_SIZE",
     "FILO_MAX_WAIT_MS",
     "FILO_CORS_ORIGINS",
+    "FILO_REJECT_WITHOUT_WORKERS",
     "FILO_WORKER_METRICS_PORT",
     "HF_HOME",
     "HF_HUB_OFFLINE",
@@ -444,6 +446,10 @@ def test_autoscalers_own_the_replica_counts() -> None:
         and so["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     )
     assert 1 <= so["minReplicaCount"] < so["maxReplicaCount"], "no scale-to-zero: model load takes minutes"
+    api_config = by_kind("ConfigMap")["filo-config"]["data"]
+    if so["minReplicaCount"] == 0:  # refusing work with no worker alive would keep the lag, and so KEDA, at 0
+        assert api_config.get("FILO_REJECT_WITHOUT_WORKERS") == "false"
+    assert api_config["FILO_REJECT_WITHOUT_WORKERS"] in ("true", "false")
     for name in ("filo-api", "filo-worker"):
         assert "replicas" not in deployments[name]["spec"], f"{name}: replicas is owned by its autoscaler"
         assert deployments[name]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -989,10 +995,13 @@ def test_image_contract(name: str) -> None:
     for run in get("RUN"):
         if "pip install" in run:
             assert run.count("pip install") == run.count("pip install --no-cache-dir"), run
-    assert any('"/src[service]"' in r for r in get("RUN")), "installs the package with its service extra"
+    extra = "service" if name == "api" else "worker"
+    assert any(f'"/src[{extra}]"' in r for r in get("RUN")), f"installs the package with its {extra} extra"
+    if name == "api":  # slim: nothing that pulls torch or its CUDA wheels
+        assert not any(re.search(r"torch|\[model|\[worker", r) for r in get("RUN") + get("ARG"))
 
 
-def test_both_images_pin_the_same_torch() -> None:
+def test_worker_pins_torch_and_the_extras_match_pyproject() -> None:
     pins = {
         n: {
             a.split("=", 1)[0]: a.split("=", 1)[1]
@@ -1001,9 +1010,15 @@ def test_both_images_pin_the_same_torch() -> None:
         }
         for n, p in DOCKERFILES.items()
     }
-    for arg in ("TORCH_VERSION", "TORCHVISION_VERSION", "PIP_VERSION"):
-        assert pins["api"][arg] == pins["worker"][arg], arg
-    assert (pins["api"]["TORCH_VERSION"], pins["api"]["TORCHVISION_VERSION"]) == ("2.14.1", "0.29.1")
+    assert pins["api"]["PIP_VERSION"] == pins["worker"]["PIP_VERSION"]
+    assert (pins["worker"]["TORCH_VERSION"], pins["worker"]["TORCHVISION_VERSION"]) == ("2.14.1", "0.29.1")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    heavy = ("torch", "torchvision", "open_clip_torch", "transformers", "safetensors")
+    names = [re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"] + extras["service"]]
+    assert not set(names) & set(heavy), "the API install (base + service) must stay torch-free"
+    assert {re.split(r"[<>= ]", d)[0] for d in extras["model"]} == set(heavy)
+    assert extras["worker"] == ["filo-inspect[model,service]"]
 
 
 # ------------------------------------------------------------------------------------- .dockerignore

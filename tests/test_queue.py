@@ -25,6 +25,8 @@ from service.category_store import (
 from service.metrics import Metrics
 from service.queue import (
     ENQUEUED,
+    HEARTBEAT_WINDOW_MS,
+    NO_WORKERS,
     NOT_SEEDED,
     QUEUE_FULL,
     UNKNOWN_CATEGORY,
@@ -38,6 +40,7 @@ from service.queue import (
     result_from_dict,
     result_to_dict,
 )
+from service.retry_after import QueueWaitEstimate
 from service.settings import FiloSettings
 from service.types import AnomalyType, Box, InspectResult
 from tests.service_fixtures import redis_server, redis_url  # noqa: F401
@@ -115,9 +118,10 @@ def test_queue_full_and_deadline() -> None:
         await asyncio.sleep(0.1)  # `first` is running; the queue is empty again
         second = asyncio.ensure_future(b.submit(2, time.monotonic() + 0.2))
         await asyncio.sleep(0.01)
+        b.waits.observe(7.2)  # queued requests have lately waited 7.2 s
         with pytest.raises(QueueFullError) as full:
             await b.submit(3, time.monotonic() + 10)
-        assert full.value.status == 429 and "Retry-After" in full.value.headers
+        assert full.value.status == 429 and full.value.headers["Retry-After"] == "8"
         with pytest.raises(DeadlineExceededError):
             await second
         release.set()
@@ -125,6 +129,22 @@ def test_queue_full_and_deadline() -> None:
         await b.stop()
 
     asyncio.run(main())
+
+
+def test_retry_after_follows_recent_queue_waits() -> None:
+    est = QueueWaitEstimate(weight=0.5, floor_s=1, ceiling_s=60)
+    assert est.retry_after_s() == 1  # nothing observed yet
+    est.observe(4.0)
+    assert est.retry_after_s() == 4
+    est.observe(0.0)
+    assert est.retry_after_s() == 2  # 4 + 0.5 * (0 - 4)
+    est.observe(-3.0)  # clock skew never makes it negative
+    assert est.retry_after_s() == 1
+    for _ in range(20):
+        est.observe(1000.0)
+    assert est.retry_after_s() == 60
+    with pytest.raises(ValueError):
+        QueueWaitEstimate(weight=0.0)
 
 
 def test_a_crashing_item_fails_alone() -> None:
@@ -176,7 +196,9 @@ def test_malformed_entry_is_flagged_not_raised() -> None:
 
 
 def _settings(url: str, **kw) -> FiloSettings:
-    return FiloSettings(redis_url=url, **{"claim_idle_ms": 600, "queue_max_depth": 3, **kw})
+    """Stream tests run without worker heartbeats, so they do not require a live worker to enqueue."""
+    return FiloSettings(redis_url=url, **{"claim_idle_ms": 600, "queue_max_depth": 3,
+                                          "reject_without_workers": False, **kw})
 
 
 async def _seeded(url: str) -> tuple[Redis, FiloSettings, Keys]:
@@ -206,6 +228,24 @@ def test_enqueue_refuses_unknown_full_and_unseeded(redis_url: str) -> None:  # n
             assert await p.enqueue(_job(f"j{i}")) == (ENQUEUED, i + 1)
         assert (await p.enqueue(_job("j4")))[0] == QUEUE_FULL
         assert await p.depth() == 3
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+def test_enqueue_requires_a_live_worker_unless_told_otherwise(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        r, _, _ = await _seeded(redis_url)
+        strict = Producer(r, _settings(redis_url, reject_without_workers=True))
+        assert await strict.enqueue(_job("a")) == (NO_WORKERS, 0)
+        assert await strict.depth() == 0  # refused, not queued
+        seconds, micros = await r.time()  # a heartbeat older than the window does not count
+        await r.zadd(Keys.from_settings(_settings(redis_url)).workers,
+                     {"gone": int(seconds) * 1000 + int(micros) // 1000 - HEARTBEAT_WINDOW_MS - 1000})
+        assert (await strict.enqueue(_job("a")))[0] == NO_WORKERS
+        await Consumer(r, _settings(redis_url), "w1").heartbeat()
+        assert await strict.enqueue(_job("b")) == (ENQUEUED, 1)
         await r.aclose()
 
     asyncio.run(main())

@@ -13,6 +13,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from service.backends import RedisBackend
 from service.category_store import RedisCategoryStore
 from service.queue import Keys, Reply
 from tests.service_fixtures import (  # noqa: F401
+    REPO,
     RedisServer,
     ServerThread,
     WorkerPool,
@@ -42,6 +45,7 @@ from tests.service_fixtures import (  # noqa: F401
     redis_url,
     wait_ready,
     wait_until,
+    worker_env,
     worker_pool,
 )
 
@@ -200,7 +204,8 @@ def test_worker_fails_poison_and_expired_explicitly_and_isolates_bad_requests(
 
 
 def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:  # noqa: F811
-    """No worker: requests queue up (429 past the limit), time out (504); Redis gone: 503, never a hang."""
+    """No worker: 503 at once. A stalled one: requests queue (429 past the limit) and time out (504).
+    Redis gone: 503, never a hang."""
     with api_servers(own_redis.url, queue_max_depth=2, request_timeout_s=3.0) as (api,):
         r = own_redis.client()
         not_ready = inspect(api.url)
@@ -214,6 +219,13 @@ def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:
 
         asyncio.run(seed())
         assert wait_ready(api.url)["detail"]["workers"] == 0
+        t0 = time.monotonic()
+        nobody = inspect(api.url)  # no live worker: refused at once rather than queued until the deadline
+        assert nobody.status_code == 503 and nobody.json()["error"]["code"] == "no_workers", nobody.text
+        assert time.monotonic() - t0 < 2.5 and r.xlen(STREAM) == 0
+        assert int(nobody.headers["retry-after"]) == 5
+        sec, micros = r.time()  # a live but stalled worker: a fresh heartbeat (for a minute), never reads
+        r.zadd(f"{STREAM}:workers", {"stalled": sec * 1000 + micros // 1000 + 60_000})
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(inspect, api.url) for _ in range(2)]
             wait_until(lambda: r.xlen(STREAM) == 2, 10, what="two queued")
@@ -241,6 +253,7 @@ def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:
         metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
         assert _metric(metrics, 'filo_errors_total{reason="redis_unavailable"}') == 2
         assert _metric(metrics, 'filo_errors_total{reason="queue_full"}') == 1
+        assert _metric(metrics, 'filo_errors_total{reason="no_workers"}') == 1
 
 
 def test_worker_waits_out_a_missing_redis_and_stops_on_sigterm(worker_pool: WorkerPool) -> None:  # noqa: F811
@@ -250,3 +263,49 @@ def test_worker_waits_out_a_missing_redis_and_stops_on_sigterm(worker_pool: Work
     assert ready.status_code == 503 and ready.json()["detail"]["redis"] == "unreachable"
     w.proc.send_signal(signal.SIGTERM)
     assert w.proc.wait(20) == 0
+
+
+HEAVY_MODULES = ("torch", "torchvision", "open_clip", "transformers", "safetensors")
+TORCH_FREE_SERVE = (
+    "import sys\n"
+    f"sys.modules.update(dict.fromkeys({HEAVY_MODULES!r}))  # any import of these now fails\n"
+    "from service.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_api_runs_without_torch(redis_url: str, worker_pool: WorkerPool, tmp_path) -> None:  # noqa: F811
+    """The slim API image has no torch: queue mode must import, serve and inspect without it."""
+    worker = worker_pool.start(redis_url)
+    worker_pool.wait_ready(worker)
+    port = free_port()
+    log_path = tmp_path / "api.log"
+    env = worker_env({"FILO_PROFILE": "demo", "FILO_REDIS_URL": redis_url, "FILO_PORT": str(port)})
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen([sys.executable, "-c", TORCH_FREE_SERVE, "serve"], cwd=REPO, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        try:
+            ready = wait_ready(base, 60)
+        except TimeoutError:
+            raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
+        assert ready["mode"] == "queue" and ready["detail"]["workers"] == 1
+        r = inspect(base, top_k="2")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["top_types"]) == 2 and 0 <= body["score"] <= 1
+        assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (80, 60)
+        png = httpx.post(f"{base}/v1/inspect", data={"category": "bottle"}, headers={"Accept": "image/png"},
+                         files={"image": ("x.png", png_bytes(60, 80), "image/png")}, timeout=120)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert inspect(base, category="nope").status_code == 404
+        assert "bottle" in [c["name"] for c in httpx.get(f"{base}/v1/categories", timeout=10).json()["categories"]]
+        assert api.poll() is None, "the API process died"
+    finally:
+        api.send_signal(signal.SIGTERM)
+        try:
+            api.wait(20)
+        except subprocess.TimeoutExpired:
+            api.kill()
+    assert "ModuleNotFoundError" not in log_path.read_text(errors="replace")

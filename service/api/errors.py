@@ -17,7 +17,7 @@ and statuses (documented in the OpenAPI description too):
 | 422 | validation_error / invalid_base64 | bad parameters |
 | 429 | queue_full | too many requests queued; retry after `Retry-After` seconds |
 | 500 | inspection_failed / poison_request | the model failed on this request (alone) |
-| 503 | not_ready / redis_unavailable | still warming up, or the queue cannot be reached |
+| 503 | not_ready / redis_unavailable / no_workers | still warming up, the queue cannot be reached, or no worker is alive to run it |
 | 504 | deadline_exceeded | no answer within `request_timeout_s` |
 """
 
@@ -92,8 +92,8 @@ class DeadlineExceededError(ServiceError):
 
 
 class UnavailableError(ServiceError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(503, code, message, headers={"Retry-After": "1"})
+    def __init__(self, code: str, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(503, code, message, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 class CategoryNotFoundError(ServiceError):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="model-only throughput (random weights)", description=__doc__)
     p.add_argument("--arch", choices=["tiny", "real"], default="tiny",
                    help="real = ViT-L-14-336-quickgelu at 518 + Grounding DINO tiny (random weights)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--grounding", choices=["on", "off", "both"], default="both")
@@ -22,7 +20,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from service.bench import bf16_map_deviation, build_random_engine, run_bench
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     precisions = [x.strip() for x in args.precisions.split(",")]
