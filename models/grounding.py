@@ -565,16 +565,19 @@ class GroundingDetector:
         return detections
 
     def detect(
-        self, images: Sequence[np.ndarray], descriptions: Sequence[Sequence[str]]
+        self, images: Sequence[np.ndarray], descriptions: Sequence[Sequence[str]],
+        pixels: Sequence[torch.Tensor | None] | None = None,
     ) -> list[list[Detection]]:
         """Detections per image; ``descriptions[i]`` are image i's category descriptions (caption words).
 
         Images sharing resized size and caption run together (up to ``max_batch``); the order of the
-        result follows ``images``.
+        result follows ``images``. ``pixels[i]``, when given, is ``preprocess(images[i])`` done
+        ahead (a worker does it in other threads while the previous batch runs).
         """
         if len(images) != len(descriptions):
             raise ValueError(f"{len(images)} images but {len(descriptions)} description lists")
-        pixels = [self.preprocess(image) for image in images]
+        given = list(pixels) if pixels is not None else [None] * len(images)
+        pixels = [self.preprocess(image) if pix is None else pix for image, pix in zip(images, given, strict=True)]
         captions = [build_caption(list(d)) for d in descriptions]
         groups: dict[tuple[int, int, str], list[int]] = {}
         for index, (pix, caption) in enumerate(zip(pixels, captions)):

@@ -8,6 +8,7 @@ the others are pixels of the original image.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,8 @@ class InspectRequest:
     grounding: bool | None = None  # None: the engine's default
     position: str | None = None  # force a position (one of the nine); skips Grounding DINO's choice
     boxes_frame: list[tuple[float, float, float, float]] | None = None  # given boxes, x1 <= x < x2
+    pixels: Any = None  # the model input, set by `InspectionEngine.prepare` ahead of the batch; None: not yet
+    grounding_pixels: Any = None  # Grounding DINO's input, likewise (only when grounding will run)
 
 
 @dataclass

@@ -92,6 +92,7 @@ class Worker:
         self._categories_version = -1
         self._last_claim = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
+        self._inflight: asyncio.Task | None = None  # the batch running on the engine thread
         self.stopping = asyncio.Event()
 
     # --- engine thread ------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ class Worker:
                 await self._sleep(1.0)
         if self.engine is not None:
             with contextlib.suppress(RedisError):
+                await self.drain()  # finish and answer the batch in flight before leaving
                 await self.consumer.leave()
 
     async def close(self) -> None:
@@ -180,10 +182,34 @@ class Worker:
         await self.consumer.answer(entry, Reply(entry.request_id, error=error_dict(code, message, status)))
 
     async def process(self, entries: list[Entry]) -> None:
-        """Answer every entry: refuse what must not run, run the rest as one engine batch."""
-        await self._sync_categories()  # a PUT may have landed while this worker blocked on the read
+        """Answer every entry: refuse what must not run, run the rest as one engine batch.
+
+        Decoding and resizing (tens of ms of CPU per camera image) happen in parallel threads while
+        the previous batch still runs on the engine thread; only then does this batch wait for that
+        one and start, so the accelerator is not left idle while the CPU prepares its next batch.
+        """
+        keeper = asyncio.get_running_loop().create_task(self._keep_claimed([e.entry_id for e in entries]))
+        try:
+            await self._sync_categories()  # a PUT may have landed while this worker blocked on the read
+            runnable = await self._prepare(entries)
+            await self.drain()
+        except BaseException:
+            keeper.cancel()
+            raise
+        if runnable:
+            self._inflight = asyncio.get_running_loop().create_task(self._run_batch(runnable, keeper))
+        else:
+            keeper.cancel()
+
+    async def drain(self) -> None:
+        """Wait until the batch in flight (if any) has run and been answered."""
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _prepare(self, entries: list[Entry]) -> list[tuple[Entry, InspectRequest]]:
         now_ms = await server_time_ms(self.redis)
-        runnable: list[tuple[Entry, InspectRequest]] = []
+        to_decode: list[Entry] = []
         for e in entries:
             if e.malformed:
                 await self._refuse(e, "malformed_request", e.malformed, 422)
@@ -193,21 +219,33 @@ class Worker:
             elif now_ms >= e.deadline_ms:
                 await self._refuse(e, "deadline_exceeded", "deadline passed while queued; not run", 504)
             else:
-                try:
-                    image = await asyncio.to_thread(decode_image, e.image, self.settings.max_image_pixels)
-                except ImageDecodeError as exc:
-                    await self._refuse(e, exc.code, exc.message, 422)
-                    continue
-                p = e.params
-                runnable.append((e, InspectRequest(image=image, category=str(p.get("category")),
-                                                   top_k=int(p.get("top_k") or self.settings.top_k),
-                                                   grounding=p.get("grounding"))))
-        if runnable:
-            await self._run_batch(runnable)
+                to_decode.append(e)
+        prepared = await asyncio.gather(*(asyncio.to_thread(self._decode_and_prepare, e) for e in to_decode))
+        runnable: list[tuple[Entry, InspectRequest]] = []
+        for e, req in zip(to_decode, prepared, strict=True):
+            if isinstance(req, ImageDecodeError):
+                await self._refuse(e, req.code, req.message, 422)
+            else:
+                runnable.append((e, req))
+        return runnable
 
-    async def _run_batch(self, runnable: list[tuple[Entry, InspectRequest]]) -> None:
+    def _decode_and_prepare(self, e: Entry) -> InspectRequest | ImageDecodeError:
+        """In a worker thread: bytes -> image -> model input. A failure to prepare is left to the engine,
+        which isolates it in the batch."""
+        try:
+            image = decode_image(e.image, self.settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            return exc
+        p = e.params
+        req = InspectRequest(image=image, category=str(p.get("category")),
+                             top_k=int(p.get("top_k") or self.settings.top_k), grounding=p.get("grounding"))
+        try:
+            return self.engine.prepare(req)
+        except Exception:  # the engine meets the same failure and reports it for this request alone
+            return req
+
+    async def _run_batch(self, runnable: list[tuple[Entry, InspectRequest]], keeper: asyncio.Task) -> None:
         start_ms = await server_time_ms(self.redis)
-        keeper = asyncio.get_running_loop().create_task(self._keep_claimed([e.entry_id for e, _ in runnable]))
         t0 = time.monotonic()
         try:
             results = await self._run(run_isolated, self.engine.inspect_batch, [r for _, r in runnable])

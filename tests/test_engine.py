@@ -43,6 +43,21 @@ def test_batch_equals_one_by_one_through_the_whole_pipeline(engine):
     assert batch[1].boxes, "grounding on: the fallback keeps at least the best query"
 
 
+def test_prepared_requests_give_the_same_results(engine):
+    """Workers prepare the model input ahead of the batch (in other threads): it must change nothing."""
+    plain = engine.inspect_batch(_requests())
+    prepared = [engine.prepare(r) for r in _requests()]
+    assert all(r.pixels is not None and tuple(r.pixels.shape) == (3, 518, 518) for r in prepared)
+    assert [r.grounding_pixels is not None for r in prepared] == [True, True, False, True]  # 2: grounding off
+    for a, b in zip(plain, engine.inspect_batch(prepared)):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert a.score == b.score and a.position == b.position
+        assert [(x.frame, x.phrase) for x in a.boxes] == [(x.frame, x.phrase) for x in b.boxes]
+    wrong = InspectRequest(synthetic_image(100, 100), "bottle", pixels=torch.zeros(3, 224, 224))
+    (out,) = engine.inspect_batch([wrong])
+    assert isinstance(out, InspectError) and out.code == "bad_image"
+
+
 def test_score_uses_the_map_before_suppression(engine):
     res = engine.inspect_batch([_requests()[0]])[0]
     assert res.score == pytest.approx((res.text_score + res.map_max) / 2, abs=1e-7)

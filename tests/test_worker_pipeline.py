@@ -1,0 +1,92 @@
+"""The worker prepares its next batch (decode + resize, in threads) while the current one runs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+
+import pytest
+from redis.asyncio import Redis
+
+from service.engine import InspectionEngine
+from service.queue import Job, Producer
+from service.worker import Worker
+from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
+
+pytestmark = pytest.mark.redis
+
+
+class _Timeline:
+    """Wraps an engine to record when batches run and when requests are prepared (monotonic seconds)."""
+
+    def __init__(self, engine: InspectionEngine, batch_s: float) -> None:
+        self.engine = engine
+        self.batch_s = batch_s
+        self.recording = False
+        self.runs: list[tuple[float, float, int]] = []
+        self.prepares: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        inspect, prepare = engine.inspect_batch, engine.prepare
+
+        def slow_inspect(reqs):
+            t0 = time.monotonic()
+            if self.recording:
+                time.sleep(self.batch_s)  # stands in for an accelerator that takes this long per batch
+            out = inspect(reqs)
+            if self.recording:
+                with self.lock:
+                    self.runs.append((t0, time.monotonic(), len(reqs)))
+            return out
+
+        def timed_prepare(req):
+            if self.recording:
+                with self.lock:
+                    self.prepares.append((time.monotonic(), threading.current_thread().name))
+            return prepare(req)
+
+        engine.inspect_batch = slow_inspect
+        engine.prepare = timed_prepare
+
+
+def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None:  # noqa: F811
+    settings = demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200)
+    timeline: list[_Timeline] = []
+
+    def factory(s):
+        timeline.append(_Timeline(InspectionEngine.from_settings(s), batch_s=0.6))
+        return timeline[0].engine
+
+    async def main() -> list:
+        worker = Worker(settings, engine_factory=factory, name="pipelined")
+        running = asyncio.get_running_loop().create_task(worker.run())
+        while worker.engine is None:
+            assert not running.done(), running.exception()
+            await asyncio.sleep(0.05)
+        timeline[0].recording = True
+        redis = Redis.from_url(redis_url)
+        producer = Producer(redis, settings)
+        ids = [f"req{i}" for i in range(6)]
+        for i, rid in enumerate(ids):
+            outcome, _ = await producer.enqueue(Job(rid, "bottle", png_bytes(300, 400, seed=i), 60_000, 3))
+            assert outcome == "enqueued"
+        replies = [await producer.wait_reply(rid, 60) for rid in ids]
+        worker.stopping.set()
+        await asyncio.wait_for(running, 30)
+        await worker.close()
+        await redis.aclose()
+        return replies
+
+    replies = asyncio.run(main())
+    assert all(r is not None and r.error is None and r.result is not None for r in replies), replies
+    t = timeline[0]
+    assert sum(n for _, _, n in t.runs) == 6 and len(t.runs) >= 3
+    assert all(not name.startswith("filo-engine") for _, name in t.prepares)  # never on the engine thread
+    # batches never overlap each other on the engine thread ...
+    runs = sorted(t.runs)
+    assert all(a_end <= b_start for (_, a_end, _), (b_start, _, _) in itertools.pairwise(runs))
+    # ... but the next batch is prepared while one runs
+    overlapped = [p for p, _ in t.prepares if any(start < p < end for start, end, _ in runs)]
+    assert len(overlapped) >= 2, (runs, t.prepares)
+
