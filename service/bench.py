@@ -105,3 +105,32 @@ def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[s
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def flops_per_image(engine: InspectionEngine, grounding: bool, category: str = "pcb1") -> dict[str, float]:
+    """GFLOP per image by part of the pipeline (PyTorch's FLOP counter, one image, fp32).
+
+    With the sustained FLOP/s of a device this bounds the achievable images/s, which tells a GPU
+    run whether its throughput is compute-bound or lost to overheads.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    req = InspectRequest(image=_images(1)[0], category=category, grounding=grounding)
+    saved = engine.precision
+    engine.precision = "fp32"
+    try:
+        with FlopCounterMode(display=False) as counter:
+            engine.inspect_batch([req])
+    finally:
+        engine.precision = saved
+    by_module = {name: sum(ops.values()) / 1e9 for name, ops in counter.get_flop_counts().items()}
+    total = counter.get_total_flops() / 1e9
+    parts = {
+        "image encoder (dual path)": by_module.get("FiLoModel.encoder", 0.0),
+        "MMCI convolutions": by_module.get("FiLoModel.heads.decoder_cov", 0.0),
+        "linear heads": by_module.get("FiLoModel.heads.decoder_linear", 0.0),
+        "Grounding DINO": by_module.get("GroundingDinoForObjectDetection", 0.0),
+    }
+    parts["text encoder, maps, rest"] = total - sum(parts.values())
+    parts["total"] = total
+    return parts

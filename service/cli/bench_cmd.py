@@ -16,13 +16,15 @@ def register(subparsers) -> None:
     p.add_argument("--grounding", choices=["on", "off", "both"], default="both")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--flops", action="store_true",
+                   help="also print GFLOP per image by part (PyTorch's FLOP counter), to judge GPU efficiency")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from service.bench import bf16_map_deviation, build_random_engine, run_bench
+    from service.bench import bf16_map_deviation, build_random_engine, flops_per_image, run_bench
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
         base.setdefault(key, row.images_per_s)
         print(f"| {row.device} | {row.precision} | {'on' if row.grounding else 'off'} | {row.batch_size} | "
               f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x |", flush=True)
+    if args.flops:
+        for grounding in groundings:
+            parts = flops_per_image(build_random_engine(args.arch, args.device, grounding), grounding)
+            print(f"\n| GFLOP per image, grounding {'on' if grounding else 'off'} | GFLOP |\n|---|---:|")
+            for part, gflop in parts.items():
+                print(f"| {part} | {gflop:.1f} |")
     if "bf16" in precisions:
         dev = bf16_map_deviation(build_random_engine(args.arch, args.device, False))
         print(f"\nlargest |map(bf16) - map(fp32)| = {dev:.2e}")

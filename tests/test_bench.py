@@ -1,0 +1,43 @@
+"""`filo bench`: the rows it reports and the FLOP accounting (figures come from running it, not from here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.bench import build_random_engine, flops_per_image, run_bench
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    return build_random_engine("tiny", "cpu", grounding=True)
+
+
+def test_flops_by_part_match_the_architecture(tiny_engine):
+    off = flops_per_image(tiny_engine, grounding=False)
+    on = flops_per_image(tiny_engine, grounding=True)
+    heads = tiny_engine.model.heads
+    width, embed = heads.decoder_cov.fc_77[0].in_channels, heads.decoder_cov.fc_77[0].out_channels
+    grid = (tiny_engine.image_size // 14) ** 2
+    mmci = 3 * 2 * grid * 7 * 7 * width * embed / 1e9  # three fused 7x7 convolutions over the patch grid
+    assert off["MMCI convolutions"] == pytest.approx(mmci, rel=1e-6)
+    assert off["Grounding DINO"] == 0 and on["Grounding DINO"] > 0
+    for parts in (off, on):
+        assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"], rel=1e-9)
+    # with a position found, only that position's abnormal sentences are encoded
+    assert on["text encoder, maps, rest"] < off["text encoder, maps, rest"]
+
+
+def test_run_bench_reports_every_combination():
+    rows = list(run_bench("tiny", "cpu", [1, 2], ["fp32"], [False], iters=1, warmup=0))
+    assert [(r.batch_size, r.precision, r.grounding) for r in rows] == [(1, "fp32", False), (2, "fp32", False)]
+    assert all(r.images_per_s > 0 and r.ms_per_batch > 0 for r in rows)
+    assert rows[1].images_per_s == pytest.approx(2000 / rows[1].ms_per_batch)
+
+
+def test_bench_command_prints_the_tables(capsys):
+    assert main(["bench", "--arch", "tiny", "--device", "cpu", "--batch-sizes", "1", "--precisions", "fp32",
+                 "--grounding", "off", "--iters", "1", "--warmup", "0", "--flops"]) == 0
+    out = capsys.readouterr().out
+    assert "| cpu | fp32 | off | 1 |" in out
+    assert "| MMCI convolutions |" in out and "| total |" in out
