@@ -215,18 +215,25 @@ class InspectionEngine:
         t3 = time.perf_counter()
         timing = {"preprocess": (t1 - t0) * 1e3, "grounding": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3,
                   "batch_size": float(len(reqs))}
+        # Everything for the whole batch on the device, then one copy to the host: per-image
+        # `.item()`s and copies would each wait for the accelerator.
+        map_max = maps.flatten(1).max(dim=1).values
+        text_abnormal = out.text_probs[:, 1].float()
+        scores = am.image_score(text_abnormal, map_max)
+        finals = torch.stack([am.suppress(maps[i], None if loc.keep is None else loc.keep.to(maps.device))
+                              for i, loc in enumerate(locs)])
+        finals_np = finals.cpu().numpy().astype(np.float32, copy=False)
+        map_max, text_abnormal, scores = map_max.cpu(), text_abnormal.cpu(), scores.cpu()
+        all_sims = torch.cat(out.type_similarity).float().cpu().split([len(t) for t in out.type_similarity])
         results = []
         for i, (req, cat, loc) in enumerate(zip(reqs, cats, locs, strict=True)):
-            map_max = maps[i].max()
-            text_abnormal = out.text_probs[i, 1].float()
-            final = am.suppress(maps[i], None if loc.keep is None else loc.keep.to(maps.device))
-            sims = out.type_similarity[i].float().cpu()
+            sims = all_sims[i]
             order = torch.argsort(sims, descending=True)[: req.top_k].tolist()
             results.append(InspectResult(
-                score=float(am.image_score(text_abnormal, map_max)),
-                text_score=float(text_abnormal),
-                map_max=float(map_max),
-                anomaly_map=final.cpu().numpy().astype(np.float32),
+                score=float(scores[i]),
+                text_score=float(text_abnormal[i]),
+                map_max=float(map_max[i]),
+                anomaly_map=finals_np[i],
                 position=loc.position,
                 boxes=loc.boxes,
                 top_types=[AnomalyType(cat.descriptions[j], float(sims[j])) for j in order],
