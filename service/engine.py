@@ -55,6 +55,7 @@ class InspectionEngine:
         self.precision = precision
         self.image_size = model.image_size
         self.preprocess = make_preprocess(model.image_size)
+        self.warmup_batch_size = 1
         # Resizing a camera image to the model frame costs ~13 ms of CPU (1024 px, bicubic); done one
         # after another it would cap a GPU worker near 75 images/s, so images are prepared in parallel
         # (PIL and torch release the GIL while they resize and normalise).
@@ -83,7 +84,9 @@ class InspectionEngine:
             detector = (GroundingDetector.tiny(device=device) if settings.is_demo
                         else GroundingDetector.from_pretrained(settings.grounding_model, device=device))
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
-        return cls(model, info, catalog, device, detector, settings.grounding, settings.precision)
+        engine = cls(model, info, catalog, device, detector, settings.grounding, settings.precision)
+        engine.warmup_batch_size = warmup_batch_size(settings, device)
+        return engine
 
     def model_info(self) -> dict[str, Any]:
         return dict(self.info)
@@ -126,12 +129,18 @@ class InspectionEngine:
         return len(loaded)
 
     def warmup(self) -> None:
-        """One tiny batch through every stage so the first real request pays no lazy initialisation."""
+        """One batch through every stage so the first real request pays no lazy initialisation.
+
+        On CUDA the batch is `warmup_batch_size` images (the largest the process will run): the
+        allocator grows and kernels are chosen for that shape before readiness, and a batch that
+        does not fit in memory fails the start instead of requests.
+        """
         name = self.catalog.names()[0]
         img = np.full((self.image_size, self.image_size, 3), 127, np.uint8)
-        result = self.inspect_batch([InspectRequest(image=img, category=name)])[0]
-        if isinstance(result, InspectError):
-            raise RuntimeError(f"warm-up failed: {result.message}")
+        batch = [InspectRequest(image=img, category=name) for _ in range(max(1, self.warmup_batch_size))]
+        for result in self.inspect_batch(batch):
+            if isinstance(result, InspectError):
+                raise RuntimeError(f"warm-up failed: {result.message}")
 
     # --- inspection -------------------------------------------------------------------------------------
     def prepare(self, request: InspectRequest) -> InspectRequest:
@@ -286,6 +295,12 @@ class InspectionEngine:
         orig = FrameGeometry(hw[0], hw[1], size).boxes_to_original(frame)
         boxes = [_box(f, o, d.phrase, d.confidence, d.valid) for f, o, d in zip(frame, orig, dets, strict=True)]
         return _Localisation(req.position or position, keep, boxes)
+
+
+def warmup_batch_size(settings: FiloSettings, device: str) -> int:
+    """The largest batch on CUDA (allocator and kernel choice are shape-dependent); 1 on CPU, where
+    warming a big batch only delays readiness."""
+    return settings.max_batch_size if str(device).startswith("cuda") else 1
 
 
 def _box(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrase: str, confidence: float, valid: bool) -> Box:

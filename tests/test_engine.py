@@ -58,6 +58,19 @@ def test_prepared_requests_give_the_same_results(engine):
     assert isinstance(out, InspectError) and out.code == "bad_image"
 
 
+def test_warmup_runs_the_largest_batch_on_cuda_only(engine, monkeypatch):
+    from service.engine import warmup_batch_size
+
+    settings = FiloSettings(profile="demo", max_batch_size=12)
+    assert warmup_batch_size(settings, "cuda:0") == 12 and warmup_batch_size(settings, "cpu") == 1
+    seen: list[int] = []
+    real = engine.inspect_batch
+    monkeypatch.setattr(engine, "inspect_batch", lambda reqs: seen.append(len(reqs)) or real(reqs))
+    monkeypatch.setattr(engine, "warmup_batch_size", 3)
+    engine.warmup()
+    assert seen == [3]
+
+
 def test_score_uses_the_map_before_suppression(engine):
     res = engine.inspect_batch([_requests()[0]])[0]
     assert res.score == pytest.approx((res.text_score + res.map_max) / 2, abs=1e-7)
