@@ -1,14 +1,19 @@
 """`filo worker`: load the engine once, then turn stream entries into engine batches, forever.
 
+Beside the loop, a heartbeat every 2 s (`filo_workers` on the API side counts them, and the API
+refuses work when none is live) for as long as the worker is idle or its batch has run for less
+than the request deadline: a batch stuck longer serves nobody, so its worker stops counting.
+
 One loop iteration (see service/queue.py for the protocol):
-1. heartbeat (`filo_workers` on the API side counts them) and category sync: if the categories
-   version in Redis moved, apply the difference to the engine and persist the caches;
+1. category sync: if the categories version in Redis moved, apply the difference to the engine and
+   persist the caches;
 2. reclaim entries that another (dead) worker left pending longer than `claim_idle_ms`; each runs
    in a batch of its own, so an entry that kills workers only ever counts against itself;
 3. read up to `max_batch_size` new entries (waiting at most `max_wait_ms` after the first);
 4. answer without running: malformed entries, entries delivered more than `max_deliveries` times
-   (poison) and entries past their deadline; decode the rest and run them as ONE engine batch,
-   resetting their idle time meanwhile so nobody reclaims a batch that is merely slow;
+   (poison) and entries past their deadline; decode and prepare the rest in threads (while the
+   previous batch still runs), then run them as ONE engine batch, resetting their idle time
+   meanwhile so nobody reclaims a batch that is merely slow;
 5. reply, acknowledge and delete each entry in one transaction.
 
 The engine runs on one dedicated thread; the event loop keeps serving /healthz, /readyz and
@@ -62,6 +67,12 @@ from service.types import InspectRequest, InspectResult
 log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 1000  # how long one XREADGROUP blocks when the stream is empty (bounds shutdown latency)
+HEARTBEAT_PERIOD_S = 2.0  # well inside the API's HEARTBEAT_WINDOW_MS (10 s)
+
+
+def should_beat(batch_started: float | None, now: float, deadline_s: float) -> bool:
+    """Alive while idle or while the running batch is younger than a request's whole deadline."""
+    return batch_started is None or now - batch_started < deadline_s
 
 
 def consumer_name() -> str:
@@ -93,6 +104,7 @@ class Worker:
         self._last_claim = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
         self._inflight: asyncio.Task | None = None  # the batch running on the engine thread
+        self._batch_started: float | None = None  # monotonic start of the engine run in progress
         self.stopping = asyncio.Event()
 
     # --- engine thread ------------------------------------------------------------------------------
@@ -135,6 +147,26 @@ class Worker:
         except Exception as exc:
             self.fatal = exc
             raise
+        beating = asyncio.get_running_loop().create_task(self._beat())
+        try:
+            await self._loop()
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+        if self.engine is not None:
+            with contextlib.suppress(RedisError):
+                await self.drain()  # finish and answer the batch in flight before leaving
+                await self.consumer.leave()
+
+    async def _beat(self) -> None:
+        while not self.stopping.is_set():
+            if should_beat(self._batch_started, time.monotonic(), self.settings.request_timeout_s):
+                with contextlib.suppress(RedisError):  # the loop reports and waits out Redis outages
+                    await self.consumer.heartbeat()
+            await self._sleep(HEARTBEAT_PERIOD_S)
+
+    async def _loop(self) -> None:
         while not self.stopping.is_set():
             try:
                 await self.step()
@@ -143,10 +175,6 @@ class Worker:
                 self.redis_ok = False
                 log.warning("Redis error in the worker loop (%s); retrying in 1 s", exc)
                 await self._sleep(1.0)
-        if self.engine is not None:
-            with contextlib.suppress(RedisError):
-                await self.drain()  # finish and answer the batch in flight before leaving
-                await self.consumer.leave()
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -154,7 +182,6 @@ class Worker:
 
     # --- one iteration ---------------------------------------------------------------------------------
     async def step(self) -> None:
-        await self.consumer.heartbeat()
         await self._sync_categories()
         if time.monotonic() - self._last_claim >= min(1.0, self.settings.claim_idle_ms / 2000):
             self._last_claim = time.monotonic()
@@ -246,10 +273,11 @@ class Worker:
 
     async def _run_batch(self, runnable: list[tuple[Entry, InspectRequest]], keeper: asyncio.Task) -> None:
         start_ms = await server_time_ms(self.redis)
-        t0 = time.monotonic()
+        t0 = self._batch_started = time.monotonic()
         try:
             results = await self._run(run_isolated, self.engine.inspect_batch, [r for _, r in runnable])
         finally:
+            self._batch_started = None
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError):
                 await keeper

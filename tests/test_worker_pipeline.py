@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from service.engine import InspectionEngine
-from service.queue import Job, Producer
-from service.worker import Worker
+from service.queue import Job, Keys, Producer
+from service.worker import HEARTBEAT_PERIOD_S, Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.redis
@@ -90,3 +90,47 @@ def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None: 
     overlapped = [p for p, _ in t.prepares if any(start < p < end for start, end, _ in runs)]
     assert len(overlapped) >= 2, (runs, t.prepares)
 
+
+
+def test_heartbeat_rule() -> None:
+    assert should_beat(None, 100.0, 30.0)  # idle
+    assert should_beat(90.0, 100.0, 30.0)  # a batch running for 10 s of a 30 s deadline
+    assert not should_beat(60.0, 100.0, 30.0)  # running longer than any request may wait: stuck
+
+
+def test_worker_keeps_beating_through_a_long_batch(redis_url: str) -> None:  # noqa: F811
+    """The API refuses work when no heartbeat is live, so a busy worker must not go quiet."""
+    settings = demo_settings(redis_url=redis_url, max_batch_size=1)
+    timeline: list[_Timeline] = []
+
+    def factory(s):
+        timeline.append(_Timeline(InspectionEngine.from_settings(s), batch_s=HEARTBEAT_PERIOD_S * 2.5))
+        return timeline[0].engine
+
+    async def main() -> list[float]:
+        worker = Worker(settings, engine_factory=factory, name="busy")
+        running = asyncio.get_running_loop().create_task(worker.run())
+        while worker.engine is None:
+            assert not running.done(), running.exception()
+            await asyncio.sleep(0.05)
+        timeline[0].recording = True
+        redis = Redis.from_url(redis_url)
+        producer = Producer(redis, settings)
+        assert (await producer.enqueue(Job("long", "bottle", png_bytes(), 60_000, 3)))[0] == "enqueued"
+        while not (worker._batch_started and time.monotonic() - worker._batch_started > 0.2):
+            await asyncio.sleep(0.02)
+        beats = []
+        for _ in range(2):
+            beats.append(await redis.zscore(Keys.from_settings(settings).workers, "busy"))
+            await asyncio.sleep(HEARTBEAT_PERIOD_S * 1.1)
+        assert worker._batch_started is not None, "the batch ended before the second look"
+        reply = await producer.wait_reply("long", 60)
+        worker.stopping.set()
+        await asyncio.wait_for(running, 30)
+        await worker.close()
+        await redis.aclose()
+        assert reply is not None and reply.error is None
+        return beats
+
+    first, second = asyncio.run(main())
+    assert second > first  # a beat landed while the engine thread was busy
