@@ -16,7 +16,7 @@ from models import anomaly_maps as am
 from models.checkpoint import apply_head_state, load_checkpoint, save_checkpoint
 from models.clip_backbone import make_preprocess, resize_position_grid
 from models.errors import CheckpointError
-from models.heads import MMCI, Adapter
+from models.heads import MMCI, MMCI_KERNELS, Adapter
 from models.prompts import abnormal_sentences, build_prompt_bank, normal_sentences
 from tests.conftest import random_heads, synthetic_image
 
@@ -39,6 +39,36 @@ def test_fused_mmci_equals_six_convolutions():
         scale = float(a.detach().abs().max())  # outputs of order 5: compare at float32 summation precision
         assert scale > 1.0
         torch.testing.assert_close(a, b, atol=1e-5 * scale, rtol=0)
+
+
+def test_fused_mmci_kernel_is_kept_until_a_weight_changes():
+    torch.manual_seed(0)
+    mmci, other = MMCI(16, 8, k=3), MMCI(16, 8, k=3)
+    tokens = [torch.randn(2, 1 + 9 * 9, 16) for _ in range(3)]
+
+    def plain() -> list[torch.Tensor]:
+        mmci.fused = False
+        try:
+            return mmci(tokens)
+        finally:
+            mmci.fused = True
+
+    with torch.no_grad():
+        first = mmci(tokens)
+        kept = mmci.fused_weights(0)[0]
+        assert mmci.fused_weights(0)[0] is kept  # not rebuilt for the next batch
+        mmci.fc_33[0].weight.add_(0.5)  # in place, as an optimiser step does
+        stepped = mmci(tokens)
+        assert mmci.fused_weights(0)[0] is not kept
+        assert not torch.allclose(stepped[0], first[0], atol=1e-3)
+        for a, b in zip(stepped, plain()):  # float32 summation precision at the outputs' scale
+            torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=0)
+        mmci.load_state_dict(other.state_dict())  # a checkpoint load
+        for a, b in zip(mmci(tokens), other(tokens)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    out = mmci(tokens)  # with autograd: gradients must reach the six convolutions
+    out[0].square().sum().backward()
+    assert all(float(getattr(mmci, name)[0].weight.grad.abs().max()) > 0 for name in MMCI_KERNELS)
 
 
 def test_adapter_has_residual():
