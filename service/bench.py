@@ -30,6 +30,7 @@ class BenchRow:
     batch_size: int
     images_per_s: float
     ms_per_batch: float
+    peak_gib: float | None = None  # CUDA only: the most memory the batch size needed (sizes FILO_MAX_BATCH_SIZE)
 
 
 def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) -> InspectionEngine:
@@ -65,18 +66,23 @@ def _sync(device: str) -> None:
 
 
 def time_batches(engine: InspectionEngine, batch_size: int, iters: int, warmup: int,
-                 category: str = "pcb1") -> tuple[float, float]:
-    """Returns (images/s, ms per batch) over `iters` timed batches after `warmup` untimed ones."""
+                 category: str = "pcb1") -> tuple[float, float, float | None]:
+    """(images/s, ms per batch) over `iters` timed batches after `warmup` untimed ones, and the peak
+    CUDA memory of those batches in GiB (None off CUDA)."""
     reqs = [InspectRequest(image=im, category=category) for im in _images(batch_size)]
+    cuda = str(engine.device).startswith("cuda")
     for _ in range(warmup):
         engine.inspect_batch(reqs)
     _sync(engine.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(iters):
         engine.inspect_batch(reqs)
     _sync(engine.device)
     dt = (time.perf_counter() - t0) / iters
-    return batch_size / dt, dt * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return batch_size / dt, dt * 1e3, peak
 
 
 def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: str = "pcb1") -> float:
@@ -100,8 +106,8 @@ def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[s
         for precision in precisions:
             engine.precision = precision
             for bs in batch_sizes:
-                ips, ms = time_batches(engine, bs, iters, warmup)
-                yield BenchRow(device, precision, grounding, bs, ips, ms)
+                ips, ms, peak = time_batches(engine, bs, iters, warmup)
+                yield BenchRow(device, precision, grounding, bs, ips, ms, peak)
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ def test_flops_by_part_match_the_architecture(tiny_engine):
 def test_run_bench_reports_every_combination():
     rows = list(run_bench("tiny", "cpu", [1, 2], ["fp32"], [False], iters=1, warmup=0))
     assert [(r.batch_size, r.precision, r.grounding) for r in rows] == [(1, "fp32", False), (2, "fp32", False)]
-    assert all(r.images_per_s > 0 and r.ms_per_batch > 0 for r in rows)
+    assert all(r.images_per_s > 0 and r.ms_per_batch > 0 and r.peak_gib is None for r in rows)  # CPU: no peak
     assert rows[1].images_per_s == pytest.approx(2000 / rows[1].ms_per_batch)
 
 
@@ -39,5 +39,5 @@ def test_bench_command_prints_the_tables(capsys):
     assert main(["bench", "--arch", "tiny", "--device", "cpu", "--batch-sizes", "1", "--precisions", "fp32",
                  "--grounding", "off", "--iters", "1", "--warmup", "0", "--flops"]) == 0
     out = capsys.readouterr().out
-    assert "| cpu | fp32 | off | 1 |" in out
+    assert "| cpu | fp32 | off | 1 |" in out and "| peak GiB |" in out
     assert "| MMCI convolutions |" in out and "| total |" in out

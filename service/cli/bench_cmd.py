@@ -34,14 +34,15 @@ def run(args: argparse.Namespace) -> int:
     groundings = {"on": [True], "off": [False], "both": [False, True]}[args.grounding]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}")
-    print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     base: dict[tuple, float] = {}
     for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup):
         key = (row.precision, row.grounding)
         base.setdefault(key, row.images_per_s)
         print(f"| {row.device} | {row.precision} | {'on' if row.grounding else 'off'} | {row.batch_size} | "
-              f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x |", flush=True)
+              f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x | "
+              f"{'-' if row.peak_gib is None else f'{row.peak_gib:.1f}'} |", flush=True)
     if args.flops:
         for grounding in groundings:
             parts = flops_per_image(build_random_engine(args.arch, args.device, grounding), grounding)
