@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -50,37 +52,45 @@ class _Timeline:
         engine.prepare = timed_prepare
 
 
-def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None:  # noqa: F811
-    settings = demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200)
+@contextlib.asynccontextmanager
+async def running_worker(settings, name: str, batch_s: float) -> AsyncIterator[tuple[Worker, _Timeline, Producer]]:
+    """An in-process worker on the demo engine (batches slowed to `batch_s`), recording from its
+    first real batch, and a producer on the same Redis; stopped and closed on exit."""
     timeline: list[_Timeline] = []
 
     def factory(s):
-        timeline.append(_Timeline(InspectionEngine.from_settings(s), batch_s=0.6))
+        timeline.append(_Timeline(InspectionEngine.from_settings(s), batch_s))
         return timeline[0].engine
 
-    async def main() -> list:
-        worker = Worker(settings, engine_factory=factory, name="pipelined")
-        running = asyncio.get_running_loop().create_task(worker.run())
+    worker = Worker(settings, engine_factory=factory, name=name)
+    running = asyncio.get_running_loop().create_task(worker.run())
+    redis = Redis.from_url(settings.redis_url)
+    try:
         while worker.engine is None:
             assert not running.done(), running.exception()
             await asyncio.sleep(0.05)
         timeline[0].recording = True
-        redis = Redis.from_url(redis_url)
-        producer = Producer(redis, settings)
-        ids = [f"req{i}" for i in range(6)]
-        for i, rid in enumerate(ids):
-            outcome, _ = await producer.enqueue(Job(rid, "bottle", png_bytes(300, 400, seed=i), 60_000, 3))
-            assert outcome == "enqueued"
-        replies = [await producer.wait_reply(rid, 60) for rid in ids]
+        yield worker, timeline[0], Producer(redis, settings)
+    finally:
         worker.stopping.set()
         await asyncio.wait_for(running, 30)
         await worker.close()
         await redis.aclose()
-        return replies
 
-    replies = asyncio.run(main())
+
+def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None:  # noqa: F811
+    settings = demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200)
+
+    async def main() -> tuple[list, _Timeline]:
+        async with running_worker(settings, "pipelined", batch_s=0.6) as (_, timeline, producer):
+            ids = [f"req{i}" for i in range(6)]
+            for i, rid in enumerate(ids):
+                outcome, _ = await producer.enqueue(Job(rid, "bottle", png_bytes(300, 400, seed=i), 60_000, 3))
+                assert outcome == "enqueued"
+            return [await producer.wait_reply(rid, 60) for rid in ids], timeline
+
+    replies, t = asyncio.run(main())
     assert all(r is not None and r.error is None and r.result is not None for r in replies), replies
-    t = timeline[0]
     assert sum(n for _, _, n in t.runs) == 6 and len(t.runs) >= 3
     assert all(not name.startswith("filo-engine") for _, name in t.prepares)  # never on the engine thread
     # batches never overlap each other on the engine thread ...
@@ -89,7 +99,6 @@ def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None: 
     # ... but the next batch is prepared while one runs
     overlapped = [p for p, _ in t.prepares if any(start < p < end for start, end, _ in runs)]
     assert len(overlapped) >= 2, (runs, t.prepares)
-
 
 
 def test_heartbeat_rule() -> None:
@@ -101,36 +110,20 @@ def test_heartbeat_rule() -> None:
 def test_worker_keeps_beating_through_a_long_batch(redis_url: str) -> None:  # noqa: F811
     """The API refuses work when no heartbeat is live, so a busy worker must not go quiet."""
     settings = demo_settings(redis_url=redis_url, max_batch_size=1)
-    timeline: list[_Timeline] = []
-
-    def factory(s):
-        timeline.append(_Timeline(InspectionEngine.from_settings(s), batch_s=HEARTBEAT_PERIOD_S * 2.5))
-        return timeline[0].engine
 
     async def main() -> list[float]:
-        worker = Worker(settings, engine_factory=factory, name="busy")
-        running = asyncio.get_running_loop().create_task(worker.run())
-        while worker.engine is None:
-            assert not running.done(), running.exception()
-            await asyncio.sleep(0.05)
-        timeline[0].recording = True
-        redis = Redis.from_url(redis_url)
-        producer = Producer(redis, settings)
-        assert (await producer.enqueue(Job("long", "bottle", png_bytes(), 60_000, 3)))[0] == "enqueued"
-        while not (worker._batch_started and time.monotonic() - worker._batch_started > 0.2):
-            await asyncio.sleep(0.02)
-        beats = []
-        for _ in range(2):
-            beats.append(await redis.zscore(Keys.from_settings(settings).workers, "busy"))
-            await asyncio.sleep(HEARTBEAT_PERIOD_S * 1.1)
-        assert worker._batch_started is not None, "the batch ended before the second look"
-        reply = await producer.wait_reply("long", 60)
-        worker.stopping.set()
-        await asyncio.wait_for(running, 30)
-        await worker.close()
-        await redis.aclose()
-        assert reply is not None and reply.error is None
-        return beats
+        async with running_worker(settings, "busy", batch_s=HEARTBEAT_PERIOD_S * 2.5) as (worker, _, producer):
+            assert (await producer.enqueue(Job("long", "bottle", png_bytes(), 60_000, 3)))[0] == "enqueued"
+            while not (worker._batch_started and time.monotonic() - worker._batch_started > 0.2):
+                await asyncio.sleep(0.02)
+            beats = []
+            for _ in range(2):
+                beats.append(await producer.redis.zscore(Keys.from_settings(settings).workers, "busy"))
+                await asyncio.sleep(HEARTBEAT_PERIOD_S * 1.1)
+            assert worker._batch_started is not None, "the batch ended before the second look"
+            reply = await producer.wait_reply("long", 60)
+            assert reply is not None and reply.error is None
+            return beats
 
     first, second = asyncio.run(main())
     assert second > first  # a beat landed while the engine thread was busy
