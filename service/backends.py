@@ -11,6 +11,7 @@ Both answer `inspect` with an `InspectOutcome` or raise a `ServiceError` with it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -197,6 +198,9 @@ class EmbeddedBackend:
         if job.category not in self.engine.catalog:
             raise CategoryNotFoundError(job.category, self.engine.catalog.names())
         request = InspectRequest(image=job.image, category=job.category, top_k=job.top_k, grounding=job.grounding)
+        # resize in this request's thread, not on the batch thread: other batches run meanwhile
+        with contextlib.suppress(Exception):  # the engine meets it again and fails this request alone
+            request = await asyncio.to_thread(self.engine.prepare, request)
         done = await self._batcher.submit(request, job.deadline)
         if isinstance(done.value, BaseException):
             raise error_from_slot(done.value)

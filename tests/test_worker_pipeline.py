@@ -1,17 +1,22 @@
-"""The worker prepares its next batch (decode + resize, in threads) while the current one runs."""
+"""Images are prepared (decode + resize) off the batch thread: by the worker while its previous batch
+runs, by the in-process server in each request's thread."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
+from PIL import Image
 from redis.asyncio import Redis
 
+from service.backends import EmbeddedBackend, InspectJob
 from service.engine import InspectionEngine
 from service.queue import Job, Keys, Producer
 from service.worker import HEARTBEAT_PERIOD_S, Worker, should_beat
@@ -127,3 +132,43 @@ def test_worker_keeps_beating_through_a_long_batch(redis_url: str) -> None:  # n
 
     first, second = asyncio.run(main())
     assert second > first  # a beat landed while the engine thread was busy
+
+
+def test_embedded_backend_prepares_outside_the_batch_thread(tmp_path) -> None:
+    """The in-process server resizes in each request's thread, so batches are not held up by it."""
+    settings = demo_settings(state_dir=tmp_path)
+    timelines: list[_Timeline] = []
+    arrived: list[bool] = []
+
+    def factory(s):
+        timelines.append(_Timeline(InspectionEngine.from_settings(s), batch_s=0.0))
+        inner = timelines[0].engine.inspect_batch
+
+        def spy(reqs):
+            arrived.extend(r.pixels is not None for r in reqs)
+            return inner(reqs)
+
+        timelines[0].engine.inspect_batch = spy
+        return timelines[0].engine
+
+    async def main() -> None:
+        backend = EmbeddedBackend(settings, engine_factory=factory)
+        await backend.start()
+        try:
+            while not (await backend.readiness()).ready:
+                assert backend.fatal is None, backend.fatal
+                await asyncio.sleep(0.05)
+            timelines[0].recording = True
+            arrived.clear()
+            image = np.asarray(Image.open(io.BytesIO(png_bytes(120, 160))).convert("RGB"))
+            jobs = [InspectJob(f"e{i}", "bottle", image, b"", 3, None, True, time.monotonic() + 60) for i in range(3)]
+            outcomes = await asyncio.gather(*(backend.inspect(j) for j in jobs))
+            assert all(o.result.anomaly_map.shape == (224, 224) for o in outcomes)
+        finally:
+            await backend.stop()
+
+    asyncio.run(main())
+    assert arrived == [True, True, True]  # the batch got them prepared (its own pass is then a no-op)
+    names = [name for _, name in timelines[0].prepares]
+    assert sum(n.startswith("asyncio") for n in names) == 3  # the request threads (asyncio.to_thread)
+    assert not any(n.startswith("filo-engine") for n in names)
