@@ -85,6 +85,14 @@ class InspectOutcome:
 
 
 @dataclass
+class CategoryApplied:
+    """Who has built a registered category's caches when PUT answers (queue mode counts workers)."""
+
+    workers_ready: int | None = None
+    workers_live: int | None = None
+
+
+@dataclass
 class Readiness:
     ready: bool
     detail: dict[str, Any] = field(default_factory=dict)
@@ -100,7 +108,7 @@ class Backend(Protocol):
     async def readiness(self) -> Readiness: ...
     async def inspect(self, job: InspectJob) -> InspectOutcome: ...
     async def list_categories(self) -> list[Category]: ...
-    async def put_category(self, category: Category) -> None: ...
+    async def put_category(self, category: Category) -> CategoryApplied: ...
     async def delete_category(self, name: str) -> None: ...
     async def refresh_gauges(self) -> None: ...
 
@@ -211,7 +219,7 @@ class EmbeddedBackend:
         catalog = self.engine.catalog
         return [catalog.get(n) for n in catalog.names()]
 
-    async def put_category(self, category: Category) -> None:
+    async def put_category(self, category: Category) -> CategoryApplied:
         """Persist, then register and build its caches (on the engine thread, between batches)."""
         self._require_ready()
         assert self._batcher is not None
@@ -219,6 +227,7 @@ class EmbeddedBackend:
             await self.store.put(category)
             await self._batcher.run_exclusive(apply_categories, self.engine, await self.store.all())
             await persist_caches(self.engine, self.caches, self._batcher.run_exclusive)
+        return CategoryApplied()
 
     async def delete_category(self, name: str) -> None:
         self._require_ready()
@@ -336,10 +345,18 @@ class RedisBackend:
             raise self._unavailable(exc, queued=False) from None
         return [found[n] for n in sorted(found)]
 
-    async def put_category(self, category: Category) -> None:
-        """Store it; every worker applies it (and builds its caches) before its next batch."""
+    async def put_category(self, category: Category) -> CategoryApplied:
+        """Store it, then wait (up to `category_apply_timeout_s`) until every live worker has built its
+        caches. Workers apply it before their next batch in any case; the wait lets the caller know
+        the first request will not pay for it, and the answer says how many were ready."""
         try:
-            await self.store.put(category)
+            version = await self.store.put(category)
+            deadline = time.monotonic() + self.settings.category_apply_timeout_s
+            while True:
+                ready, live = await self.producer.workers_applied(version)
+                if ready >= live or time.monotonic() >= deadline:
+                    return CategoryApplied(ready, live)
+                await asyncio.sleep(0.05)
         except RedisError as exc:
             raise self._unavailable(exc, queued=False) from None
 

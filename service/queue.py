@@ -80,6 +80,11 @@ class Keys:
         return f"{self.stream}:workers"
 
     @property
+    def workers_applied(self) -> str:
+        """Hash: worker name -> the categories version it has applied (caches built)."""
+        return f"{self.stream}:workers:applied"
+
+    @property
     def categories(self) -> str:
         return f"{self.stream}:categories"
 
@@ -258,9 +263,22 @@ class Producer:
         return int(await self.redis.xlen(self.keys.stream))
 
     async def workers_alive(self) -> int:
+        """Live workers; forgets workers silent for six windows (crashed ones never `leave`)."""
         now = await server_time_ms(self.redis)
-        await self.redis.zremrangebyscore(self.keys.workers, 0, now - 6 * HEARTBEAT_WINDOW_MS)
+        gone = await self.redis.zrangebyscore(self.keys.workers, 0, now - 6 * HEARTBEAT_WINDOW_MS)
+        if gone:
+            await self.redis.zrem(self.keys.workers, *gone)
+            await self.redis.hdel(self.keys.workers_applied, *gone)
         return int(await self.redis.zcount(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf"))
+
+    async def workers_applied(self, version: int) -> tuple[int, int]:
+        """(live workers that have applied categories `version` or later, live workers)."""
+        now = await server_time_ms(self.redis)
+        live = await self.redis.zrangebyscore(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf")
+        if not live:
+            return 0, 0
+        applied = await self.redis.hmget(self.keys.workers_applied, live)
+        return sum(int(v or 0) >= version for v in applied), len(live)
 
 
 # --- worker side --------------------------------------------------------------------------------------
@@ -345,6 +363,10 @@ class Consumer:
         pipe.xdel(self.keys.stream, entry.entry_id)
         await pipe.execute()
 
+    async def report_applied(self, version: int) -> None:
+        """Tell API processes this worker's caches are built for categories `version`."""
+        await self.redis.hset(self.keys.workers_applied, self.name, version)
+
     async def heartbeat(self) -> int:
         now = await server_time_ms(self.redis)
         await self.redis.zadd(self.keys.workers, {self.name: now})
@@ -353,6 +375,7 @@ class Consumer:
     async def leave(self) -> None:
         """On a clean exit: drop the heartbeat, and the consumer if it holds nothing pending."""
         await self.redis.zrem(self.keys.workers, self.name)
+        await self.redis.hdel(self.keys.workers_applied, self.name)
         try:
             info = await self.redis.xinfo_consumers(self.keys.stream, self.keys.group)
         except ResponseError:

@@ -60,6 +60,9 @@ class FiloSettings(BaseSettings):
         "until the deadline (504); set false when workers scale from zero on queue lag (KEDA minReplicaCount 0)",
     )
     request_timeout_s: float = Field(30.0, gt=0)
+    category_apply_timeout_s: float = Field(
+        10.0, ge=0, description="queue mode: how long a category PUT waits for live workers to build its caches"
+    )
     claim_idle_ms: int = Field(15_000, ge=100, description="pending requests idle this long are reclaimed")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)

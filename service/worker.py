@@ -121,6 +121,7 @@ class Worker:
         engine = await self._run(self.engine_factory, self.settings)
         self.report = await start_engine(engine, self.store, self.caches, self._run)
         self._categories_version = self.report.categories_version
+        await self.consumer.report_applied(self._categories_version)
         self.engine = engine
         self.metrics.workers.set(1)
         log.info("worker %s ready (cache %s)", self.name, self.report.cache_source)
@@ -203,6 +204,7 @@ class Worker:
             log.info("categories changed (version %d): %s", version, ", ".join(changed))
             await persist_caches(self.engine, self.caches, self._run)
         self._categories_version = version
+        await self.consumer.report_applied(version)
 
     async def _refuse(self, entry: Entry, code: str, message: str, status: int) -> None:
         self.metrics.error(code)

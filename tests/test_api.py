@@ -244,7 +244,8 @@ def test_register_inspect_and_delete_a_category(client: httpx.Client) -> None:
     r = client.put("/v1/categories/washer", json=body, headers=ADMIN)
     assert r.status_code == 200, r.text
     assert r.json() == {"name": "washer", "noun": "washer", "descriptions": body["descriptions"],
-                        "status": "active", "draft_path": None}
+                        "status": "active", "draft_path": None,
+                        "workers_ready": None, "workers_live": None}  # embedded: built in-process before answering
     names = [c["name"] for c in client.get("/v1/categories", headers=AUTH).json()["categories"]]
     assert "washer" in names and "bottle" in names
     assert client.get("/v1/categories/washer", headers=AUTH).json()["noun"] == "washer"

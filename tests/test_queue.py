@@ -314,6 +314,32 @@ def test_workers_heartbeat(redis_url: str) -> None:  # noqa: F811
     asyncio.run(main())
 
 
+@pytest.mark.redis
+def test_workers_report_the_categories_version_they_applied(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        r, settings, keys = await _seeded(redis_url)
+        p = Producer(r, settings)
+        assert await p.workers_applied(1) == (0, 0)
+        w1, w2 = Consumer(r, settings, "w1"), Consumer(r, settings, "w2")
+        for w in (w1, w2):
+            await w.heartbeat()
+        await w1.report_applied(3)
+        await w2.report_applied(2)
+        assert await p.workers_applied(3) == (1, 2)
+        assert await p.workers_applied(2) == (2, 2)
+        await w1.leave()
+        assert await r.hget(keys.workers_applied, "w1") is None
+        seconds, micros = await r.time()  # a crashed worker: silent for six windows, never left
+        now = int(seconds) * 1000 + int(micros) // 1000
+        await r.zadd(keys.workers, {"crashed": now - 6 * HEARTBEAT_WINDOW_MS - 1000})
+        await r.hset(keys.workers_applied, "crashed", 3)
+        assert await p.workers_alive() == 1
+        assert await r.hget(keys.workers_applied, "crashed") is None  # forgotten, not kept forever
+        await r.aclose()
+
+    asyncio.run(main())
+
+
 # --- stores ---------------------------------------------------------------------------------------------------
 
 CATS = [Category(name="a", noun="a", descriptions=("x",)), Category(name="b", noun="b", descriptions=("y",))]

@@ -111,6 +111,7 @@ def test_two_workers_two_apis_end_to_end(redis_url: str, worker_pool: WorkerPool
         # a category registered through one API reaches every worker before its next batch
         r = httpx.put(f"{bases[1]}/v1/categories/hinge", json={"descriptions": ["bent pin", "rust"]}, timeout=30)
         assert r.status_code == 200, r.text
+        assert (r.json()["workers_ready"], r.json()["workers_live"]) == (2, 2)  # answered once both had built it
         for r in fire(bases, 4, category="hinge", top_k="2"):
             assert r.status_code == 200, r.text
             assert {t["description"] for t in r.json()["top_types"]} <= {"bent pin", "rust"}
@@ -206,7 +207,7 @@ def test_worker_fails_poison_and_expired_explicitly_and_isolates_bad_requests(
 def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:  # noqa: F811
     """No worker: 503 at once. A stalled one: requests queue (429 past the limit) and time out (504).
     Redis gone: 503, never a hang."""
-    with api_servers(own_redis.url, queue_max_depth=2, request_timeout_s=3.0) as (api,):
+    with api_servers(own_redis.url, queue_max_depth=2, request_timeout_s=3.0, category_apply_timeout_s=1.0) as (api,):
         r = own_redis.client()
         not_ready = inspect(api.url)
         assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
@@ -226,6 +227,10 @@ def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:
         assert int(nobody.headers["retry-after"]) == 5
         sec, micros = r.time()  # a live but stalled worker: a fresh heartbeat (for a minute), never reads
         r.zadd(f"{STREAM}:workers", {"stalled": sec * 1000 + micros // 1000 + 60_000})
+        t0 = time.monotonic()  # ... and never applies a new category: PUT waits, then says so
+        put = httpx.put(f"{api.url}/v1/categories/hinge", json={"descriptions": ["bent pin"]}, timeout=30)
+        assert put.status_code == 200 and (put.json()["workers_ready"], put.json()["workers_live"]) == (0, 1)
+        assert 0.8 <= time.monotonic() - t0 < 5
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(inspect, api.url) for _ in range(2)]
             wait_until(lambda: r.xlen(STREAM) == 2, 10, what="two queued")

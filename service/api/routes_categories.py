@@ -57,6 +57,9 @@ async def put_category(
 ) -> Response:
     """Register (or replace) a category and build its caches; `generate: true` only drafts descriptions.
 
+    In queue mode the answer waits (up to `category_apply_timeout_s`) until every live worker has
+    built the caches and says how many had (`workers_ready` of `workers_live`).
+
     A draft is written to `<state_dir>/drafts/NAME.json` and returned with status `draft` (202);
     it is not inspectable until a person reviews it and PUTs the descriptions.
     """
@@ -80,8 +83,10 @@ async def put_category(
     except ValidationError as exc:
         err = validation_body(exc.errors())["error"]
         raise ServiceError(422, "validation_error", err["message"], details={"fields": err["fields"]}) from None
-    await backend.put_category(category)
-    return JSONResponse(_out(category).model_dump(mode="json"))
+    applied = await backend.put_category(category)
+    out = _out(category).model_copy(update={"workers_ready": applied.workers_ready,
+                                            "workers_live": applied.workers_live})
+    return JSONResponse(out.model_dump(mode="json"))
 
 
 @router.delete("/{name}", status_code=204, responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])

@@ -94,6 +94,10 @@ class CategoryOut(BaseModel):
     descriptions: list[str]
     status: Literal["active", "draft"] = "active"
     draft_path: str | None = Field(None, description="draft file a person reviews before registering")
+    workers_ready: int | None = Field(
+        None, description="queue mode, after PUT: live workers that had built the category's caches when it answered"
+    )
+    workers_live: int | None = Field(None, description="queue mode, after PUT: live workers at that moment")
 
 
 class CategoryList(BaseModel):
