@@ -128,8 +128,8 @@ class FiLoModel(nn.Module):
         for i, (bank, pos) in enumerate(zip(banks, positions, strict=True)):
             sel = _abnormal_selection(bank, pos)
             n_norm = bank.normal_eot.shape[0]
-            prefixes += [_splice(bank.normal_prefix[:1], ctx_n[i], bank.normal_suffix[:1, :0]),
-                         _splice(bank.abnormal_prefix[:1], ctx_a[i], bank.abnormal_suffix[:1, :0])]
+            prefixes += [_context_prefix(bank.normal_prefix[:1], ctx_n[i]),
+                         _context_prefix(bank.abnormal_prefix[:1], ctx_a[i])]
             suffixes += [bank.normal_suffix, bank.abnormal_suffix[sel]]
             groups += [torch.full((n_norm,), 2 * i), torch.full((sel.numel(),), 2 * i + 1)]
             eots += [bank.normal_eot, bank.abnormal_eot[sel]]
@@ -185,9 +185,9 @@ def _abnormal_selection(bank: PromptBank, position: str | None) -> torch.Tensor:
     return torch.arange(position_index(position), n, len(POSITIONS), device=device)
 
 
-def _splice(prefix: torch.Tensor, ctx: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-    """[SOT] + context (n_ctx, D) shared by all sentences + the rest of each sentence."""
-    return torch.cat([prefix, ctx.unsqueeze(0).expand(prefix.shape[0], -1, -1).to(prefix.dtype), suffix], dim=1)
+def _context_prefix(sot: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """(1, 1 + n_ctx, D): the SOT embedding then one image's context vectors, the start of every sentence."""
+    return torch.cat([sot, ctx.unsqueeze(0).to(sot.dtype)], dim=1)
 
 
 def _description_similarity(image_feature: torch.Tensor, abnormal_sent: torch.Tensor, bank: PromptBank,

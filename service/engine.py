@@ -150,18 +150,13 @@ class InspectionEngine:
         `inspect_batch` prepares whatever arrives without it.
         """
         if request.pixels is None:
-            request.pixels = self._model_input(request)
+            request.pixels = self.preprocess(Image.fromarray(request.image))
         if request.grounding_pixels is None and self._will_detect(request):
             request.grounding_pixels = self.detector.preprocess(request.image)
         return request
 
     def _will_detect(self, request: InspectRequest) -> bool:
         return request.boxes_frame is None and self._grounding_on(request) and self.detector is not None
-
-    def _model_input(self, request: InspectRequest) -> torch.Tensor:
-        if request.pixels is not None:
-            return request.pixels
-        return self.preprocess(Image.fromarray(request.image))
 
     def inspect_batch(self, requests: Sequence[InspectRequest]) -> list[InspectResult | InspectError]:
         results: list[InspectResult | InspectError | None] = [None] * len(requests)
