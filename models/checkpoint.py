@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from models.clip_backbone import ACTIVATIONS, config_activation
 from models.errors import CheckpointError
 from models.heads import FiLoHeads
 
@@ -61,7 +62,8 @@ def _load_official(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{path}: unexpected keys in the FiLo state dict: {sorted(unknown)[:20]}")
-    meta = {"format": "official", "tap_layout": "released", "source": str(path)}
+    # no metadata in the file: it is what the released code trained, i.e. GELU on the plain ViT-L-14-336
+    meta = {"format": "official", "tap_layout": "released", "activation": "gelu", "source": str(path)}
     return state, meta
 
 
@@ -108,13 +110,21 @@ def apply_head_state(heads: FiLoHeads, state: dict[str, torch.Tensor], source: s
 
 
 def save_checkpoint(path: str | Path, heads: FiLoHeads, metadata: dict[str, Any]) -> Path:
-    """Write the heads as safetensors with FiLo metadata (format, backbone, size, tap layout, ...)."""
+    """Write the heads as safetensors with FiLo metadata (format, backbone, activation, size, tap layout, ...).
+
+    The activation is recorded explicitly (from the backbone's config unless given), so that a checkpoint
+    is never paired silently with the same-shaped backbone of the other activation.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": PROJECT_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **metadata}
     for required in ("clip_model", "image_size", "tap_layout"):
         if required not in meta:
             raise ValueError(f"checkpoint metadata needs {required!r}")
+    if "activation" not in meta:
+        meta["activation"] = config_activation(str(meta["clip_model"]))
+    if meta["activation"] not in ACTIVATIONS:
+        raise ValueError(f"checkpoint activation must be one of {ACTIVATIONS}, got {meta['activation']!r}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})

@@ -1,5 +1,12 @@
 """The frozen CLIP backbone, built by open_clip and brought to FiLo's input size.
 
+The default is what the released FiLo code runs: open_clip's plain `ViT-L-14-336` config (GELU)
+with OpenAI's weights, which were trained with QuickGELU. The released factory
+(`models/vv_open_clip/factory.py`) builds `CLIP(**get_model_config('ViT-L-14-336'))` for
+`pretrained='openai'` at 518 px and loads the OpenAI state dict into it; the published checkpoints
+were trained and evaluated on that backbone (spec section 1). `ViT-L-14-336-quickgelu` stays
+selectable; a checkpoint records which activation it was trained with.
+
 FiLo runs OpenAI's ViT-L/14@336 at 518 px. open_clip can resize the position grid itself, but
 since 3.x it does so with `antialias=True`, a different bicubic kernel from the one the released
 FiLo code used (plain bicubic, `align_corners=False`). The published checkpoints were trained on
@@ -12,9 +19,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import open_clip
 import torch
@@ -25,12 +34,15 @@ from models.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP_MODEL = "ViT-L-14-336-quickgelu"
+DEFAULT_CLIP_MODEL = "ViT-L-14-336"
 DEFAULT_CLIP_WEIGHTS = "openai"
 DEFAULT_IMAGE_SIZE = 518
 TINY_CLIP_MODEL = "FiLo-Tiny-CLIP"
 _TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
 _registered = False
+
+Activation = Literal["gelu", "quickgelu"]
+ACTIVATIONS: tuple[Activation, ...] = ("gelu", "quickgelu")
 
 
 def register_repo_configs() -> None:
@@ -39,6 +51,26 @@ def register_repo_configs() -> None:
     if not _registered:
         open_clip.add_model_config(_TINY_CONFIG_DIR)
         _registered = True
+
+
+def config_activation(model_name: str) -> Activation:
+    """The MLP activation `model_name`'s open_clip config builds: it alone decides, for tags and files alike."""
+    register_repo_configs()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    return "quickgelu" if cfg.get("quick_gelu", False) else "gelu"
+
+
+def built_activation(model: open_clip.CLIP) -> Activation:
+    """The activation a built CLIP really uses (read from its first vision MLP, not from a name)."""
+    act = model.visual.transformer.resblocks[0].mlp.gelu
+    return "quickgelu" if type(act).__name__ == "QuickGELU" else "gelu"
+
+
+def _tag_activation(model_name: str, tag: str) -> Activation | None:
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    return None if not cfg else ("quickgelu" if cfg.get("quick_gelu", False) else "gelu")
 
 
 @dataclass(frozen=True)
@@ -117,15 +149,17 @@ def create_clip(spec: BackboneSpec, device: str | torch.device = "cpu", cache_di
         set_input_size(model, spec.image_size)
         return model.to(device)
     try:
-        model = open_clip.create_model(
-            spec.model_name,
-            pretrained=weights,
-            device="cpu",
-            precision="fp32",
-            cache_dir=cache_dir,
-            require_pretrained=weights is not None,
-            weights_only=True,
-        )
+        with warnings.catch_warnings():
+            _note_deliberate_activation(spec.model_name, weights)
+            model = open_clip.create_model(
+                spec.model_name,
+                pretrained=weights,
+                device="cpu",
+                precision="fp32",
+                cache_dir=cache_dir,
+                require_pretrained=weights is not None,
+                weights_only=True,
+            )
     except (OSError, RuntimeError) as exc:  # hub misses surface as OSError subclasses or RuntimeError
         if weights is not None and not _looks_like_shape_error(exc):
             raise WeightsNotFoundError(_weights_hint(spec.model_name, weights) + f" (cause: {exc})") from exc
@@ -133,6 +167,22 @@ def create_clip(spec: BackboneSpec, device: str | torch.device = "cpu", cache_di
     model.eval().requires_grad_(False)
     set_input_size(model, spec.image_size)
     return model.to(device)
+
+
+def _note_deliberate_activation(model_name: str, weights: str | None) -> None:
+    """Replace open_clip's QuickGELU-mismatch warning by one line saying why the mismatch is wanted.
+
+    Must run inside `warnings.catch_warnings()`; only the mismatch warning is silenced.
+    """
+    if weights is None or os.path.isfile(weights):
+        return
+    tag_act, cfg_act = _tag_activation(model_name, weights), config_activation(model_name)
+    if tag_act is None or tag_act == cfg_act:
+        return
+    warnings.filterwarnings("ignore", message="QuickGELU mismatch", category=UserWarning)
+    log.info("CLIP %s builds %s although the %r weights were trained with %s: deliberate, this is the backbone "
+             "the released FiLo code runs and its checkpoints were trained on (spec section 1)",
+             model_name, cfg_act.upper(), weights, tag_act.upper())
 
 
 def is_torchscript_archive(path: str) -> bool:

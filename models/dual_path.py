@@ -11,7 +11,7 @@ aliasing of the released code's in-place updates, which the published checkpoint
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -26,11 +26,17 @@ TAP_LAYOUTS: tuple[str, ...] = ("released", "paper")
 
 @dataclass
 class EncoderOutput:
-    """global_feature: (B, E) CLS after ln_post @ proj. qkv: 4 x (B, 1+N, W). vv: 3 x (B, 1+N, W)."""
+    """global_feature: (B, E) CLS after ln_post @ proj. qkv: 4 x (B, 1+N, W). vv: 3 x (B, 1+N, W).
+
+    stream: 4 x (B, 1+N, W), the standard stream's raw tokens right after each tap block (the same
+    tensors the taps are made of, no extra work): what few-shot reference memories match
+    (models/references.py), independent of the tap layout and of the heads.
+    """
 
     global_feature: torch.Tensor
     qkv: list[torch.Tensor]
     vv: list[torch.Tensor]
+    stream: list[torch.Tensor] = field(default_factory=list)
 
 
 def default_taps(layers: int) -> tuple[int, int, int, int]:
@@ -95,7 +101,7 @@ class DualPathEncoder(nn.Module):
         pooled = visual.ln_post(s[:, 0])
         if visual.proj is not None:
             pooled = pooled @ visual.proj
-        return EncoderOutput(global_feature=pooled, qkv=qkv, vv=vv)
+        return EncoderOutput(global_feature=pooled, qkv=qkv, vv=vv, stream=[s_taps[t] for t in self.taps])
 
 
 def _dual_attention(blk: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from models.clip_backbone import (
     DEFAULT_IMAGE_SIZE,
     TINY_CLIP_MODEL,
     BackboneSpec,
+    config_activation,
     create_clip,
     get_tokenizer,
 )
@@ -49,6 +50,7 @@ class ModelSpec:
     demo: bool = False
     fresh_heads: bool = False  # training only: heads may start from PyTorch's init without a checkpoint
     head_seed: int | None = None
+    allow_activation_mismatch: bool = False  # load heads trained with the other activation (outputs then differ)
 
 
 DEMO_SPEC = ModelSpec(clip_model=TINY_CLIP_MODEL, clip_weights=None, checkpoint=DEMO_CHECKPOINT, demo=True)
@@ -92,14 +94,18 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
         apply_head_state(heads, state, source=str(spec.checkpoint))
     model = FiLoModel(clip, get_tokenizer(spec.clip_model), heads, spec.image_size, tap_layout)
     model = model.to(device).eval()
+    digest = file_sha256(spec.checkpoint) if spec.checkpoint else None
     info = {
         "name": "FiLo",
-        "version": _version(spec, meta),
+        "version": _version(spec, digest),
         "tap_layout": tap_layout,
         "backbone": spec.clip_model,
+        "activation": config_activation(spec.clip_model),
         "clip_weights": spec.clip_weights or "random",
         "image_size": spec.image_size,
         "checkpoint_format": meta.get("format"),
+        "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+        "checkpoint_sha256": digest,
         "profile": "demo" if spec.demo else "production",
     }
     if spec.demo:
@@ -109,22 +115,69 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
 
 
 def _check_compatible(spec: ModelSpec, meta: dict[str, Any]) -> None:
-    """A project checkpoint records what it was trained with; refuse a mismatched backbone or size."""
-    if meta.get("format") in ("official", "random"):
+    """A checkpoint records what it was trained with; refuse a mismatched activation, backbone or size.
+
+    Official `.pth` files carry no metadata: they are taken as GELU, the backbone the released code ran.
+    The activation is checked first and by itself, because `ViT-L-14-336` and `ViT-L-14-336-quickgelu`
+    are the same weights and shapes: nothing else would catch heads paired with the wrong one.
+    """
+    if meta.get("format") == "random":
         return
-    for key, wanted in (("clip_model", spec.clip_model), ("image_size", spec.image_size)):
-        if key in meta and meta[key] != wanted:
+    trained = meta.get("activation") or checkpoint_activation(meta)
+    built = config_activation(spec.clip_model)
+    if trained != built and not spec.allow_activation_mismatch:
+        raise CheckpointError(
+            f"{spec.checkpoint}: trained with the {trained.upper()} activation but the backbone "
+            f"{spec.clip_model!r} builds {built.upper()}; use a backbone with {trained.upper()} "
+            f"(e.g. --clip-model {_with_activation(spec.clip_model, trained)}) or pass "
+            "--allow-activation-mismatch (FILO_ALLOW_ACTIVATION_MISMATCH=true) to run it anyway"
+        )
+    if meta.get("format") == "official":
+        return
+    checks = [("image_size", meta.get("image_size"), spec.image_size)]
+    if "clip_model" in meta:
+        same = _architecture(meta["clip_model"]) == _architecture(spec.clip_model) if spec.allow_activation_mismatch \
+            else meta["clip_model"] == spec.clip_model
+        if not same:
+            checks.append(("clip_model", meta["clip_model"], spec.clip_model))
+    for key, have, wanted in checks:
+        if have is not None and have != wanted:
             raise CheckpointError(
-                f"{spec.checkpoint}: trained with {key}={meta[key]!r} but the model is configured with "
+                f"{spec.checkpoint}: trained with {key}={have!r} but the model is configured with "
                 f"{wanted!r}; pass the matching --clip-model / image size"
             )
 
 
-def _version(spec: ModelSpec, meta: dict[str, Any]) -> str:
-    if spec.checkpoint is None:
-        return f"random-seed{spec.seed if spec.head_seed is None else spec.head_seed}"
+def checkpoint_activation(meta: dict[str, Any]) -> str:
+    """What a checkpoint was trained with: its record, else its backbone's config, else GELU (official files)."""
+    if meta.get("activation"):
+        return str(meta["activation"])
+    if meta.get("clip_model"):
+        return config_activation(str(meta["clip_model"]))
+    return "gelu"
+
+
+_QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def _architecture(model_name: str) -> str:
+    return model_name.removesuffix(_QUICKGELU_SUFFIX)
+
+
+def _with_activation(model_name: str, activation: str) -> str:
+    base = _architecture(model_name)
+    return base + _QUICKGELU_SUFFIX if activation == "quickgelu" else base
+
+
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
-    with open(spec.checkpoint, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return f"{Path(spec.checkpoint).stem}-{h.hexdigest()[:12]}"
+    return h.hexdigest()
+
+
+def _version(spec: ModelSpec, digest: str | None) -> str:
+    if spec.checkpoint is None or digest is None:
+        return f"random-seed{spec.seed if spec.head_seed is None else spec.head_seed}"
+    return f"{Path(spec.checkpoint).stem}-{digest[:12]}"

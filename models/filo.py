@@ -26,13 +26,15 @@ MAX_CACHED_CATEGORIES = 256
 class FiLoOutput:
     """text_probs (B, 2) [normal, abnormal]; anomaly_map (B, S, S) before suppression;
     type_similarity: per image, (n_descriptions,) cosine of the image with each description;
-    layer_maps: with return_layer_maps, 7 x (B, 2, S, S) softmax maps before smoothing (training)."""
+    layer_maps: with return_layer_maps, 7 x (B, 2, S, S) softmax maps before smoothing (training);
+    stream: the encoder's raw stream taps, 4 x (B, 1+N, W), for few-shot reference matching."""
 
     text_probs: torch.Tensor
     anomaly_map: torch.Tensor
     image_features: torch.Tensor
     type_similarity: list[torch.Tensor] = field(default_factory=list)
     layer_maps: list[torch.Tensor] | None = None
+    stream: list[torch.Tensor] = field(default_factory=list)
 
 
 class FiLoModel(nn.Module):
@@ -173,7 +175,7 @@ class FiLoModel(nn.Module):
         with self._full_precision():
             text_probs = (img[:, None, :].float() @ text.transpose(1, 2).float())[:, 0]
         anomaly_map, layer_maps = self.maps(enc, text, return_layer_maps)
-        return FiLoOutput(text_probs, anomaly_map, img, type_sims, layer_maps)
+        return FiLoOutput(text_probs, anomaly_map, img, type_sims, layer_maps, enc.stream)
 
 
 def _abnormal_selection(bank: PromptBank, position: str | None) -> torch.Tensor:

@@ -13,5 +13,9 @@ mkdir -p "$OUT"
 filo serve --embedded --profile demo --port "$PORT" >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-python scripts/demo_client.py --url "http://127.0.0.1:$PORT" --out "$OUT" samples/*.png
+# normal references and labelled calibration images for the sample categories: filo synth with the
+# samples' own seed and size (index 000 of each folder is the bundled sample itself; the client skips it)
+filo synth "$OUT/synth" --categories fabric,metal,washer,bolt --n-train 8 --n-good 9 --n-defect 3 \
+    --size 256 --seed 7 --overwrite >/dev/null 2>&1
+python scripts/demo_client.py --url "http://127.0.0.1:$PORT" --out "$OUT" --synth-root "$OUT/synth" samples/*.png
 echo "heatmaps and results: $OUT/ (server log: $OUT/server.log)"

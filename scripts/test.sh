@@ -4,6 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 bash scripts/start_redis.sh
+# Debian's headless browser and its driver, for the QA console tests (tests/test_console_browser.py).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 . .venv/bin/activate
 export FILO_TEST_REDIS_URL=${FILO_TEST_REDIS_URL:-redis://127.0.0.1:${FILO_TEST_REDIS_PORT:-6390}/0}
 ruff check .

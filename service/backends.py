@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from descriptions import Category
@@ -32,6 +34,7 @@ from service.api.errors import (
 )
 from service.batcher import MicroBatcher
 from service.category_store import (
+    CatalogNotPublishedError,
     DiskCacheStore,
     FileCategoryStore,
     RedisCategoryStore,
@@ -41,6 +44,7 @@ from service.category_store import (
     persist_caches,
     start_engine,
 )
+from service.imaging import Heatmap, HeatmapSpec, render_heatmap
 from service.metrics import Metrics
 from service.queue import (
     NO_WORKERS,
@@ -53,6 +57,7 @@ from service.queue import (
     ensure_group,
     result_from_dict,
 )
+from service.references import FileExtras, apply_extras
 from service.retry_after import QueueWaitEstimate
 from service.settings import FiloSettings
 from service.types import InspectError, InspectRequest, InspectResult
@@ -64,16 +69,18 @@ EngineFactory = Callable[[FiloSettings], Any]
 
 @dataclass
 class InspectJob:
-    """One validated request: decoded image (embedded) and its original bytes (queue)."""
+    """One validated request: its original bytes, and the decoded image where this process decodes
+    (embedded; `Backend.decodes_in_process`). Queue mode leaves decoding to the worker: one decode."""
 
     request_id: str
     category: str
-    image: np.ndarray
+    image: np.ndarray | None
     image_bytes: bytes
     top_k: int
     grounding: bool | None
-    want_map: bool
+    heatmap: HeatmapSpec
     deadline: float  # time.monotonic() by which an answer is due
+    want_map: bool = False  # also return the map itself (queue mode: compact, see service/queue.py)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class InspectOutcome:
     model: dict[str, Any]
     queue_wait_ms: float
     model_ms: float
+    heatmap: Heatmap | None = None  # rendered as the job's HeatmapSpec asked
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Readiness:
 
 class Backend(Protocol):
     mode: str
+    decodes_in_process: bool  # True: the route hands over decoded pixels; False: validated bytes only
     metrics: Metrics
     fatal: BaseException | None
 
@@ -135,6 +144,7 @@ class EmbeddedBackend:
     """The engine in this process, fed by a micro-batcher; needs no Redis."""
 
     mode = "embedded"
+    decodes_in_process = True
 
     def __init__(self, settings: FiloSettings, engine_factory: EngineFactory | None = None,
                  metrics: Metrics | None = None) -> None:
@@ -144,6 +154,7 @@ class EmbeddedBackend:
         state_dir = settings.state_dir or default_state_dir()
         self.store = FileCategoryStore(state_dir / "categories.json")
         self.caches = DiskCacheStore(state_dir / "caches")
+        self.extras = FileExtras(state_dir / "category-extras")
         self.engine: Any = None
         self.report: StartReport | None = None
         self.fatal: BaseException | None = None
@@ -168,6 +179,8 @@ class EmbeddedBackend:
         try:
             engine = await self._batcher.run_exclusive(self.engine_factory, self.settings)
             self.report = await start_engine(engine, self.store, self.caches, self._batcher.run_exclusive)
+            extras = await self.extras.all(engine.catalog.names())  # normal references, thresholds (issue 10)
+            await self._batcher.run_exclusive(apply_extras, engine, extras)
             self.engine = engine
         except Exception as exc:  # reported by /readyz and by `filo serve`, which exits
             log.exception("the engine failed to start")
@@ -212,7 +225,13 @@ class EmbeddedBackend:
         done = await self._batcher.submit(request, job.deadline)
         if isinstance(done.value, BaseException):
             raise error_from_slot(done.value)
-        return InspectOutcome(done.value, self.engine.model_info(), done.queue_wait_s * 1e3, done.run_s * 1e3)
+        result: InspectResult = done.value
+        heatmap = None
+        if job.heatmap.wanted:
+            valid = [b for b in result.boxes if b.valid]
+            heatmap = await asyncio.to_thread(render_heatmap, job.image, result.anomaly_map, job.heatmap,
+                                              [(b.x1, b.y1, b.x2, b.y2) for b in valid], [b.frame for b in valid])
+        return InspectOutcome(result, self.engine.model_info(), done.queue_wait_s * 1e3, done.run_s * 1e3, heatmap)
 
     async def list_categories(self) -> list[Category]:
         self._require_ready()
@@ -245,20 +264,24 @@ class EmbeddedBackend:
             self.metrics.update_gpu_memory(str(self.engine.device))
 
 
-def redis_client(url: str, longest_block_s: float = 1.0) -> Redis:
+def redis_client(url: str, longest_block_s: float = 1.0, retries: int = 0) -> Redis:
     """Binary-safe client; connects fail fast (503) instead of hanging a request when Redis is down.
 
     The read timeout must outlast the longest blocking command sent on it (BLPOP up to the request
-    deadline, XREADGROUP BLOCK), or redis-py reports a healthy wait as a timeout.
+    deadline, XREADGROUP BLOCK), or redis-py reports a healthy wait as a timeout. `retries` retries a
+    command on a fresh connection after a connection error: after Redis restarts, every pooled
+    connection is stale and fails once (workers use it; the API answers 503 at once instead).
     """
+    retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries) if retries else None
     return Redis.from_url(url, decode_responses=False, socket_connect_timeout=2.0, socket_keepalive=True,
-                          socket_timeout=longest_block_s + 5.0)
+                          socket_timeout=longest_block_s + 5.0, retry=retry)
 
 
 class RedisBackend:
     """Hands requests to `filo worker` processes through a Redis stream; runs no model itself."""
 
     mode = "queue"
+    decodes_in_process = False
 
     def __init__(self, settings: FiloSettings, metrics: Metrics | None = None) -> None:
         if not settings.redis_url:
@@ -282,6 +305,8 @@ class RedisBackend:
         await self.redis.aclose()
 
     async def readiness(self) -> Readiness:
+        """Ready only when a request would be served now: Redis answers, a catalog is published, and a
+        worker heartbeat is live (unless requests are meant to wait for workers scaling from zero)."""
         try:
             await self.redis.ping()
             seeded = await self.store.version() > 0
@@ -290,7 +315,7 @@ class RedisBackend:
         except RedisError as exc:
             return Readiness(False, {"redis": f"unreachable: {exc}"})
         detail = {"redis": "ok", "categories_published": seeded, "workers": workers, "queue_depth": depth}
-        return Readiness(seeded, detail)
+        return Readiness(seeded and (workers > 0 or not self.settings.reject_without_workers), detail)
 
     def _unavailable(self, exc: Exception, queued: bool) -> UnavailableError:
         if queued:
@@ -306,7 +331,7 @@ class RedisBackend:
         if left_s <= 0:
             raise DeadlineExceededError()
         queued = Job(job.request_id, job.category, job.image_bytes, int(left_s * 1000), job.top_k, job.grounding,
-                     job.want_map)
+                     job.want_map, job.heatmap.as_dict() if job.heatmap.wanted else None)
         try:
             outcome, depth = await self.producer.enqueue(queued)
         except RedisError as exc:
@@ -336,7 +361,7 @@ class RedisBackend:
                                err.get("message", ""))
         assert reply.result is not None
         return InspectOutcome(result_from_dict(reply.result, reply.anomaly_map), reply.model, reply.queue_wait_ms,
-                              reply.model_ms)
+                              reply.model_ms, reply.heatmap)
 
     async def list_categories(self) -> list[Category]:
         try:
@@ -351,6 +376,11 @@ class RedisBackend:
         the first request will not pay for it, and the answer says how many were ready."""
         try:
             version = await self.store.put(category)
+        except CatalogNotPublishedError as exc:
+            raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+        try:
             deadline = time.monotonic() + self.settings.category_apply_timeout_s
             while True:
                 ready, live = await self.producer.workers_applied(version)
@@ -366,6 +396,8 @@ class RedisBackend:
             if name not in names:
                 raise CategoryNotFoundError(name, names)
             await self.store.delete(name)
+        except CatalogNotPublishedError as exc:
+            raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
         except RedisError as exc:
             raise self._unavailable(exc, queued=False) from None
 

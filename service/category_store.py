@@ -9,6 +9,14 @@ file in `state_dir` so registrations survive a restart.
 
 Caches: the engine's `cache_state()` (prompt banks per category, keyed by content) is saved under
 a key naming the model, in Redis or as a file, so a restarted pod skips rebuilding them.
+
+Healing: every worker keeps a `CatalogSnapshot` of what the store held when it last applied a
+version (categories, deleted names, per-category extras). If Redis comes back empty (a restart
+without persistence, FLUSHALL), the version key is gone; the first worker to notice `restore`s its
+snapshot in one atomic step (only while the key is still missing, so racing workers cannot clobber
+each other or a newer catalog), with the version moved past the old one, and re-saves its caches.
+Writes (PUT/DELETE, `filo catalog import`) are refused while no catalog is published, so nothing
+can half-publish a catalog holding only the category just written.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +50,62 @@ end
 if added > 0 or redis.call('EXISTS', KEYS[3]) == 0 then redis.call('INCR', KEYS[3]) end
 return tonumber(redis.call('GET', KEYS[3]))
 """
+
+
+# Per-category data stored beside a category's descriptions (one Redis string per category and kind, at
+# `Keys.category_extra(name, kind)`), included in every snapshot and restored with the category. Issue 10's
+# normal reference images belong here: add their kind, store them with `put_extra`, and bump the version.
+CATEGORY_EXTRA_KINDS: tuple[str, ...] = ("references", "threshold")  # service/references.py (issue 10)
+
+_WRITE_LUA = """
+-- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version; ARGV[1] 'put'|'delete', ARGV[2] name,
+-- ARGV[3] json (put). Refused (-1) while no catalog is published: a write must not create a catalog of one.
+if redis.call('EXISTS', KEYS[3]) == 0 then return {-1, 0} end
+local existed
+if ARGV[1] == 'put' then
+  existed = 1 - redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+  redis.call('SREM', KEYS[2], ARGV[2])
+else
+  existed = redis.call('HDEL', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
+return {redis.call('INCR', KEYS[3]), existed}
+"""
+
+_RESTORE_LUA = """
+-- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version. ARGV: old version, n, n name/json pairs,
+-- m, m deleted names, k, k key/value pairs of extras. Only while no catalog is published (returns 0).
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local i = 2
+local n = tonumber(ARGV[i])
+for j = 1, n do redis.call('HSET', KEYS[1], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+i = i + 2 * n + 1
+local m = tonumber(ARGV[i])
+for j = 1, m do redis.call('SADD', KEYS[2], ARGV[i + j]) end
+i = i + m + 1
+local k = tonumber(ARGV[i])
+for j = 1, k do redis.call('SET', ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+local version = tonumber(ARGV[1]) + 1
+redis.call('SET', KEYS[3], version)
+return version
+"""
+
+
+class CatalogNotPublishedError(RuntimeError):
+    """A write to a store that holds no catalog (Redis restarted empty, and no worker re-published yet)."""
+
+
+@dataclass
+class CatalogSnapshot:
+    """What a category store held at one version: what a worker re-publishes when Redis comes back empty.
+
+    `extras` maps category name -> kind -> bytes for the kinds in CATEGORY_EXTRA_KINDS.
+    """
+
+    version: int
+    categories: dict[str, Category]
+    deleted: set[str] = field(default_factory=set)
+    extras: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
 
 def default_state_dir() -> Path:
@@ -66,27 +130,72 @@ class RedisCategoryStore:
         self.redis = redis
         self.keys = keys
         self._seed = redis.register_script(_SEED_LUA)
+        self._write = redis.register_script(_WRITE_LUA)
+        self._restore = redis.register_script(_RESTORE_LUA)
+
+    @property
+    def _catalog_keys(self) -> list[str]:
+        return [self.keys.categories, self.keys.categories_deleted, self.keys.categories_version]
 
     async def version(self) -> int:
+        """The catalog's version; 0: none is published (a fresh or emptied Redis)."""
         return int(await self.redis.get(self.keys.categories_version) or 0)
 
     async def all(self) -> dict[str, Category]:
         raw = await self.redis.hgetall(self.keys.categories)
         return {k.decode(): Category.model_validate_json(v) for k, v in raw.items()}
 
+    async def _write_one(self, op: str, name: str, payload: str = "") -> tuple[int, bool]:
+        version, existed = await self._write(keys=self._catalog_keys, args=[op, name, payload])
+        if int(version) < 0:
+            raise CatalogNotPublishedError("no category catalog is published in Redis (it restarted empty?); "
+                                           "a live `filo worker` re-publishes it within seconds")
+        return int(version), bool(existed)
+
     async def put(self, category: Category) -> int:
+        return (await self._write_one("put", category.name, category.model_dump_json()))[0]
+
+    async def delete(self, name: str) -> bool:
+        return (await self._write_one("delete", name))[1]
+
+    async def put_extra(self, name: str, kind: str, data: bytes) -> int:
+        """Store per-category data of a kind in CATEGORY_EXTRA_KINDS, and bump the version so workers
+        (and their snapshots) pick it up."""
+        if kind not in CATEGORY_EXTRA_KINDS:
+            raise ValueError(f"unknown per-category data kind {kind!r}; known: {CATEGORY_EXTRA_KINDS}")
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.categories, category.name, category.model_dump_json())
-        pipe.srem(self.keys.categories_deleted, category.name)
+        pipe.set(self.keys.category_extra(name, kind), data)
         pipe.incr(self.keys.categories_version)
         return int((await pipe.execute())[-1])
 
-    async def delete(self, name: str) -> bool:
+    async def snapshot(self) -> CatalogSnapshot:
+        """Everything the catalog consists of, read in one transaction (see `restore`)."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.keys.categories, name)
-        pipe.sadd(self.keys.categories_deleted, name)
-        pipe.incr(self.keys.categories_version)
-        return bool((await pipe.execute())[0])
+        pipe.get(self.keys.categories_version)
+        pipe.hgetall(self.keys.categories)
+        pipe.smembers(self.keys.categories_deleted)
+        version, raw, deleted = await pipe.execute()
+        categories = {k.decode(): Category.model_validate_json(v) for k, v in raw.items()}
+        extras: dict[str, dict[str, bytes]] = {}
+        if CATEGORY_EXTRA_KINDS and categories:
+            pairs = [(n, k) for n in categories for k in CATEGORY_EXTRA_KINDS]
+            values = await self.redis.mget([self.keys.category_extra(n, k) for n, k in pairs])
+            for (n, k), v in zip(pairs, values, strict=True):
+                if v is not None:
+                    extras.setdefault(n, {})[k] = v
+        return CatalogSnapshot(int(version or 0), categories, {d.decode() for d in deleted}, extras)
+
+    async def restore(self, snap: CatalogSnapshot) -> int:
+        """Publish `snap` if (and only if) no catalog is published; the new version, or 0 if one was."""
+        args: list[Any] = [snap.version, len(snap.categories)]
+        for name, category in sorted(snap.categories.items()):
+            args += [name, category.model_dump_json()]
+        args += [len(snap.deleted), *sorted(snap.deleted)]
+        extras = [(self.keys.category_extra(n, k), v) for n, kinds in snap.extras.items() for k, v in kinds.items()]
+        args.append(len(extras))
+        for key, value in extras:
+            args += [key, value]
+        return int(await self._restore(keys=self._catalog_keys, args=args))
 
     async def seed(self, categories: list[Category]) -> int:
         args: list[str] = []

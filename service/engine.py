@@ -29,6 +29,7 @@ from models.factory import ModelSpec, build_model, demo_spec
 from models.filo import FiLoModel
 from models.frame import FrameGeometry
 from models.prompts import POSITIONS, PromptBank
+from service.reference_engine import EngineReferences
 from service.settings import FiloSettings
 from service.types import AnomalyType, Box, InspectError, InspectRequest, InspectResult
 
@@ -61,6 +62,7 @@ class InspectionEngine:
         # (PIL and torch release the GIL while they resize and normalise).
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                 thread_name_prefix="filo-prepare")
+        self.references = EngineReferences(self)  # few-shot normal references (service/reference_engine.py)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -70,11 +72,13 @@ class InspectionEngine:
         catalog = CategoryCatalog.load(settings.descriptions)
         if settings.is_demo:
             spec = demo_spec(image_size=settings.image_size, tap_layout=settings.tap_layout,
-                             checkpoint=settings.checkpoint, random_heads=settings.demo_heads == "random")
+                             checkpoint=settings.checkpoint, random_heads=settings.demo_heads == "random",
+                             allow_activation_mismatch=settings.allow_activation_mismatch)
         else:
             spec = ModelSpec(clip_model=settings.clip_model, clip_weights=settings.clip_weights,
                              image_size=settings.image_size, checkpoint=settings.checkpoint,
-                             tap_layout=settings.tap_layout)
+                             tap_layout=settings.tap_layout,
+                             allow_activation_mismatch=settings.allow_activation_mismatch)
         cache_dir = str(settings.cache_dir) if settings.cache_dir else None
         model, info = build_model(spec, device=device, cache_dir=cache_dir)
         detector = None
@@ -86,6 +90,7 @@ class InspectionEngine:
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
         engine = cls(model, info, catalog, device, detector, settings.grounding, settings.precision)
         engine.warmup_batch_size = warmup_batch_size(settings, device)
+        engine.references.configure(settings)
         return engine
 
     def model_info(self) -> dict[str, Any]:
@@ -212,10 +217,11 @@ class InspectionEngine:
             locs = self._localise(reqs, cats)
         t2 = time.perf_counter()
         banks = [self.model.prompt_bank(c.noun, c.descriptions) for c in cats]
+        memories = self.references.memories_for(reqs, cats)  # None each: zero-shot, untouched below
         self.model.precision = self.precision
         with torch.no_grad():
             out = self.model(pixels, banks, [loc.position for loc in locs])
-        maps = out.anomaly_map.float()
+        maps = self.references.fuse(out.anomaly_map.float(), out.stream, memories)
         t3 = time.perf_counter()
         timing = {"preprocess": (t1 - t0) * 1e3, "grounding": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3,
                   "batch_size": float(len(reqs))}
@@ -242,6 +248,8 @@ class InspectionEngine:
                 boxes=loc.boxes,
                 top_types=[AnomalyType(cat.descriptions[j], float(sims[j])) for j in order],
                 timing_ms=dict(timing),
+                references=memories[i].n_images if memories[i] is not None else 0,
+                **self.references.threshold_fields(cat.name, memories[i]),
             ))
         return results
 

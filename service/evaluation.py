@@ -19,7 +19,9 @@ import logging
 import math
 import sys
 import time
+import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +65,7 @@ class EvalResult:
     seconds: float
     report: dict[str, Any] | None = None  # paths written by `models.reporting.write_report`
     arrays: dict[str, CategoryArrays] | None = None  # with keep_arrays
+    shot_images: dict[str, list[str]] = field(default_factory=dict)  # k-shot: the normal references used
 
     def table(self) -> str:
         from models.reporting import format_table
@@ -115,6 +118,8 @@ def evaluate_dataset(
     keep_arrays: bool = False,
     save_arrays: bool = False,
     progress: bool = True,
+    shots: int = 0,
+    shot_seed: int = 0,
 ) -> EvalResult:
     """Run `engine` over a dataset split and compute the metrics per category.
 
@@ -139,6 +144,7 @@ def evaluate_dataset(
     if save_arrays and out is None:
         raise ValueError("save_arrays needs an out_dir")
 
+    shot_paths = {cat: draw_shots(root, layout, cat, shots, shot_seed) for cat in groups} if shots else {}
     per_category: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     examples: list[dict] = []
@@ -148,10 +154,11 @@ def evaluate_dataset(
     with tqdm(total=len(samples), desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
         for cat, group in groups.items():
             bar.set_postfix_str(cat)
-            arrays, cat_examples, cat_failures = _run_category(
-                engine, names[cat], group, batch_size, grounding, (mask_interpolation, mask_geometry),
-                examples_per_category, bar,
-            )
+            with using_references(engine, names[cat], shot_paths.get(cat)):
+                arrays, cat_examples, cat_failures = _run_category(
+                    engine, names[cat], group, batch_size, grounding, (mask_interpolation, mask_geometry),
+                    examples_per_category, bar,
+                )
             failures += cat_failures
             counts[cat] = len(arrays.labels)
             if not len(arrays.labels):
@@ -173,6 +180,7 @@ def evaluate_dataset(
         failures=failures,
         seconds=time.perf_counter() - t0,
         arrays=kept if keep_arrays else None,
+        shot_images=shot_paths,
     )
     if out is not None:
         result.report = write_report(out, per_category, curves, examples[:MAX_EXAMPLE_ROWS] or None)
@@ -180,6 +188,36 @@ def evaluate_dataset(
                     f"{mask_interpolation}/{mask_geometry}",
                     max_images, result)
     return result
+
+
+def draw_shots(root: Path, layout: str, category: str, k: int, seed: int) -> list[str]:
+    """The k-shot protocol: K normal images drawn at random (seeded per category) from its good *training* images.
+
+    The draw for one category does not depend on which other categories are evaluated.
+    """
+    good = sorted(str(s.image_path) for s in read_dataset(root, layout, [category], "train") if s.label == 0)
+    if len(good) < k:
+        raise ValueError(f"category {category}: {k} shots asked for, but only {len(good)} good training images")
+    rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
+    return [good[i] for i in sorted(rng.choice(len(good), size=k, replace=False))]
+
+
+@contextmanager
+def using_references(engine: InspectionEngine, name: str, paths: list[str] | None):
+    """With `paths`: the category inspects with those references, and gets its previous ones back after."""
+    if not paths:
+        yield
+        return
+    from service.references import read_reference_files
+
+    previous = engine.references.sets.get(name)
+    engine.references.set(name, read_reference_files(paths, engine.references.max_image_pixels))
+    try:
+        yield
+    finally:
+        engine.references.clear(name)
+        if previous is not None:
+            engine.references.set(name, previous)
 
 
 def _by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
@@ -274,9 +312,39 @@ def load_arrays(path: str | Path) -> CategoryArrays:
         )
 
 
+def provenance(engine: InspectionEngine, grounding: bool) -> dict[str, Any]:
+    """What a reproduction must match: backbone and activation, checkpoint bytes, grounding model."""
+    info = engine.model_info()
+    return {
+        "backbone": info.get("backbone"),
+        "activation": info.get("activation"),
+        "clip_weights": info.get("clip_weights"),
+        "image_size": info.get("image_size"),
+        "tap_layout": info.get("tap_layout"),
+        "checkpoint": info.get("checkpoint"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "grounding_model": info.get("grounding_model") if grounding else None,
+        "profile": info.get("profile"),
+    }
+
+
+def provenance_line(p: dict[str, Any]) -> str:
+    """One human-readable line of `provenance`, for the Markdown report and the console."""
+    ckpt = f"{Path(p['checkpoint']).name} (sha256 {p['checkpoint_sha256']})" if p.get("checkpoint") else "random heads"
+    return (f"backbone {p['backbone']} ({str(p['activation']).upper()}, weights {p['clip_weights']}, "
+            f"{p['image_size']} px, taps {p['tap_layout']}); checkpoint {ckpt}; "
+            f"grounding {p['grounding_model'] or 'off'}; profile {p['profile']}")
+
+
 def _write_info(path: Path, engine: InspectionEngine, root: Path, layout: str, split: str, grounding: bool,
                 mask_mode: str, max_images: int | None, result: EvalResult) -> None:
+    prov = provenance(engine, grounding)
+    markdown = path.parent / "metrics.md"
+    if markdown.exists():
+        with markdown.open("a", encoding="utf-8") as f:
+            f.write(f"\nModel: {provenance_line(prov)}\n")
     info = {
+        "provenance": prov,
         "model": engine.model_info(),
         "dataset": {"root": str(root), "layout": detect_layout(root) if layout == "auto" else layout,
                     "split": split, "max_images_per_category": max_images, "images": result.images},
@@ -284,5 +352,6 @@ def _write_info(path: Path, engine: InspectionEngine, root: Path, layout: str, s
         "mask": mask_mode,  # interpolation/geometry
         "seconds": round(result.seconds, 3),
         "failures": [{"image": p, "message": m} for p, m in result.failures],
+        "shots": {"k": len(next(iter(result.shot_images.values()), [])), "images": result.shot_images},
     }
     path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

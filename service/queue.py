@@ -34,6 +34,7 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from service.imaging import Heatmap, dequantize_map, quantize_map
 from service.settings import FiloSettings
 from service.types import AnomalyType, Box, InspectResult
 
@@ -99,6 +100,10 @@ class Keys:
     def cache(self, key: str) -> str:
         return f"{self.stream}:cache:{key}"
 
+    def category_extra(self, name: str, kind: str) -> str:
+        """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/category_store.py)."""
+        return f"{self.stream}:category:{kind}:{name}"
+
 
 # --- payloads ------------------------------------------------------------------------------------------
 
@@ -113,11 +118,13 @@ class Job:
     timeout_ms: int
     top_k: int
     grounding: bool | None = None
-    want_map: bool = True
+    want_map: bool = False  # the map itself in the reply (compact, see Reply); the service path never needs it
+    heatmap: dict[str, Any] | None = None  # HeatmapSpec.as_dict(): the worker renders it; None: no heatmap
+    map_encoding: str = "uint8"  # with want_map: a key of MAP_ENCODINGS
 
     def fields(self, reply_key: str) -> dict[str, Any]:
         params = {"category": self.category, "top_k": self.top_k, "grounding": self.grounding,
-                  "want_map": self.want_map}
+                  "want_map": self.want_map, "heatmap": self.heatmap, "map_encoding": self.map_encoding}
         return {"id": self.request_id, "reply": reply_key, "timeout_ms": str(self.timeout_ms),
                 "params": json.dumps(params), "image": self.image}
 
@@ -162,9 +169,19 @@ class Entry:
                        malformed=f"malformed stream entry: {type(exc).__name__}: {exc}")
 
 
+# How a map may travel from a worker: (numpy dtype, encode, decode). uint8 is `round(255 * clip(m, 0, 1))`,
+# within 1/510 of every value in [0, 1] (FiLo's maps are); float16 is within 2**-12 there.
+MAP_ENCODINGS: dict[str, tuple[str, Any, Any]] = {
+    "uint8": ("uint8", quantize_map, dequantize_map),
+    "float16": ("float16", lambda m: m.astype(np.float16), lambda a: a.astype(np.float32)),
+    "float32": ("float32", lambda m: m.astype(np.float32, copy=False), lambda a: a.copy()),
+}
+MAP_ERROR_BOUND = {"uint8": 1.0 / 510.0, "float16": 2.0 ** -12, "float32": 0.0}
+
+
 @dataclass
 class Reply:
-    """A worker's answer to one request: a result summary (+ map) or an error."""
+    """A worker's answer to one request: a result summary, the rendered heatmap, the map (compact), or an error."""
 
     request_id: str
     error: dict[str, Any] | None = None  # code, message, status
@@ -173,30 +190,46 @@ class Reply:
     queue_wait_ms: float = 0.0
     model_ms: float = 0.0
     anomaly_map: np.ndarray | None = None
+    map_encoding: str = "uint8"
+    heatmap: Heatmap | None = None
 
     def encode(self) -> bytes:
-        """4-byte header length, JSON header, then the raw float32 map (if any)."""
+        """4-byte header length, JSON header, then the heatmap's bytes and the encoded map (if any)."""
         header: dict[str, Any] = {
             "request_id": self.request_id, "error": self.error, "result": self.result, "model": self.model,
             "queue_wait_ms": self.queue_wait_ms, "model_ms": self.model_ms, "map_shape": None,
+            "heatmap": None,
         }
-        blob = b""
+        blobs = []
+        if self.heatmap is not None:
+            header["heatmap"] = {**self.heatmap.meta(), "length": len(self.heatmap.data)}
+            blobs.append(self.heatmap.data)
         if self.anomaly_map is not None:
-            arr = np.ascontiguousarray(self.anomaly_map, dtype=np.float32)
-            header["map_shape"] = list(arr.shape)
-            blob = arr.tobytes()
+            dtype, encode, _ = MAP_ENCODINGS[self.map_encoding]
+            arr = np.ascontiguousarray(encode(self.anomaly_map), dtype=dtype)
+            header["map_shape"], header["map_dtype"] = list(arr.shape), self.map_encoding
+            blobs.append(arr.tobytes())
         raw = json.dumps(header).encode()
-        return struct.pack(">I", len(raw)) + raw + blob
+        return b"".join([struct.pack(">I", len(raw)), raw, *blobs])
 
     @classmethod
     def decode(cls, data: bytes) -> Reply:
         (n,) = struct.unpack(">I", data[:4])
         header = json.loads(data[4:4 + n])
-        amap = None
+        offset = 4 + n
+        heatmap = None
+        if header.get("heatmap"):
+            meta = dict(header["heatmap"])
+            length = int(meta.pop("length"))
+            heatmap = Heatmap(data=data[offset:offset + length], **meta)
+            offset += length
+        amap, encoding = None, header.get("map_dtype", "float32")  # float32: replies of older workers
         if header.get("map_shape"):
-            amap = np.frombuffer(data[4 + n:], dtype=np.float32).reshape(header["map_shape"]).copy()
+            dtype, _, decode = MAP_ENCODINGS[encoding]
+            amap = decode(np.frombuffer(data[offset:], dtype=dtype).reshape(header["map_shape"]))
         return cls(header["request_id"], header.get("error"), header.get("result"), header.get("model") or {},
-                   float(header.get("queue_wait_ms", 0.0)), float(header.get("model_ms", 0.0)), amap)
+                   float(header.get("queue_wait_ms", 0.0)), float(header.get("model_ms", 0.0)), amap, encoding,
+                   heatmap)
 
 
 def error_dict(code: str, message: str, status: int) -> dict[str, Any]:
@@ -301,7 +334,7 @@ class Consumer:
                 self.keys.group, self.name, {self.keys.stream: ">"}, count=count, block=block_ms
             )
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             await ensure_group(self.redis, self.keys)  # the stream was deleted (FLUSHALL): start again
             return []
@@ -353,15 +386,18 @@ class Consumer:
         if entry_ids:
             await self.redis.xclaim(self.keys.stream, self.keys.group, self.name, 0, entry_ids, justid=True)
 
-    async def answer(self, entry: Entry, reply: Reply) -> None:
-        """Reply, set the reply's expiry, acknowledge and delete the entry: all or nothing."""
+    async def answer(self, entry: Entry, reply: Reply | bytes) -> None:
+        """Reply, set the reply's expiry, acknowledge and delete the entry: all or nothing.
+
+        Errors of single commands do not abort the others: after a FLUSHALL the group is gone, so XACK
+        fails, but the caller still gets its reply."""
         pipe = self.redis.pipeline(transaction=True)
         if entry.reply_key:
-            pipe.lpush(entry.reply_key, reply.encode())
+            pipe.lpush(entry.reply_key, reply if isinstance(reply, bytes) else reply.encode())
             pipe.expire(entry.reply_key, self.reply_ttl_s)
         pipe.xack(self.keys.stream, self.keys.group, entry.entry_id)
         pipe.xdel(self.keys.stream, entry.entry_id)
-        await pipe.execute()
+        await pipe.execute(raise_on_error=False)
 
     async def report_applied(self, version: int) -> None:
         """Tell API processes this worker's caches are built for categories `version`."""
@@ -397,6 +433,9 @@ def result_to_dict(result: InspectResult) -> dict[str, Any]:
         "boxes": [asdict(b) for b in result.boxes],
         "top_types": [asdict(t) for t in result.top_types],
         "timing_ms": dict(result.timing_ms),
+        "references": int(result.references),
+        "threshold": result.threshold,
+        "threshold_source": result.threshold_source,
     }
 
 
@@ -411,4 +450,7 @@ def result_from_dict(data: dict[str, Any], anomaly_map: np.ndarray | None) -> In
         boxes=boxes,
         top_types=[AnomalyType(**t) for t in data.get("top_types", [])],
         timing_ms=dict(data.get("timing_ms", {})),
+        references=int(data.get("references", 0)),
+        threshold=data.get("threshold"),
+        threshold_source=str(data.get("threshold_source", "default")),
     )

@@ -28,12 +28,18 @@ class FiloSettings(BaseSettings):
     demo_heads: Literal["trained", "random"] = Field(
         "trained", description="demo profile only: the bundled synthetic-data heads, or random ones (a baseline)"
     )
-    clip_model: str = Field("ViT-L-14-336-quickgelu", description="open_clip model name")
+    clip_model: str = Field(
+        "ViT-L-14-336", description="open_clip model name; the default builds GELU, as the released FiLo code does "
+        "with the OpenAI weights (ViT-L-14-336-quickgelu is the other activation)",
+    )
     clip_weights: str = Field("openai", description="open_clip pretrained tag or local state-dict file")
     image_size: int = Field(518, description="model input size (the position grid is resized to it)")
     checkpoint: str | None = Field(None, description="FiLo checkpoint: official .pth or our .safetensors")
     tap_layout: Literal["released", "paper"] | None = Field(
         None, description="override the checkpoint's tap layout (default: what the checkpoint says)"
+    )
+    allow_activation_mismatch: bool = Field(
+        False, description="accept a checkpoint trained with the other MLP activation than the backbone's"
     )
     grounding: bool = Field(True, description="run Grounding DINO for position and box suppression")
     grounding_model: str = Field(
@@ -72,6 +78,19 @@ class FiloSettings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict, description="per-category score thresholds")
     default_threshold: float = 0.5
+    # --- few-shot normal references and calibrated thresholds (docs/few-shot.md) ---------------
+    reference_max_images: int = Field(64, ge=1, description="most normal reference images a category may hold")
+    reference_max_patches: int = Field(
+        16384, ge=64, description="per category and tap: patch memory rows kept (greedy coreset past it)"
+    )
+    reference_memory_mb: float = Field(
+        4096.0, gt=0, description="all categories' patch memories on the device together (least recently used out)"
+    )
+    reference_match: Literal["position", "global"] = Field(
+        "position", description="patch matching: within reference_radius of the same position, or anywhere"
+    )
+    reference_radius: float = Field(0.12, gt=0, le=2, description="position match window, fraction of the grid side")
+    reference_weight: float = Field(0.75, ge=0, le=1, description="few-shot share of the fused map and score")
     top_k: int = Field(5, ge=1, le=100)
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     llm_model: str = "gpt-4o-mini"

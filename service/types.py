@@ -25,6 +25,7 @@ class InspectRequest:
     boxes_frame: list[tuple[float, float, float, float]] | None = None  # given boxes, x1 <= x < x2
     pixels: Any = None  # the model input, set by `InspectionEngine.prepare` ahead of the batch; None: not yet
     grounding_pixels: Any = None  # Grounding DINO's input, likewise (only when grounding will run)
+    references: Any = None  # a models.references.ReferenceMemory for this image; None: the category's own (if any)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class InspectResult:
     boxes: list[Box] = field(default_factory=list)
     top_types: list[AnomalyType] = field(default_factory=list)
     timing_ms: dict[str, float] = field(default_factory=dict)
+    references: int = 0  # normal reference images fused into this result (0: zero-shot)
+    threshold: float | None = None  # the category's decision threshold (service/calibration.py); None: unknown
+    threshold_source: str = "default"  # "default" | "references" | "labelled"
 
     def summary(self) -> dict:
         """JSON-friendly view without the map."""

@@ -14,7 +14,15 @@ One loop iteration (see service/queue.py for the protocol):
    (poison) and entries past their deadline; decode and prepare the rest in threads (while the
    previous batch still runs), then run them as ONE engine batch, resetting their idle time
    meanwhile so nobody reclaims a batch that is merely slow;
-5. reply, acknowledge and delete each entry in one transaction.
+5. render the heatmap each request asked for (the worker holds the decoded image, so the API never
+   decodes it) and encode the replies in threads; reply, acknowledge and delete each entry in one
+   transaction.
+
+Healing: if the categories version in Redis disappears (Redis restarted empty, FLUSHALL), the worker
+re-publishes the catalog it last applied (`CatalogSnapshot`, see service/category_store.py) and its
+prompt caches; the consumer group and the heartbeat come back by themselves on the next read/beat.
+The CPU of the non-model stages is counted in `filo_worker_cpu_seconds_total{stage}` (decode,
+prepare, render, encode) for `filo bench --service`.
 
 The engine runs on one dedicated thread; the event loop keeps serving /healthz, /readyz and
 /metrics on `worker_metrics_port` meanwhile. If Redis goes away the loop backs off and retries:
@@ -37,11 +45,14 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
+from service.api.errors import IMAGE_ERROR_STATUS
 from service.backends import EngineFactory, default_engine_factory, error_from_slot, redis_client
 from service.batcher import run_isolated
 from service.category_store import (
+    CatalogSnapshot,
     RedisCacheStore,
     RedisCategoryStore,
     StartReport,
@@ -49,7 +60,7 @@ from service.category_store import (
     persist_caches,
     start_engine,
 )
-from service.imaging import ImageDecodeError, decode_image
+from service.imaging import HeatmapSpec, ImageDecodeError, decode_image, render_heatmap
 from service.metrics import Metrics
 from service.queue import (
     Consumer,
@@ -61,6 +72,7 @@ from service.queue import (
     result_to_dict,
     server_time_ms,
 )
+from service.references import apply_extras, publish_memory_bytes
 from service.settings import FiloSettings
 from service.types import InspectRequest, InspectResult
 
@@ -90,16 +102,20 @@ class Worker:
         self.engine_factory = engine_factory or default_engine_factory
         self.name = name or consumer_name()
         self.metrics = Metrics()
-        self.redis = redis_client(settings.redis_url, max(IDLE_BLOCK_MS, settings.max_wait_ms) / 1000)
+        self.redis = redis_client(settings.redis_url, max(IDLE_BLOCK_MS, settings.max_wait_ms) / 1000, retries=3)
         self.keys = Keys.from_settings(settings)
         self.consumer = Consumer(self.redis, settings, self.name)
         self.store = RedisCategoryStore(self.redis, self.keys)
         self.caches = RedisCacheStore(self.redis, self.keys)
+        self.stage_cpu = Counter("filo_worker_cpu_seconds_total", "worker CPU outside the model, by stage",
+                                 ["stage"], registry=self.metrics.registry)
         self.engine: Any = None
         self.report: StartReport | None = None
         self.fatal: BaseException | None = None
         self.redis_ok = False
         self.batches = 0
+        self.republished = 0  # times this worker re-published the catalog into an emptied Redis
+        self._snapshot: CatalogSnapshot | None = None
         self._categories_version = -1
         self._last_claim = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
@@ -121,6 +137,8 @@ class Worker:
         engine = await self._run(self.engine_factory, self.settings)
         self.report = await start_engine(engine, self.store, self.caches, self._run)
         self._categories_version = self.report.categories_version
+        self._snapshot = await self.store.snapshot()
+        await self._apply_references(engine, self._snapshot.extras)
         await self.consumer.report_applied(self._categories_version)
         self.engine = engine
         self.metrics.workers.set(1)
@@ -199,12 +217,34 @@ class Worker:
         version = await self.store.version()
         if version == self._categories_version:
             return
-        changed = await self._run(apply_categories, self.engine, await self.store.all())
+        if version == 0 and self._snapshot is not None:
+            await self._republish()
+            return
+        snap = await self.store.snapshot()
+        changed = await self._run(apply_categories, self.engine, snap.categories)
+        await self._apply_references(self.engine, snap.extras)
         if changed:
-            log.info("categories changed (version %d): %s", version, ", ".join(changed))
+            log.info("categories changed (version %d): %s", snap.version, ", ".join(changed))
             await persist_caches(self.engine, self.caches, self._run)
-        self._categories_version = version
-        await self.consumer.report_applied(version)
+        self._snapshot = snap
+        self._categories_version = snap.version
+        await self.consumer.report_applied(snap.version)
+
+    async def _apply_references(self, engine: Any, extras: dict[str, dict[str, bytes]]) -> None:
+        """The catalog's normal references and thresholds onto the engine (service/references.py)."""
+        sizes = await self._run(apply_extras, engine, extras)
+        await publish_memory_bytes(self.redis, self.keys, sizes)
+
+    async def _republish(self) -> None:
+        """Redis holds no catalog any more: publish the last one applied here, and the prompt caches."""
+        assert self._snapshot is not None
+        version = await self.store.restore(self._snapshot)
+        if version:
+            self.republished += 1
+            log.warning("Redis lost the category catalog; re-published %d categories from this worker "
+                        "(version %d)", len(self._snapshot.categories), version)
+            await persist_caches(self.engine, self.caches, self._run)
+        await self._sync_categories()  # another worker may have won the race: apply whatever is there now
 
     async def _refuse(self, entry: Entry, code: str, message: str, status: int) -> None:
         self.metrics.error(code)
@@ -252,19 +292,27 @@ class Worker:
         prepared = await asyncio.gather(*(asyncio.to_thread(self._decode_and_prepare, e) for e in to_decode))
         runnable: list[tuple[Entry, InspectRequest]] = []
         for e, req in zip(to_decode, prepared, strict=True):
-            if isinstance(req, ImageDecodeError):
-                await self._refuse(e, req.code, req.message, 422)
+            if isinstance(req, ImageDecodeError):  # truncated files and bombs stop here, before any batch
+                await self._refuse(e, req.code, req.message, IMAGE_ERROR_STATUS.get(req.code, 422))
             else:
                 runnable.append((e, req))
         return runnable
 
+    def _count_cpu(self, stage: str, since: float) -> float:
+        now = time.thread_time()
+        self.stage_cpu.labels(stage=stage).inc(now - since)
+        return now
+
     def _decode_and_prepare(self, e: Entry) -> InspectRequest | ImageDecodeError:
         """In a worker thread: bytes -> image -> model input. A failure to prepare is left to the engine,
-        which isolates it in the batch."""
+        which isolates it in the batch. The only decode of the image in the whole service path."""
+        t = time.thread_time()
         try:
             image = decode_image(e.image, self.settings.max_image_pixels)
         except ImageDecodeError as exc:
             return exc
+        finally:
+            t = self._count_cpu("decode", t)
         p = e.params
         req = InspectRequest(image=image, category=str(p.get("category")),
                              top_k=int(p.get("top_k") or self.settings.top_k), grounding=p.get("grounding"))
@@ -272,9 +320,53 @@ class Worker:
             return self.engine.prepare(req)
         except Exception:  # the engine meets the same failure and reports it for this request alone
             return req
+        finally:
+            self._count_cpu("prepare", t)
+
+    def _reply_bytes(self, e: Entry, req: InspectRequest, value: Any, model: dict[str, Any], wait_s: float,
+                     model_s: float) -> bytes:
+        """In a worker thread: the heatmap the request asked for, then the encoded reply."""
+        reply = Reply(e.request_id, model=model, queue_wait_ms=wait_s * 1e3, model_ms=model_s * 1e3)
+        if isinstance(value, InspectResult):
+            reply.result = result_to_dict(value)
+            spec = HeatmapSpec.from_dict(e.params.get("heatmap"))
+            if spec.wanted:
+                t = time.thread_time()
+                valid = [b for b in value.boxes if b.valid]
+                try:
+                    reply.heatmap = render_heatmap(req.image, value.anomaly_map, spec,
+                                                   [(b.x1, b.y1, b.x2, b.y2) for b in valid],
+                                                   [b.frame for b in valid])
+                finally:
+                    self._count_cpu("render", t)
+            if e.params.get("want_map", False):
+                reply.anomaly_map = value.anomaly_map
+                reply.map_encoding = str(e.params.get("map_encoding") or "uint8")
+        else:
+            err = error_from_slot(value)
+            self.metrics.error(err.code)
+            reply.error = error_dict(err.code, err.message, err.status)
+        t = time.thread_time()
+        try:
+            return reply.encode()
+        finally:
+            self._count_cpu("encode", t)
 
     async def _run_batch(self, runnable: list[tuple[Entry, InspectRequest]], keeper: asyncio.Task) -> None:
-        start_ms = await server_time_ms(self.redis)
+        """Run and answer one batch; never raises (nobody awaits it until the next batch, which must not
+        inherit its failure). Entries it could not answer stay pending and are reclaimed."""
+        try:
+            await self._run_and_answer(runnable, keeper)
+        except Exception:
+            keeper.cancel()
+            log.exception("batch of %d could not be answered; its entries stay pending for reclaiming",
+                          len(runnable))
+
+    async def _run_and_answer(self, runnable: list[tuple[Entry, InspectRequest]], keeper: asyncio.Task) -> None:
+        try:
+            start_ms = await server_time_ms(self.redis)
+        except RedisError:  # only the queue-wait figure depends on it
+            start_ms = max(e.enqueued_ms for e, _ in runnable)
         t0 = self._batch_started = time.monotonic()
         try:
             results = await self._run(run_isolated, self.engine.inspect_batch, [r for _, r in runnable])
@@ -289,16 +381,14 @@ class Worker:
         self.metrics.observe_batch(len(runnable), model_s, waits)
         self.metrics.update_gpu_memory(str(self.engine.device))
         model = self.engine.model_info()
-        for (e, _), value, wait in zip(runnable, results, waits):
-            reply = Reply(e.request_id, model=model, queue_wait_ms=wait * 1e3, model_ms=model_s * 1e3)
-            if isinstance(value, InspectResult):
-                reply.result = result_to_dict(value)
-                if e.params.get("want_map", True):
-                    reply.anomaly_map = value.anomaly_map
-            else:
-                err = error_from_slot(value)
-                self.metrics.error(err.code)
-                reply.error = error_dict(err.code, err.message, err.status)
+        replies = await asyncio.gather(*(
+            asyncio.to_thread(self._reply_bytes, e, req, value, model, wait, model_s)
+            for (e, req), value, wait in zip(runnable, results, waits, strict=True)), return_exceptions=True)
+        for (e, _), reply in zip(runnable, replies, strict=True):
+            if isinstance(reply, BaseException):  # rendering failed: the result is lost to this request alone
+                log.error("could not build the reply of %s: %r", e.request_id, reply)
+                reply = Reply(e.request_id, error=error_dict("inspection_failed", f"building the answer failed: "
+                                                             f"{type(reply).__name__}", 500)).encode()
             await self.consumer.answer(e, reply)
 
     async def _keep_claimed(self, entry_ids: list[str]) -> None:
@@ -321,7 +411,7 @@ class Worker:
         async def readyz() -> JSONResponse:
             ready = self.engine is not None and self.redis_ok and self.fatal is None
             detail: dict[str, Any] = {"worker": self.name, "redis": "ok" if self.redis_ok else "unreachable",
-                                      "batches": self.batches}
+                                      "batches": self.batches, "catalog_republished": self.republished}
             if self.report is not None:
                 detail.update(self.report.__dict__)
             if self.fatal is not None:

@@ -10,11 +10,42 @@ only the weights (an open_clip model and our FiLoHeads) with the code under test
 from __future__ import annotations
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from models.prompts import abnormal_sentences, normal_sentences
+
+RELEASED_CLIP_CONFIG = "ViT-L-14-336"  # the released factory's config for pretrained='openai' at 518
+
+
+def released_clip(state_dict: dict[str, torch.Tensor] | None = None, model_name: str = RELEASED_CLIP_CONFIG,
+                  image_size: int = 518, seed: int = 0) -> open_clip.CLIP:
+    """The backbone as the released factory builds it for `pretrained='openai'` at a non-native size.
+
+    `CLIP(**get_model_config('ViT-L-14-336'))`: the plain config, which has no `quick_gelu`, so the
+    MLPs use nn.GELU although the OpenAI weights were trained with QuickGELU; the OpenAI state dict
+    (here `state_dict`, or seeded random weights) is loaded into it and the 24x24 position grid is
+    resized to 37x37 by plain bicubic (align_corners=False). Nothing of the code under test is used.
+    """
+    cfg = dict(open_clip.get_model_config(model_name))
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**cfg)
+    if state_dict is not None:
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    visual = model.visual
+    pos = visual.positional_embedding.data
+    old = int(round((pos.shape[0] - 1) ** 0.5))
+    new = image_size // visual.conv1.kernel_size[0]
+    grid = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1)
+    visual.positional_embedding = torch.nn.Parameter(torch.cat([pos[:1], grid]), requires_grad=False)
+    visual.grid_size = (new, new)
+    visual.image_size = (image_size, image_size)
+    return model.eval().requires_grad_(False)
+
 
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
 

@@ -94,11 +94,9 @@ class RedisServer:
                 self.proc.wait(10)
 
 
-def start_redis() -> RedisServer:
-    port = free_port()
+def _start_redis_server(port: int, *args: str) -> RedisServer:
     proc = subprocess.Popen(
-        [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--protected-mode", "yes"],
+        [REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--protected-mode", "yes", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     server = RedisServer(port, proc)
@@ -108,6 +106,17 @@ def start_redis() -> RedisServer:
         server.stop()
         raise
     return server
+
+
+def start_redis() -> RedisServer:
+    return _start_redis_server(free_port(), "--appendonly", "no")
+
+
+def start_persistent_redis(data_dir: Path, port: int | None = None) -> RedisServer:
+    """A redis-server with append-only persistence in `data_dir`; start it again on the same port and
+    directory to restart it from its AOF."""
+    return _start_redis_server(port or free_port(), "--appendonly", "yes", "--appendfsync", "always",
+                               "--dir", str(data_dir))
 
 
 @pytest.fixture(scope="session")

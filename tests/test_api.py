@@ -87,8 +87,37 @@ def test_multipart_inspection_returns_everything(client: httpx.Client) -> None:
     assert set(body["model"]) >= {"name", "version", "tap_layout"}
     assert set(body["timing_ms"]) == {"queue_wait", "model", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["model"] > 0
-    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
-    assert heat.format == "PNG" and heat.size == (w, h)
+    # the default heatmap: a JPEG overlay, never enlarged past the image; the legacy field stays empty
+    assert body["heatmap_png"] is None
+    meta = body["heatmap"]
+    assert (meta["media_type"], meta["kind"], meta["width"], meta["height"]) == ("image/jpeg", "overlay", w, h)
+    heat = Image.open(io.BytesIO(base64.b64decode(meta["base64"])))
+    assert heat.format == "JPEG" and heat.size == (w, h)
+
+
+def test_heatmap_formats_and_sizes(client: httpx.Client) -> None:
+    image = png_bytes(150, 200)
+    cases = [  # (fields, media type, kind, size)
+        ({"heatmap": "png"}, "image/png", "overlay", (200, 150)),
+        ({"heatmap": "jpeg", "heatmap_size": "100"}, "image/jpeg", "overlay", (100, 75)),
+        ({"heatmap": "jpeg", "heatmap_size": "frame"}, "image/jpeg", "overlay", (224, 224)),
+        ({"heatmap": "map", "heatmap_size": "frame"}, "image/png", "map", (224, 224)),
+        ({"heatmap": "map", "heatmap_size": "original"}, "image/png", "map", (200, 150)),
+        ({"heatmap": "png", "heatmap_size": "1000"}, "image/png", "overlay", (200, 150)),  # never enlarged
+    ]
+    for fields, media, kind, size in cases:
+        r = _inspect(client, image, **fields)
+        assert r.status_code == 200, (fields, r.text)
+        body = r.json()
+        meta = body["heatmap"]
+        assert (meta["media_type"], meta["kind"], (meta["width"], meta["height"])) == (media, kind, size), fields
+        pic = Image.open(io.BytesIO(base64.b64decode(meta["base64"])))
+        assert pic.size == size and pic.mode == ("L" if kind == "map" else "RGB")
+        # the deprecated field: filled only for heatmap=png, with the same picture
+        assert body["heatmap_png"] == (meta["base64"] if fields["heatmap"] == "png" else None)
+    for bad in ("5", "huge", "-3", "0"):
+        err = _error(_inspect(client, image, heatmap_size=bad), 422, "validation_error")
+        assert err["fields"][0]["field"] == "heatmap_size"
 
 
 def test_json_inspection_without_heatmap(client: httpx.Client) -> None:
@@ -96,7 +125,7 @@ def test_json_inspection_without_heatmap(client: httpx.Client) -> None:
                "heatmap": "none", "grounding": False, "top_k": 2}
     r = client.post("/v1/inspect", json=payload, headers=AUTH)
     assert r.status_code == 200, r.text
-    assert r.json()["heatmap_png"] is None and len(r.json()["top_types"]) == 2
+    assert r.json()["heatmap_png"] is None and r.json()["heatmap"] is None and len(r.json()["top_types"]) == 2
     assert r.json()["threshold"] == 0.25
 
 
@@ -131,9 +160,12 @@ def test_bad_images(client: httpx.Client) -> None:
 def test_bad_requests(client: httpx.Client) -> None:
     _error(client.post("/v1/inspect", content=b"hello", headers={**AUTH, "Content-Type": "text/plain"}),
            415, "unsupported_media_type")
-    known = _error(client.post("/v1/inspect", files={"image": ("x.png", png_bytes(), "image/png")}, headers=AUTH),
-                   404, "unknown_category")["known_categories"]
-    assert "bottle" in known
+    missing = _error(client.post("/v1/inspect", files={"image": ("x.png", png_bytes(), "image/png")}, headers=AUTH),
+                     422, "missing_field")
+    assert [f["field"] for f in missing["fields"]] == ["category"] and "category" in missing["message"]
+    missing = _error(client.post("/v1/inspect", json={"image_base64": base64.b64encode(png_bytes()).decode()},
+                                 headers=AUTH), 422, "missing_field")
+    assert [f["field"] for f in missing["fields"]] == ["category"]
     err = _error(_inspect(client, png_bytes(), category="no-such-thing"), 404, "unknown_category")
     assert "bottle" in err["known_categories"] and "bottle" in err["message"]
     err = _error(_inspect(client, png_bytes(), top_k="0"), 422, "validation_error")
@@ -143,11 +175,17 @@ def test_bad_requests(client: httpx.Client) -> None:
     _error(client.post("/v1/inspect", data={"category": "bottle"}, headers=AUTH), 415, "unsupported_media_type")
     err = _error(client.post("/v1/inspect", data={"category": "bottle"},
                              files={"picture": ("x.png", png_bytes(), "image/png")}, headers=AUTH),
-                 422, "validation_error")
+                 422, "missing_field")
     assert err["fields"][0]["field"] == "image"
+    err = _error(client.post("/v1/inspect", data={"top_k": "2"},  # both missing: both named
+                             files={"picture": ("x.png", png_bytes(), "image/png")}, headers=AUTH),
+                 422, "missing_field")
+    assert sorted(f["field"] for f in err["fields"]) == ["category", "image"]
     _error(client.post("/v1/inspect", json={"image_base64": "***", "category": "bottle"}, headers=AUTH),
            422, "invalid_base64")
-    _error(client.post("/v1/inspect", json={"category": "bottle"}, headers=AUTH), 422, "validation_error")
+    _error(client.post("/v1/inspect", json={"category": "bottle"}, headers=AUTH), 422, "missing_field")
+    _error(client.post("/v1/inspect", json={"category": "bottle", "image_base64": "x", "top_k": 0}, headers=AUTH),
+           422, "validation_error")
     _error(client.post("/v1/inspect", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}),
            422, "validation_error")
     _error(client.get("/v1/nothing-here", headers=AUTH), 404, "not_found")

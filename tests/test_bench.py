@@ -41,3 +41,19 @@ def test_bench_command_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert "| cpu | fp32 | off | 1 |" in out and "| peak GiB |" in out
     assert "| MMCI convolutions |" in out and "| total |" in out
+
+
+@pytest.mark.redis
+def test_service_bench_measures_the_path_around_the_model(capsys):
+    """`filo bench --service` on a 1.5 MP photo-like JPEG: every figure present, and the default heatmap within
+    the issue's targets (API CPU at most 2x one decode, response under 400 KB), measured in this one run."""
+    assert main(["bench", "--service", "--sizes", "1.5MP", "--formats", "JPEG", "--heatmaps", "default,none",
+                 "--requests", "10"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 1.5MP")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("JPEG", "default"), ("JPEG", "none")]
+    default, none = ({"api_ratio": float(r[6].strip().rstrip("x")), "worker_ms": float(r[7]),
+                      "response_kb": float(r[9])} for r in rows)
+    assert default["api_ratio"] <= 2.0 and default["response_kb"] < 400
+    assert default["worker_ms"] > 0 and none["worker_ms"] > 0  # the worker reports its non-model stages
+    assert none["response_kb"] < 5

@@ -70,6 +70,7 @@ APP_ENV = {
     "FILO_API_KEYS",
     "FILO_ADMIN_KEY",
     "FILO_CHECKPOINT",
+    "FILO_CLIP_MODEL",
     "FILO_CLIP_WEIGHTS",
     "FILO_GROUNDING_MODEL",
     "FILO_DEVICE",
@@ -140,6 +141,11 @@ def is_crd(doc: dict) -> bool:
 def by_kind(kind: str, docs: list[tuple[Path, dict]] | None = None) -> dict[str, dict]:
     docs = all_manifests() if docs is None else docs
     return {d["metadata"]["name"]: d for _, d in docs if d["kind"] == kind}
+
+
+def workloads() -> dict[str, dict]:
+    """Every pod-owning workload: the Deployments and Redis's StatefulSet."""
+    return {**by_kind("Deployment"), **by_kind("StatefulSet")}
 
 
 def k8s_errors(doc: dict, version: str) -> str | None:
@@ -352,7 +358,7 @@ def test_broken_crd_manifest_is_rejected(kind: str, mutate) -> None:
 
 
 def test_services_select_pods_and_named_ports() -> None:
-    deployments = by_kind("Deployment")
+    deployments = workloads()
     for name, svc in by_kind("Service").items():
         matched = [
             d
@@ -391,8 +397,25 @@ def test_container_ports_and_probes() -> None:
     assert budget >= 600, f"worker startup budget {budget}s < 10 min of model loading"
     assert api["startupProbe"]["periodSeconds"] * api["startupProbe"]["failureThreshold"] >= 120
     assert pod_spec(d["filo-worker"])["terminationGracePeriodSeconds"] >= 60
-    redis = containers(d["filo-redis"])[0]
+    redis = containers(by_kind("StatefulSet")["filo-redis"])[0]
     assert redis["ports"][0]["containerPort"] == REDIS_PORT
+
+
+def test_redis_persists_the_catalog_on_a_volume_of_its_own() -> None:
+    """Append-only persistence on a PVC: a rescheduled Redis reloads the categories registered via the API."""
+    assert "filo-redis" not in by_kind("Deployment")
+    sts = by_kind("StatefulSet")["filo-redis"]
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] in by_kind("Service")
+    args = containers(sts)[0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags["--appendonly"] == "yes" and flags["--appendfsync"] in ("everysec", "always")
+    assert flags["--maxmemory-policy"] == "noeviction"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m["mountPath"] for m in containers(sts)[0]["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == flags["--dir"] == "/data"
+    assert not any("emptyDir" in v for v in pod_spec(sts).get("volumes", []))  # nothing persisted in the pod
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
 
 
 def test_worker_gets_a_gpu_and_the_models_read_only() -> None:
@@ -410,7 +433,7 @@ def test_worker_gets_a_gpu_and_the_models_read_only() -> None:
 
 
 def test_pods_are_hardened() -> None:
-    for name, d in by_kind("Deployment").items():
+    for name, d in workloads().items():
         spec = pod_spec(d)
         assert spec["automountServiceAccountToken"] is False, name
         # Services named filo-* would otherwise inject FILO_*_PORT=tcp://... into FiloSettings' env.
@@ -474,7 +497,7 @@ def test_keda_trigger_watches_the_stream_on_the_redis_service() -> None:
 
 
 def test_pdbs_network_policy_and_service_monitors_select_something() -> None:
-    deployments = by_kind("Deployment")
+    deployments = workloads()
     pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
     for name, pdb in by_kind("PodDisruptionBudget").items():
         assert [n for n, lab in pod_labels.items() if selects(pdb["spec"]["selector"], lab)] == [name]
@@ -507,7 +530,7 @@ def test_config_and_secret_references_resolve() -> None:
     for value in secret["stringData"].values():
         assert "REPLACE-ME" in value, "secret.example.yaml must hold placeholders only"
     json.loads(secret["stringData"]["FILO_API_KEYS"])
-    for name, d in by_kind("Deployment").items():
+    for name, d in workloads().items():
         for c in containers(d):
             for ref in c.get("envFrom", []):
                 assert ref["configMapRef"]["name"] in configmaps, name
@@ -728,6 +751,13 @@ def test_compose_services_and_wiring() -> None:
         else:
             assert re.search(r":v?\d+\.\d+\.\d+(-[a-z0-9]+)?$", image), f"{name}: {image} is not an exact tag"
     assert s["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
+    # the catalog persists: append-only file on a named volume mounted where Redis writes it
+    command = s["redis"]["command"]
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags["--appendonly"] == "yes" and flags["--maxmemory-policy"] == "noeviction"
+    (data,) = s["redis"]["volumes"]
+    volume, target = data.split(":")[:2]
+    assert target == flags["--dir"] == "/data" and volume in compose["volumes"]
     assert s["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert s["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert any(p.endswith(f":{API_PORT}") for p in s["api"]["ports"])

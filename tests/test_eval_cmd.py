@@ -7,10 +7,12 @@ picture must decode.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +58,13 @@ def test_eval_writes_the_report_files(eval_run):
     info = json.loads((out / "eval_info.json").read_text())
     assert info["dataset"]["images"] == {"fabric": 6, "pill": 6} and info["dataset"]["layout"] == "mvtec"
     assert info["grounding"] is False and info["failures"] == [] and info["model"]["profile"] == "demo"
+    # a reproduction is traceable: backbone, activation, the checkpoint's bytes, the grounding model
+    prov = info["provenance"]
+    assert prov["backbone"] == "FiLo-Tiny-CLIP" and prov["activation"] == "quickgelu"
+    assert prov["grounding_model"] is None and prov["checkpoint"].endswith("filo-demo-tiny.safetensors")
+    assert prov["checkpoint_sha256"] == hashlib.sha256(Path(prov["checkpoint"]).read_bytes()).hexdigest()
+    assert f"sha256 {prov['checkpoint_sha256']}" in (out / "metrics.md").read_text()
+    assert "model: backbone FiLo-Tiny-CLIP (QUICKGELU" in proc.stderr
 
 
 def test_eval_table_equals_metrics_on_the_saved_arrays(eval_run):
@@ -72,7 +81,8 @@ def test_eval_table_equals_metrics_on_the_saved_arrays(eval_run):
         for key in METRIC_KEYS:
             assert saved["categories"][cat][key] == pytest.approx(recomputed[cat][key], abs=1e-12), (cat, key)
     table = format_table(recomputed)
-    assert (out / "metrics.md").read_text().strip() == table
+    table_part, model_line = (out / "metrics.md").read_text().strip().rsplit("\n\n", 1)
+    assert table_part == table and model_line.startswith("Model: backbone FiLo-Tiny-CLIP (QUICKGELU")
     assert table in proc.stdout  # the printed table
     mean_row = next(line for line in table.splitlines() if "mean" in line)
     for key in METRIC_KEYS:

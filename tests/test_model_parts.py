@@ -245,6 +245,7 @@ def test_project_checkpoint_round_trip(tmp_path, tiny_clip):
 def test_build_model_refuses_mismatched_project_checkpoint(tmp_path, tiny_clip):
     from models.factory import build_model, demo_spec
 
+    # same activation as the tiny backbone (QuickGELU), other architecture: the backbone check names it
     path = save_checkpoint(tmp_path / "c.safetensors", random_heads(tiny_clip),
                            {"clip_model": "ViT-L-14-336-quickgelu", "image_size": 518, "tap_layout": "released"})
     with pytest.raises(CheckpointError, match="clip_model"):
@@ -260,7 +261,7 @@ def test_production_without_weights_fails_loudly(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError, match="checkpoint"):
         build_model(ModelSpec())  # no checkpoint
     ckpt = save_checkpoint(tmp_path / "c.safetensors", random_heads_for_vitl_shapes(),
-                           {"clip_model": "ViT-L-14-336-quickgelu", "image_size": 518, "tap_layout": "released"})
+                           {"clip_model": "ViT-L-14-336", "image_size": 518, "tap_layout": "released"})
     with pytest.raises(WeightsNotFoundError, match="not available on this machine"):
         build_model(ModelSpec(checkpoint=str(ckpt)), cache_dir=str(tmp_path / "empty-cache"))
     with pytest.raises(WeightsNotFoundError, match="neither a local file nor a pretrained tag"):

@@ -177,10 +177,11 @@ def test_reply_round_trip_keeps_the_map_and_boxes() -> None:
                         [Box(1, 2, 3, 4, "scratch", 0.9, True, (0.1, 0.2, 0.3, 0.4))],
                         [AnomalyType("scratch", 0.3)], {"model": 1.0})
     reply = Reply("r1", result=result_to_dict(res), model={"name": "FiLo"}, queue_wait_ms=3, model_ms=4,
-                  anomaly_map=amap)
+                  anomaly_map=amap, map_encoding="float32")
     back = Reply.decode(reply.encode())
     got = result_from_dict(back.result, back.anomaly_map)
-    assert np.array_equal(got.anomaly_map, amap)
+    assert np.array_equal(got.anomaly_map, amap)  # float32 is exact; the compact encodings: tests/test_heatmaps.py
+    assert got.score == res.score and got.text_score == res.text_score and got.map_max == res.map_max
     assert got.boxes == res.boxes and got.top_types == res.top_types and got.position == "top left"
     assert back.queue_wait_ms == 3 and back.model == {"name": "FiLo"}
     err = Reply.decode(Reply("r2", error={"code": "x", "message": "y", "status": 500}).encode())

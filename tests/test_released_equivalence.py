@@ -71,22 +71,34 @@ def test_paper_layout_matches_unaliased_taps(tiny_clip, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_full_size_vit_l_architecture_matches_released_code(tiny_tokenizer):
-    """ViT-L/14@336 at 518 with random weights: real widths, 24 blocks, taps 6/12/18/24, 1370 tokens."""
-    from models.clip_backbone import BackboneSpec, create_clip, get_tokenizer
-    from models.filo import FiLoModel
+def test_full_size_vit_l_architecture_matches_released_code():
+    """ViT-L/14@336 at 518 with random weights: real widths, 24 blocks, taps 6/12/18/24, 1370 tokens.
 
-    clip = create_clip(BackboneSpec("ViT-L-14-336-quickgelu", None, 518), seed=0)
+    The default backbone (no model name given) against the released factory's own build of the same
+    state dict (plain config, so GELU; plain-bicubic grid resize): activation, grid and computation at once.
+    """
+    import open_clip
+
+    from models.clip_backbone import DEFAULT_CLIP_MODEL, built_activation, get_tokenizer, set_input_size
+    from models.filo import FiLoModel
+    from tests.reference_released import released_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model(DEFAULT_CLIP_MODEL, pretrained=None).eval().requires_grad_(False)
+    reference_clip = released_clip(clip.state_dict())
+    set_input_size(clip, 518)
     assert clip.visual.positional_embedding.shape == (1370, 1024)
+    assert built_activation(clip) == built_activation(reference_clip) == "gelu"
     heads = random_heads(clip, seed=2, scale=0.2)
-    tokenizer = get_tokenizer("ViT-L-14-336-quickgelu")
+    tokenizer = get_tokenizer(DEFAULT_CLIP_MODEL)
     model = FiLoModel(clip, tokenizer, heads, 518, "released").eval()
     category = CATALOG.get("candle")
     pixels = make_preprocess(518)(Image.fromarray(synthetic_image(400, 400, seed=7)))[None]
     boxes = [(50.0, 60.0, 250.5, 300.2)]
     ours_map, ours_score, _ = _ours(model, pixels, category, "top", boxes)
-    text_probs, maps = released_forward(clip, tokenizer, heads, pixels, category.noun, category.descriptions,
-                                        ["top"], (6, 12, 18, 24), 518)
+    del clip, model
+    text_probs, maps = released_forward(reference_clip, tokenizer, heads, pixels, category.noun,
+                                        category.descriptions, ["top"], (6, 12, 18, 24), 518)
     ref_map, ref_score = released_postprocess(text_probs, maps, boxes)
     np.testing.assert_allclose(ours_map, ref_map, atol=1e-4, rtol=0)
     assert abs(ours_score - ref_score) < 1e-5

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from service.backends import EmbeddedBackend, InspectJob
 from service.engine import InspectionEngine
+from service.imaging import HeatmapSpec
 from service.queue import Job, Keys, Producer
 from service.worker import HEARTBEAT_PERIOD_S, Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
@@ -161,9 +162,11 @@ def test_embedded_backend_prepares_outside_the_batch_thread(tmp_path) -> None:
             timelines[0].recording = True
             arrived.clear()
             image = np.asarray(Image.open(io.BytesIO(png_bytes(120, 160))).convert("RGB"))
-            jobs = [InspectJob(f"e{i}", "bottle", image, b"", 3, None, True, time.monotonic() + 60) for i in range(3)]
+            jobs = [InspectJob(f"e{i}", "bottle", image, b"", 3, None, HeatmapSpec("jpeg", 100), time.monotonic() + 60)
+                    for i in range(3)]
             outcomes = await asyncio.gather(*(backend.inspect(j) for j in jobs))
             assert all(o.result.anomaly_map.shape == (224, 224) for o in outcomes)
+            assert all((o.heatmap.width, o.heatmap.height) == (100, 75) for o in outcomes)
         finally:
             await backend.stop()
 

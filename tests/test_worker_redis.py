@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from PIL import Image
@@ -98,7 +99,8 @@ def test_two_workers_two_apis_end_to_end(redis_url: str, worker_pool: WorkerPool
             assert r.status_code == 200, r.text
             body = r.json()
             assert body["model"]["name"] and body["timing_ms"]["model"] > 0
-            assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (80, 60)
+            assert body["heatmap"]["media_type"] == "image/jpeg" and body["heatmap_png"] is None
+            assert Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["base64"]))).size == (80, 60)
         assert len({r.json()["request_id"] for r in responses}) == 8
         batches = [httpx.get(f"{w.url}/readyz", timeout=10).json()["detail"]["batches"] for w in (first, second)]
         assert all(b >= 1 for b in batches), batches  # both workers took part
@@ -155,9 +157,9 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, worker_pool: Work
 
 
 def _raw_entry(r: redis.Redis, rid: str, category: str = "bottle", timeout_ms: int = 60_000,
-               image: bytes | None = None) -> str:
+               image: bytes | None = None, **extra: object) -> str:
     keys = Keys(STREAM, GROUP)
-    params = {"category": category, "top_k": 3, "grounding": None, "want_map": False}
+    params = {"category": category, "top_k": 3, "grounding": None, "want_map": False, **extra}
     fields = {"id": rid, "reply": keys.reply(rid), "timeout_ms": str(timeout_ms), "params": json.dumps(params),
               "image": png_bytes(40, 40) if image is None else image}
     return r.xadd(STREAM, fields).decode()
@@ -189,13 +191,28 @@ def test_worker_fails_poison_and_expired_explicitly_and_isolates_bad_requests(
     assert poison.error["code"] == "poison_request" and "not retried" in poison.error["message"]
     # one batch: a good request, one the engine rejects, one that is not an image, one malformed
     _raw_entry(r, "good")
+    _raw_entry(r, "with-map", want_map=True, map_encoding="uint8", heatmap={"format": "map", "size": "frame"})
     _raw_entry(r, "bad-category", category="no-such")
     _raw_entry(r, "bad-image", image=b"garbage")
+    whole = png_bytes(120, 120)
+    _raw_entry(r, "truncated", image=whole[: len(whole) // 2])  # the API checked its header only
     r.xadd(STREAM, {"id": "broken", "reply": Keys(STREAM, GROUP).reply("broken")})
     good = _reply(r, "good")
     assert good.error is None and good.result["score"] >= 0 and good.anomaly_map is None  # want_map False
+    assert good.heatmap is None  # none asked for
+    with_map = _reply(r, "with-map")
+    assert with_map.map_encoding == "uint8" and with_map.anomaly_map.shape == (224, 224)
+    levels = with_map.anomaly_map * 255
+    assert np.abs(levels - np.rint(levels)).max() < 1e-3  # travelled as 8 bits, back as float32
+    # the map PNG the worker rendered holds the same 8-bit values
+    assert (with_map.heatmap.kind, with_map.heatmap.width) == ("map", 224)
+    png_levels = np.asarray(Image.open(io.BytesIO(with_map.heatmap.data)))
+    assert np.array_equal(png_levels, np.rint(levels).astype(np.uint8))
     assert _reply(r, "bad-category").error["status"] == 404
-    assert _reply(r, "bad-image").error["code"] == "not_an_image"
+    assert _reply(r, "bad-image").error == {"code": "not_an_image", "status": 415,
+                                            "message": "the data is not an image in a supported format"}
+    truncated = _reply(r, "truncated").error
+    assert (truncated["code"], truncated["status"]) == ("truncated_image", 422)
     assert _reply(r, "broken").error["code"] == "malformed_request"
     wait_until(lambda: r.xlen(STREAM) == 0, 10, what="stream drained")
     metrics = httpx.get(f"{w.url}/metrics", timeout=10).text
@@ -219,7 +236,11 @@ def test_api_queue_full_deadline_and_redis_down(own_redis: RedisServer) -> None:
             await client.aclose()
 
         asyncio.run(seed())
-        assert wait_ready(api.url)["detail"]["workers"] == 0
+        # published, but no worker: a request would not be served, so not ready (and it says why)
+        wait_until(lambda: httpx.get(f"{api.url}/readyz", timeout=5).json()["detail"]["categories_published"], 10,
+                   what="categories published")
+        unready = httpx.get(f"{api.url}/readyz", timeout=5)
+        assert unready.status_code == 503 and unready.json()["detail"]["workers"] == 0
         t0 = time.monotonic()
         nobody = inspect(api.url)  # no live worker: refused at once rather than queued until the deadline
         assert nobody.status_code == 503 and nobody.json()["error"]["code"] == "no_workers", nobody.text
@@ -300,10 +321,15 @@ def test_api_runs_without_torch(redis_url: str, worker_pool: WorkerPool, tmp_pat
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["top_types"]) == 2 and 0 <= body["score"] <= 1
-        assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (80, 60)
+        assert Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["base64"]))).size == (80, 60)
         png = httpx.post(f"{base}/v1/inspect", data={"category": "bottle"}, headers={"Accept": "image/png"},
                          files={"image": ("x.png", png_bytes(60, 80), "image/png")}, timeout=120)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (80, 60)  # the original size, as always
+        missing = httpx.post(f"{base}/v1/inspect", files={"image": ("x.png", png_bytes(60, 80), "image/png")},
+                             timeout=120)
+        assert missing.status_code == 422 and missing.json()["error"]["code"] == "missing_field"
+        assert missing.json()["error"]["fields"][0]["field"] == "category"
         assert inspect(base, category="nope").status_code == 404
         assert "bottle" in [c["name"] for c in httpx.get(f"{base}/v1/categories", timeout=10).json()["categories"]]
         assert api.poll() is None, "the API process died"

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import routes_categories, routes_health, routes_inspect
+from service.api import routes_categories, routes_console, routes_health, routes_inspect, routes_references
 from service.api.auth import Authenticator, check_auth_config
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import error_body, install_error_handlers
@@ -140,7 +140,9 @@ def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes_inspect.router)
     app.include_router(routes_categories.router)
+    app.include_router(routes_references.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_console.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -14,6 +14,7 @@ and statuses (documented in the OpenAPI description too):
 | 415 | unsupported_media_type | body neither multipart/form-data nor JSON |
 | 415 | not_an_image / unsupported_image | the bytes are no image we can decode |
 | 422 | truncated_image / decompression_bomb | an image, but cut short or over `max_image_pixels` |
+| 422 | missing_field | a required field (`category`, `image`) is absent; `fields` names it |
 | 422 | validation_error / invalid_base64 | bad parameters |
 | 429 | queue_full | too many requests queued; retry after `Retry-After` seconds |
 | 500 | inspection_failed / poison_request | the model failed on this request (alone) |
@@ -154,10 +155,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def validation_body(errors: Any) -> dict[str, Any]:
-    """422 body for pydantic/FastAPI validation errors: a readable message plus the field list."""
+    """422 body for pydantic/FastAPI validation errors: a readable message plus the field list.
+
+    The code is `missing_field` when every problem is a required field left out (clients can tell
+    "you forgot `category`" from "`top_k` is out of range"), `validation_error` otherwise."""
+    errors = list(errors)
     fields = []
     for e in errors:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "header"))
         fields.append({"field": loc, "message": e.get("msg", "")})
     message = "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields) or "invalid request"
-    return error_body("validation_error", message, fields=fields)
+    missing = bool(errors) and all(e.get("type") == "missing" for e in errors)
+    if missing:
+        message = f"missing required field(s): {', '.join(f['field'] for f in fields)}"
+    return error_body("missing_field" if missing else "validation_error", message, fields=fields)

@@ -13,7 +13,7 @@ from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import CategoryNotFoundError, ServiceError, validation_body
-from service.api.schemas import ERROR_RESPONSES, CategoryIn, CategoryList, CategoryOut
+from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
 from service.category_store import default_state_dir
 from service.llm import LLMError, agenerate_descriptions, write_draft
 
@@ -33,13 +33,16 @@ async def list_categories(backend: BackendDep) -> CategoryList:
     return CategoryList(categories=[_out(c) for c in await backend.list_categories()])
 
 
-@router.get("/{name}", response_model=CategoryOut, responses=ERROR_RESPONSES,
+@router.get("/{name}", response_model=CategoryDetailOut, responses=ERROR_RESPONSES,
             dependencies=[Depends(require_api_key)])
-async def get_category(name: NameParam, backend: BackendDep) -> CategoryOut:
+async def get_category(name: NameParam, backend: BackendDep, settings: SettingsDep) -> CategoryDetailOut:
+    """The category, with its decision threshold, where that comes from, and its reference count."""
+    from service.api.routes_references import category_threshold
+
     found = {c.name: c for c in await backend.list_categories()}
     if name not in found:
         raise CategoryNotFoundError(name, list(found))
-    return _out(found[name])
+    return CategoryDetailOut(**_out(found[name]).model_dump(), **await category_threshold(backend, settings, name))
 
 
 @router.put(

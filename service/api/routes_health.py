@@ -19,8 +19,9 @@ async def healthz() -> HealthOut:
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(backend: BackendDep) -> JSONResponse:
-    """Ready once the model is loaded, warmed and its caches built (embedded), or Redis and the
-    published categories are reachable (queue mode). `detail` tells which cache was used."""
+    """Ready when a request would be served now: the model loaded, warmed and its caches built
+    (embedded); Redis reachable, categories published and a worker heartbeat live (queue mode).
+    `detail` says which part is missing, and which cache was used."""
     state = await backend.readiness()
     body = ReadyOut(ready=state.ready, mode=backend.mode, detail=state.detail)
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if state.ready else 503)

@@ -1,4 +1,9 @@
-"""POST /v1/inspect: parse and validate, hand to the backend, shape the answer. No logic beyond that."""
+"""POST /v1/inspect: parse and validate, hand to the backend, shape the answer. No logic beyond that.
+
+Validation here is the image header (format, size, the pixel limit) in queue mode: the worker
+decodes the image, once, and refuses truncated files before they join a batch; it also renders the
+heatmap, so this process never touches pixels. Embedded mode decodes here (it is its own worker).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +22,18 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError, validation_body
-from service.api.schemas import ERROR_RESPONSES, InspectJSON, InspectParams, InspectResponse
-from service.backends import InspectJob, InspectOutcome
-from service.imaging import ImageDecodeError, decode_image, heatmap_png
+from service.api.errors import IMAGE_ERROR_STATUS, ServiceError, validation_body
+from service.api.schemas import ERROR_RESPONSES, MAX_HEATMAP_SIDE, InspectJSON, InspectParams, InspectResponse
+from service.backends import InspectJob
+from service.imaging import (
+    DEFAULT_HEATMAP_FORMAT,
+    DEFAULT_HEATMAP_SIZE,
+    HeatmapSpec,
+    ImageDecodeError,
+    ImageInfo,
+    decode_image,
+    probe_image,
+)
 from service.types import Box
 
 router = APIRouter(prefix="/v1", tags=["inspection"])
@@ -33,7 +46,11 @@ _FORM_SCHEMA = {
         "category": {"type": "string"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
         "grounding": {"type": "boolean"},
-        "heatmap": {"type": "string", "enum": ["png", "none"], "default": "png"},
+        "heatmap": {"type": "string", "enum": ["jpeg", "png", "map", "none"], "default": DEFAULT_HEATMAP_FORMAT},
+        "heatmap_size": {"description": "'original', 'frame' or the largest long side in pixels",
+                         "oneOf": [{"type": "string", "enum": ["original", "frame"]},
+                                   {"type": "integer", "minimum": 16, "maximum": MAX_HEATMAP_SIDE}],
+                         "default": DEFAULT_HEATMAP_SIZE},
     },
 }
 
@@ -50,7 +67,8 @@ _OPENAPI_EXTRA = {
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES,
     200: {
-        "description": "the inspection; with `Accept: image/png`, the heatmap PNG itself",
+        "description": "the inspection; with `Accept: image/png`, the PNG heatmap itself (overlay, or the map "
+        "with heatmap=map; original size unless heatmap_size says otherwise)",
         "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
     },
 }
@@ -58,7 +76,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _invalid(errors: Any) -> ServiceError:
     body = validation_body(errors)["error"]
-    return ServiceError(422, "validation_error", body["message"], details={"fields": body["fields"]})
+    return ServiceError(422, body["code"], body["message"], details={"fields": body["fields"]})
 
 
 async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
@@ -68,12 +86,16 @@ async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
         async with request.form() as form:  # closes the spooled upload files afterwards
             image = form.get("image")
             fields = {k: v for k, v in form.items() if k != "image" and isinstance(v, str) and v != ""}
+            errors: list[Any] = []
+            if not isinstance(image, UploadFile):
+                errors.append({"loc": ("image",), "msg": "a file part named 'image' is required", "type": "missing"})
             try:
                 params = InspectParams.model_validate(fields)
             except ValidationError as exc:
-                raise _invalid(exc.errors()) from None
-            if not isinstance(image, UploadFile):
-                raise _invalid([{"loc": ("image",), "msg": "a file part named 'image' is required"}])
+                errors = list(exc.errors()) + errors
+            if errors:
+                raise _invalid(errors)
+            assert isinstance(image, UploadFile)
             return await image.read(), params
     if ctype == "application/json" or ctype.endswith("+json"):
         try:
@@ -89,11 +111,17 @@ async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
                        f"send multipart/form-data or application/json, not {ctype or 'no content type'!r}")
 
 
-async def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+def _image_error(exc: ImageDecodeError) -> ServiceError:
+    return ServiceError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.message)
+
+
+async def _validate_image(data: bytes, max_pixels: int, decode: bool) -> tuple[ImageInfo, np.ndarray | None]:
+    """The header always (microseconds, on the loop); the pixels only where this process runs the model."""
     try:
-        return await anyio.to_thread.run_sync(decode_image, data, max_pixels)
+        info = probe_image(data, max_pixels)
+        return info, (await anyio.to_thread.run_sync(decode_image, data, max_pixels) if decode else None)
     except ImageDecodeError as exc:
-        raise ServiceError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.message) from None
+        raise _image_error(exc) from None
 
 
 def _wants_png(request: Request) -> bool:
@@ -101,9 +129,13 @@ def _wants_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
-async def _heatmap(image: np.ndarray, outcome: InspectOutcome) -> bytes:
-    boxes = [(b.x1, b.y1, b.x2, b.y2) for b in outcome.result.boxes if b.valid]
-    return await anyio.to_thread.run_sync(lambda: heatmap_png(image, outcome.result.anomaly_map, boxes=boxes))
+def _heatmap_spec(params: InspectParams, png_body: bool) -> HeatmapSpec:
+    """`Accept: image/png` answers with PNG bytes: the overlay (or the map with heatmap=map), at the
+    original size as it always did unless `heatmap_size` was given."""
+    if not png_body:
+        return HeatmapSpec(params.heatmap, params.heatmap_size)
+    size = params.heatmap_size if "heatmap_size" in params.model_fields_set else "original"
+    return HeatmapSpec("map" if params.heatmap == "map" else "png", size)
 
 
 def _box_out(box: Box, width: int, height: int) -> dict[str, Any]:
@@ -131,9 +163,7 @@ async def inspect(
     """Score one image of a registered category; multipart (`image` file) or JSON (`image_base64`)."""
     t0 = time.monotonic()
     data, params = await _read_body(request)
-    if not params.category:
-        raise CategoryNotFoundError(None, [c.name for c in await backend.list_categories()])
-    image = await _decode(data, settings.max_image_pixels)
+    info, image = await _validate_image(data, settings.max_image_pixels, backend.decodes_in_process)
     png = _wants_png(request)
     job = InspectJob(
         request_id=uuid.uuid4().hex,
@@ -142,27 +172,34 @@ async def inspect(
         image_bytes=data,
         top_k=params.top_k or settings.top_k,
         grounding=params.grounding,
-        want_map=png or params.heatmap == "png",
+        heatmap=_heatmap_spec(params, png),
         deadline=t0 + settings.request_timeout_s,
     )
     outcome = await backend.inspect(job)
-    heat = await _heatmap(image, outcome) if job.want_map else None
+    heat = outcome.heatmap
     headers = {"X-Request-Id": job.request_id}
     if png:
-        assert heat is not None
-        return Response(heat, media_type="image/png", headers=headers)
-    threshold = settings.thresholds.get(job.category, settings.default_threshold)
+        if heat is None:
+            raise ServiceError(500, "inspection_failed", "the worker returned no heatmap")
+        return Response(heat.data, media_type=heat.media_type, headers=headers)
     result = outcome.result
+    threshold, source = settings.thresholds.get(job.category, settings.default_threshold), "default"
+    if result.threshold_source != "default" and result.threshold is not None:  # calibrated (issue 10)
+        threshold, source = result.threshold, result.threshold_source
+    b64 = base64.b64encode(heat.data).decode() if heat is not None else None
     body = InspectResponse(
         request_id=job.request_id,
         category=job.category,
         score=result.score,
         is_anomalous=result.score >= threshold,
         threshold=threshold,
+        threshold_source=source,
+        references=result.references,
         position=result.position,
-        boxes=[_box_out(b, image.shape[1], image.shape[0]) for b in result.boxes],
+        boxes=[_box_out(b, info.width, info.height) for b in result.boxes],
         top_types=[{"description": t.description, "similarity": t.similarity} for t in result.top_types],
-        heatmap_png=base64.b64encode(heat).decode() if heat is not None else None,
+        heatmap={**heat.meta(), "base64": b64} if heat is not None else None,
+        heatmap_png=b64 if heat is not None and params.heatmap == "png" else None,
         model=outcome.model,
         timing_ms={"queue_wait": outcome.queue_wait_ms, "model": outcome.model_ms,
                    "total": (time.monotonic() - t0) * 1e3},

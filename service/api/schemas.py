@@ -6,7 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-HeatmapMode = Literal["png", "none"]
+from service.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
+
+HeatmapMode = Literal["jpeg", "png", "map", "none"]
+MAX_HEATMAP_SIDE = 8192
 
 
 class InspectParams(BaseModel):
@@ -14,10 +17,31 @@ class InspectParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    category: str | None = Field(None, description="registered category (see GET /v1/categories)")
+    category: str = Field(..., min_length=1, description="registered category (see GET /v1/categories)")
     top_k: int | None = Field(None, ge=1, le=100, description="how many anomaly types to return")
     grounding: bool | None = Field(None, description="run Grounding DINO (default: the server's setting)")
-    heatmap: HeatmapMode = Field("png", description="'png' returns a base64 heatmap; 'none' skips it")
+    heatmap: HeatmapMode = Field(
+        DEFAULT_HEATMAP_FORMAT,
+        description="'jpeg' or 'png': the colour overlay blended on the image (valid boxes drawn); 'map': the raw "
+        "anomaly map as an 8-bit grayscale PNG (v/255 within 1/510 of the map value), for clients that colour it "
+        "themselves; 'none': no heatmap",
+    )
+    heatmap_size: Literal["original", "frame"] | int = Field(
+        DEFAULT_HEATMAP_SIZE,
+        description="'original' (the image's size), 'frame' (the model's square input frame) or the largest "
+        f"long side in pixels (never enlarged; 16..{MAX_HEATMAP_SIDE})",
+    )
+
+    @field_validator("heatmap_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        elif isinstance(v, str) and v not in ("original", "frame"):
+            raise ValueError(f"heatmap_size must be 'original', 'frame' or an integer in 16..{MAX_HEATMAP_SIDE}")
+        if isinstance(v, int) and not isinstance(v, bool) and not 16 <= v <= MAX_HEATMAP_SIDE:
+            raise ValueError(f"heatmap_size must be 'original', 'frame' or an integer in 16..{MAX_HEATMAP_SIDE}")
+        return v
 
 
 class InspectJSON(InspectParams):
@@ -55,16 +79,32 @@ class TimingOut(BaseModel):
     total: float = Field(..., description="ms from the request arriving to the answer")
 
 
+class HeatmapOut(BaseModel):
+    media_type: Literal["image/jpeg", "image/png"]
+    width: int
+    height: int
+    kind: Literal["overlay", "map"] = Field(..., description="overlay: blended on the image; map: 8-bit raw map")
+    base64: str
+
+
 class InspectResponse(BaseModel):
     request_id: str
     category: str
     score: float = Field(..., description="image anomaly score")
     is_anomalous: bool = Field(..., description="score >= threshold")
     threshold: float
+    threshold_source: Literal["default", "references", "labelled"] = Field(
+        "default", description="where the threshold comes from: the configured default, the category's normal "
+        "references, or a calibration on labelled images (docs/few-shot.md)")
+    references: int = Field(0, description="normal reference images used for this image (0: zero-shot)")
     position: str | None = Field(None, description="one of the nine positions; null: all nine averaged")
     boxes: list[BoxOut]
     top_types: list[AnomalyTypeOut]
-    heatmap_png: str | None = Field(None, description="base64 PNG heatmap at the original size")
+    heatmap: HeatmapOut | None = Field(None, description="the heatmap asked for with `heatmap`; null for 'none'")
+    heatmap_png: str | None = Field(
+        None, deprecated=True,
+        description="deprecated (use `heatmap`): the same base64 PNG overlay, filled only when heatmap=png",
+    )
     model: ModelInfoOut
     timing_ms: TimingOut
 
@@ -98,6 +138,14 @@ class CategoryOut(BaseModel):
         None, description="queue mode, after PUT: live workers that had built the category's caches when it answered"
     )
     workers_live: int | None = Field(None, description="queue mode, after PUT: live workers at that moment")
+
+
+class CategoryDetailOut(CategoryOut):
+    """GET /v1/categories/{name}: the category with its decision threshold and references (docs/few-shot.md)."""
+
+    threshold: float = Field(..., description="the category's decision threshold")
+    threshold_source: Literal["default", "references", "labelled"]
+    references: int = Field(..., description="normal reference images the category holds")
 
 
 class CategoryList(BaseModel):

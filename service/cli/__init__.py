@@ -17,9 +17,12 @@ COMMAND_MODULES = (
     "describe",
     "loadtest",
     "bench",
+    "catalog",
     "synth",
     "train",
     "eval",
+    "calibrate",
+    "convert_grounding",
 )
 
 

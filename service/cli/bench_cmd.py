@@ -1,4 +1,8 @@
-"""`filo bench`: model-only throughput per batch size and precision, and the bf16 map deviation."""
+"""`filo bench`: model-only throughput per batch size and precision, and the bf16 map deviation.
+
+`filo bench --service` measures the path around the model instead: CPU per request of the API process
+and of the worker's non-model work, and the response size, for photo-like images (service/service_bench.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import sys
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="model-only throughput (random weights)", description=__doc__)
     p.add_argument("--arch", choices=["tiny", "real"], default="tiny",
-                   help="real = ViT-L-14-336-quickgelu at 518 + Grounding DINO tiny (random weights)")
+                   help="real = ViT-L-14-336 (GELU, the default backbone) at 518 + Grounding DINO tiny (random weights)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--precisions", default="fp32,bf16")
@@ -18,10 +22,41 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--flops", action="store_true",
                    help="also print GFLOP per image by part (PyTorch's FLOP counter), to judge GPU efficiency")
+    s = p.add_argument_group("--service: the service path (a local redis-server, one demo worker, one API)")
+    s.add_argument("--service", action="store_true",
+                   help="CPU ms per request of the API and of the worker's non-model work, and response sizes")
+    s.add_argument("--sizes", default="1MP,1.5MP,5MP", help="image sizes: 1MP, 1.5MP, 5MP")
+    s.add_argument("--formats", default="JPEG,PNG", help="upload formats: JPEG, PNG")
+    s.add_argument("--heatmaps", default="default,none",
+                   help="'default' (no heatmap parameter: the server's default) and/or any heatmap value")
+    s.add_argument("--requests", type=int, default=20, help="requests per case (after 2 warm-up requests)")
+    s.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
     p.set_defaults(func=run)
 
 
+def run_service(args: argparse.Namespace) -> int:
+    from service.service_bench import IMAGE_SIZES, format_rows, run_service_bench
+
+    sizes = [x.strip() for x in args.sizes.split(",")]
+    unknown = [x for x in sizes if x not in IMAGE_SIZES]
+    if unknown:
+        print(f"filo bench --service: unknown sizes {unknown}; known: {', '.join(IMAGE_SIZES)}", file=sys.stderr)
+        return 2
+    formats = [x.strip().upper() for x in args.formats.split(",")]
+    heatmaps = [x.strip() for x in args.heatmaps.split(",")]
+    rows = []
+    print(f"# filo bench --service: {args.requests} sequential requests per case, one demo worker, one API",
+          file=sys.stderr)
+    for row in run_service_bench(sizes, formats, heatmaps, n=args.requests, redis_url=args.redis_url):
+        rows.append(row)
+    print(format_rows(rows))
+    sys.stdout.flush()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.service:
+        return run_service(args)
     import torch
 
     from service.bench import bf16_map_deviation, build_random_engine, flops_per_image, run_bench

@@ -16,11 +16,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="demo = tiny random models, loudly labelled (default: $FILO_PROFILE or production)")
     g.add_argument("--demo-heads", choices=["trained", "random"], default=None,
                    help="demo profile: bundled heads trained on synthetic data (default) or random ones")
-    g.add_argument("--clip-model", default=None, help="open_clip model name (default ViT-L-14-336-quickgelu)")
+    g.add_argument("--clip-model", default=None,
+                   help="open_clip model name (default ViT-L-14-336: GELU, the backbone the released FiLo code runs)")
     g.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or local state-dict file")
     g.add_argument("--checkpoint", default=None, help="FiLo checkpoint: official .pth or project .safetensors")
     g.add_argument("--tap-layout", choices=["released", "paper"], default=None,
                    help="override the checkpoint's tap layout")
+    g.add_argument("--allow-activation-mismatch", action="store_true", default=None,
+                   help="load a checkpoint into a backbone whose activation (GELU/QuickGELU) differs from the one "
+                        "it was trained with (its outputs then differ from the trained model's)")
     g.add_argument("--grounding-model", default=None, help="Grounding DINO hub id or local directory")
     g.add_argument("--descriptions", action="append", default=None, metavar="FILE",
                    help="extra category descriptions file (repeatable)")
@@ -38,6 +42,7 @@ def settings_from_args(args: argparse.Namespace, **extra) -> FiloSettings:
         "clip_weights": args.clip_weights,
         "checkpoint": args.checkpoint,
         "tap_layout": args.tap_layout,
+        "allow_activation_mismatch": getattr(args, "allow_activation_mismatch", None),
         "grounding_model": args.grounding_model,
         "descriptions": args.descriptions,
         "device": args.device,

@@ -39,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--examples-per-category", type=int, default=2, help="rows of examples.png per category")
     p.add_argument("--save-arrays", action="store_true",
                    help="also write arrays/<category>.npz (maps, masks, labels, scores)")
+    p.add_argument("--shots", type=int, default=0, metavar="K",
+                   help="k-shot protocol: K normal references drawn from each category's good training images; "
+                        "reports zero-shot and K-shot side by side (zero-shot report in OUT/zero-shot)")
+    p.add_argument("--shot-seed", type=int, default=0, metavar="S", help="seed of the k-shot draw")
     p.add_argument("-v", "--verbose", action="store_true")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -60,19 +64,28 @@ def run(args: argparse.Namespace) -> int:
     announce_profile(settings)
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    if args.shots < 0:
+        print("filo eval: --shots must be at least 0", file=sys.stderr)
+        return 2
+    zero = None
     try:
         engine = InspectionEngine.from_settings(settings)
-        result = evaluate_dataset(
-            engine, args.data, layout=args.layout, categories=categories, split=args.split,
-            batch_size=args.batch_size, max_images=args.max_images, grounding=grounding,
-            mask_interpolation=args.mask_interpolation, mask_geometry=args.mask_geometry, out_dir=out,
-            examples_per_category=args.examples_per_category, save_arrays=args.save_arrays,
-        )
+        common = dict(layout=args.layout, categories=categories, split=args.split,
+                      batch_size=args.batch_size, max_images=args.max_images, grounding=grounding,
+                      mask_interpolation=args.mask_interpolation, mask_geometry=args.mask_geometry,
+                      examples_per_category=args.examples_per_category, save_arrays=args.save_arrays)
+        if args.shots:
+            zero = evaluate_dataset(engine, args.data, out_dir=out / "zero-shot", **common)
+        result = evaluate_dataset(engine, args.data, out_dir=out, shots=args.shots, shot_seed=args.shot_seed,
+                                  **common)
     except (DatasetError, UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
             ValueError) as exc:
         print(f"filo eval: {exc}", file=sys.stderr)
         return 2
-    print(result.table())
+    print(result.table() if zero is None else side_by_side(zero.per_category, result.per_category, args.shots))
+    from service.evaluation import provenance, provenance_line
+
+    print(f"model: {provenance_line(provenance(engine, grounding))}", file=sys.stderr)
     n = sum(result.images.values())
     print(f"{n} images, {len(result.per_category)} categories, {result.seconds:.1f}s; report in {out}",
           file=sys.stderr)
@@ -81,3 +94,20 @@ def run(args: argparse.Namespace) -> int:
               f"(see {out / 'eval_info.json'})", file=sys.stderr)
         return 1
     return 0
+
+
+SIDE_BY_SIDE_KEYS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
+
+
+def side_by_side(zero: dict[str, dict[str, float]], few: dict[str, dict[str, float]], k: int) -> str:
+    """Markdown: per category and for the mean, zero-shot and K-shot figures of the main metrics, in %."""
+    from models.reporting import MEAN_ROW, METRIC_LABELS, mean_metrics, percent
+
+    heads = [f"{METRIC_LABELS[m]} {tag}" for m in SIDE_BY_SIDE_KEYS for tag in ("0-shot", f"{k}-shot")]
+    lines = ["| category | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    rows = [(name, zero[name], few[name]) for name in few]
+    rows.append((f"**{MEAN_ROW}**", mean_metrics(zero), mean_metrics(few)))
+    for name, z, f in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{percent(z[m])} | {percent(f[m])}" for m in SIDE_BY_SIDE_KEYS)
+                     + " |")
+    return "\n".join(lines)

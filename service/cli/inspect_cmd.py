@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--position", default=None, help='force the position, e.g. "top left"')
     p.add_argument("--boxes", action="append", default=None, metavar="x1,y1,x2,y2",
                    help="box in the model frame's pixels (x1 <= x < x2); repeatable; replaces detection")
+    p.add_argument("--references", nargs="+", default=None, metavar="PATH",
+                   help="normal reference images (files or folders of them) of the category, used for this run")
     p.add_argument("--out", type=Path, default=None, help="write <stem>.npy and <stem>.png here")
     p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     p.add_argument("--top-k", type=int, default=5)
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     except (WeightsNotFoundError, CheckpointError, DescriptionsError) as exc:
         print(f"filo inspect: {exc}", file=sys.stderr)
         return 2
+    if args.references:
+        code = _install_references(engine, args.category, args.references)
+        if code:
+            return code
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -124,11 +130,31 @@ def _emit(args, path: str, stem: str, req: InspectRequest, res: InspectResult, s
         "map": str(map_path) if map_path else None,
         "heatmap": str(png_path) if png_path else None,
     }
+    if args.references:  # zero-shot output stays exactly what it always was
+        record["references"] = res.references
     if args.json:
         print(json.dumps(record), flush=True)
     else:
         print(f"{path}: score {res.score:.4f} position {res.position or 'all'}"
               + (f" -> {png_path}" if png_path else ""), file=sys.stderr)
+
+
+def _install_references(engine, category: str, paths: list[str]) -> int:
+    """Build the category's reference memory from files and folders; 0, or 2 after an error message."""
+    from service.references import read_reference_files
+
+    try:
+        refs = read_reference_files(paths, engine.references.max_image_pixels)
+    except (OSError, ImageDecodeError) as exc:
+        print(f"filo inspect: reference image: {exc}", file=sys.stderr)
+        return 2
+    if not len(refs):
+        print(f"filo inspect: no reference images in {' '.join(paths)}", file=sys.stderr)
+        return 2
+    engine.references.set(category, refs)
+    print(f"references: {len(refs)} image(s), memory {engine.references.memory_bytes(category)} bytes",
+          file=sys.stderr)
+    return 0
 
 
 def _report_error(args, path: str, code: str, message: str) -> None:

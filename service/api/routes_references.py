@@ -1,0 +1,279 @@
+"""Normal reference images of a category, and its calibrated threshold (docs/few-shot.md).
+
+PUT/GET/DELETE /v1/categories/{name}/references[/{id}] and POST /v1/categories/{name}/calibrate.
+Writes need the admin key. References are stored beside the category in the durable catalog
+(Redis in queue mode, `state_dir` in embedded mode: service/references.py), so every worker,
+restart and new pod has them; each process builds its own patch memory from them with its model.
+
+Calibration inspects the labelled images through the ordinary inspection path (`backend.inspect`,
+so in queue mode the workers score them with the category's current references), then stores the
+F1-max cut; with no images it stores the references rule, which the engine evaluates from the
+references' leave-one-out scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from redis.exceptions import RedisError
+from starlette.datastructures import UploadFile
+
+from service.api.auth import require_admin_key, require_api_key
+from service.api.deps import BackendDep, SettingsDep
+from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError, UnavailableError
+from service.api.routes_categories import NameParam
+from service.api.schemas import ERROR_RESPONSES
+from service.backends import InspectJob
+from service.calibration import ThresholdRecord, f1_max_threshold
+from service.category_store import CatalogNotPublishedError
+from service.imaging import HeatmapSpec, ImageDecodeError, decode_image
+from service.references import (
+    REFERENCES_KIND,
+    THRESHOLD_KIND,
+    FileExtras,
+    RedisExtras,
+    ReferenceImage,
+    ReferenceSet,
+    apply_extras,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/categories", tags=["references"])
+
+_MULTIPART_IMAGES = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["images"],
+        "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}
+}
+_MULTIPART_LABELLED = {
+    "requestBody": {"required": False, "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "properties": {"good": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                       "defective": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}
+}
+
+
+# --- storage: the same calls in both modes ----------------------------------------------------------------
+
+
+def _extras(backend: Any) -> FileExtras | RedisExtras:
+    return RedisExtras(backend.store) if backend.mode == "queue" else backend.extras
+
+
+async def _put(backend: Any, settings: Any, name: str, kind: str, data: bytes) -> dict[str, int | None]:
+    """Store one extra, then make it effective before answering: embedded mode applies it to the engine
+    now (between batches); queue mode waits (up to `category_apply_timeout_s`) until every live worker
+    has applied the new catalog version, so the next inspection already sees it."""
+    if backend.mode == "queue":
+        try:
+            version = await backend.store.put_extra(name, kind, data)
+            deadline = time.monotonic() + settings.category_apply_timeout_s
+            while True:
+                ready, live = await backend.producer.workers_applied(version)
+                if ready >= live or time.monotonic() >= deadline:
+                    return {"workers_ready": ready, "workers_live": live}
+                await asyncio.sleep(0.05)
+        except CatalogNotPublishedError as exc:
+            raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
+        except RedisError as exc:
+            raise UnavailableError("redis_unavailable", f"the catalog (Redis) is unreachable ({exc})") from None
+    backend._require_ready()
+    await backend.extras.put(name, kind, data)
+    extras = await backend.extras.all(backend.engine.catalog.names())
+    await backend._batcher.run_exclusive(apply_extras, backend.engine, extras)
+    return {}
+
+
+async def _require_category(backend: Any, name: str) -> None:
+    names = [c.name for c in await backend.list_categories()]
+    if name not in names:
+        raise CategoryNotFoundError(name, names)
+
+
+async def _load_refs(backend: Any, name: str) -> ReferenceSet:
+    raw = await _extras(backend).get(name, REFERENCES_KIND)
+    return ReferenceSet.from_json(raw) if raw else ReferenceSet()
+
+
+async def _load_threshold(backend: Any, name: str) -> ThresholdRecord | None:
+    raw = await _extras(backend).get(name, THRESHOLD_KIND)
+    return ThresholdRecord.from_json(raw) if raw else None
+
+
+async def _memory_bytes(backend: Any, name: str) -> int:
+    if backend.mode == "queue":
+        return await RedisExtras(backend.store).memory_bytes(name)
+    return backend.engine.references.memory_bytes(name) if backend.engine is not None else 0
+
+
+async def _refs_body(backend: Any, name: str, refs: ReferenceSet) -> dict[str, Any]:
+    return {"category": name, "references": len(refs), "items": [im.item() for im in refs.images],
+            "memory_bytes": await _memory_bytes(backend, name) if len(refs) else 0}
+
+
+async def _store_refs(backend: Any, settings: Any, name: str, refs: ReferenceSet) -> dict[str, int | None]:
+    return await _put(backend, settings, name, REFERENCES_KIND, refs.to_json())
+
+
+async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
+    """The file parts named in `fields`, each fully decoded (a broken file refuses the whole request)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        if not (await request.body()):
+            return {f: [] for f in fields}
+        raise ServiceError(415, "unsupported_media_type", f"send multipart/form-data, not {ctype or 'no content type'!r}")
+    out: dict[str, list[tuple[bytes, Any]]] = {f: [] for f in fields}
+    async with request.form(max_files=10_000) as form:
+        for key, value in form.multi_items():
+            if key not in fields:
+                continue
+            if not isinstance(value, UploadFile):
+                raise ServiceError(422, "validation_error", f"part {key!r} must be a file")
+            data = await value.read()
+            try:
+                image = await anyio.to_thread.run_sync(decode_image, data, max_pixels)
+            except ImageDecodeError as exc:
+                raise ServiceError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code,
+                                   f"{key} part {value.filename or len(out[key]) + 1}: {exc.message}; "
+                                   "nothing of this request was stored") from None
+            out[key].append((data, image))
+    return out
+
+
+# --- references -------------------------------------------------------------------------------------------
+
+
+@router.put("/{name}/references", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_IMAGES,
+            dependencies=[Depends(require_admin_key)])
+async def put_references(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep) -> dict:
+    """Add normal reference images (file parts named `images`); answers what the category now holds."""
+    await _require_category(backend, name)
+    parts = (await _read_parts(request, ("images",), settings.max_image_pixels))["images"]
+    if not parts:
+        raise ServiceError(422, "validation_error", "send one or more file parts named 'images'")
+    refs = await _load_refs(backend, name)
+    new = refs.added(ReferenceImage.from_bytes(data, img.shape[1], img.shape[0]) for data, img in parts)
+    if len(new) > settings.reference_max_images:
+        raise ServiceError(413, "too_many_references",
+                           f"category {name!r} would hold {len(new)} references; the maximum is "
+                           f"{settings.reference_max_images} (FILO_REFERENCE_MAX_IMAGES); nothing was stored")
+    applied = await _store_refs(backend, settings, name, new)
+    await _refresh_reference_threshold(backend, settings, name, new)
+    return {**await _refs_body(backend, name, new), **applied}
+
+
+@router.get("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
+async def get_references(name: NameParam, backend: BackendDep) -> dict:
+    await _require_category(backend, name)
+    return await _refs_body(backend, name, await _load_refs(backend, name))
+
+
+@router.delete("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
+async def delete_references(name: NameParam, backend: BackendDep, settings: SettingsDep) -> dict:
+    """Remove every reference: the category is zero-shot again (exactly)."""
+    await _require_category(backend, name)
+    await _store_refs(backend, settings, name, ReferenceSet())
+    await _refresh_reference_threshold(backend, settings, name, ReferenceSet())
+    return await _refs_body(backend, name, ReferenceSet())
+
+
+@router.delete("/{name}/references/{ref_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
+async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, settings: SettingsDep) -> dict:
+    await _require_category(backend, name)
+    refs = await _load_refs(backend, name)
+    if ref_id not in refs.ids():
+        raise ServiceError(404, "unknown_reference", f"category {name!r} has no reference {ref_id!r}",
+                           details={"known": refs.ids()})
+    left = refs.without(ref_id)
+    await _store_refs(backend, settings, name, left)
+    await _refresh_reference_threshold(backend, settings, name, left)
+    return await _refs_body(backend, name, left)
+
+
+# --- thresholds -------------------------------------------------------------------------------------------
+
+
+async def _score(backend: Any, settings: Any, name: str, data: bytes, image: Any) -> Any:
+    """One image through the ordinary inspection path (no heatmap): its InspectOutcome."""
+    job = InspectJob(request_id=uuid.uuid4().hex, category=name,
+                     image=image if backend.decodes_in_process else None, image_bytes=data, top_k=1,
+                     grounding=None, heatmap=HeatmapSpec("none"), deadline=time.monotonic() + settings.request_timeout_s)
+    return await backend.inspect(job)
+
+
+async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, refs: ReferenceSet) -> None:
+    """A references-rule threshold follows its references: re-read its value (what GET shows)."""
+    record = await _load_threshold(backend, name)
+    if record is None or record.source != "references":
+        return
+    value = None
+    if len(refs) >= 2:
+        try:
+            result = (await _score(backend, settings, name, refs.images[0].data,
+                                   decode_image(refs.images[0].data, settings.max_image_pixels))).result
+        except ServiceError as exc:  # e.g. no live worker: inspections still resolve it themselves
+            log.warning("category %s: could not read its references threshold back (%s)", name, exc.message)
+            return
+        value = result.threshold if result.threshold_source == "references" else None
+    updated = ThresholdRecord("references", value, refs.digest)
+    await _put(backend, settings, name, THRESHOLD_KIND, updated.to_json())
+
+
+@router.post("/{name}/calibrate", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_LABELLED,
+             dependencies=[Depends(require_admin_key)])
+async def calibrate(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep) -> dict:
+    """Set the category's threshold: F1-max on labelled images (`good` and `defective` file parts), or,
+    with no images, from its normal references (needs at least 2; docs/few-shot.md gives the rule)."""
+    await _require_category(backend, name)
+    parts = await _read_parts(request, ("good", "defective"), settings.max_image_pixels)
+    good, bad = parts["good"], parts["defective"]
+    refs = await _load_refs(backend, name)
+    if not good and not bad:
+        if len(refs) < 2:
+            raise ServiceError(422, "not_enough_references",
+                               f"calibrating from references needs at least 2; category {name!r} holds {len(refs)}. "
+                               "Send labelled images (parts 'good' and 'defective') instead, or add references")
+        record = ThresholdRecord("references", None, refs.digest)
+        await _put(backend, settings, name, THRESHOLD_KIND, record.to_json())
+        await _refresh_reference_threshold(backend, settings, name, refs)
+        stored = await _load_threshold(backend, name)
+        assert stored is not None
+        return {"category": name, "threshold": stored.threshold, "threshold_source": "references",
+                "n_good": len(refs), "n_defective": 0, "references": len(refs)}
+    if not good or not bad:
+        raise ServiceError(422, "validation_error", "labelled calibration needs at least one 'good' and one "
+                           f"'defective' image (got {len(good)} and {len(bad)})")
+    scores, labels, versions = [], [], set()
+    for label, items in ((0, good), (1, bad)):
+        for data, image in items:
+            outcome = await _score(backend, settings, name, data, image)
+            scores.append(outcome.result.score)
+            labels.append(label)
+            versions.add(outcome.model.get("version"))
+    if len(versions) > 1:  # a rolling deploy answered with two models: the scores are not one scale
+        raise ServiceError(409, "model_changed", f"the images were scored by different models {sorted(versions)}; "
+                           "calibrate again once every worker runs the same one")
+    threshold, f1 = f1_max_threshold(scores, labels)
+    record = ThresholdRecord("labelled", threshold, refs.digest if len(refs) else "", len(good), len(bad),
+                             versions.pop())
+    await _put(backend, settings, name, THRESHOLD_KIND, record.to_json())
+    return {"category": name, "threshold": threshold, "threshold_source": "labelled", "n_good": len(good),
+            "n_defective": len(bad), "f1": f1, "references": len(refs), "scores": {
+                "good": scores[:len(good)], "defective": scores[len(good):]}}
+
+
+async def category_threshold(backend: Any, settings: Any, name: str) -> dict[str, Any]:
+    """GET /v1/categories/{name}'s extra fields: threshold, threshold_source, references."""
+    refs = await _load_refs(backend, name)
+    record = await _load_threshold(backend, name)
+    default = settings.thresholds.get(name, settings.default_threshold)
+    digest = refs.digest if len(refs) else ""
+    if record is not None and record.threshold is not None and record.references_digest == digest:
+        return {"threshold": record.threshold, "threshold_source": record.source, "references": len(refs)}
+    return {"threshold": default, "threshold_source": "default", "references": len(refs)}

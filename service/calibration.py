@@ -1,0 +1,102 @@
+"""Per-category decision thresholds: from labelled images (F1-max) or from the normal references alone.
+
+A threshold is stored with its category in the catalog (as a `ThresholdRecord`, see
+service/references.py for where) and resolved per inspection by the engine, so every worker and
+the embedded server decide `is_anomalous` the same way. Sources, in the response's `threshold_source`:
+
+- `labelled`: the F1-max cut over the scores of labelled good and defective images (what APRIL-GAN's
+  authors recommend to users); valid for the reference set it was measured with (its digest is
+  stored), because references change the score scale. After the references change, the category
+  falls back to `default` until it is calibrated again; likewise when the model version (backbone,
+  checkpoint) differs from the one that produced the scores.
+- `references`: from the references' leave-one-out scores (each reference scored with the others as
+  its memory, `models.references.leave_one_out_scores`): their maximum plus a margin of
+  REFERENCE_MARGIN_SPREAD times their spread (max - min), at least REFERENCE_MARGIN_MIN. Recomputed
+  whenever the references change, so it is never stale; needs at least 2 references.
+- `default`: `FILO_THRESHOLDS[category]` or `FILO_DEFAULT_THRESHOLD` (0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+THRESHOLD_SOURCES = ("default", "references", "labelled")
+REFERENCE_MARGIN_SPREAD = 0.5
+REFERENCE_MARGIN_MIN = 0.01
+
+
+@dataclass(frozen=True)
+class ThresholdRecord:
+    """What the catalog stores: a labelled value with the reference digest it holds for, or the references rule."""
+
+    source: str  # "labelled" | "references"
+    threshold: float | None = None  # labelled only
+    references_digest: str | None = None  # labelled: the references the scores were measured with ("" none)
+    n_good: int = 0
+    n_defective: int = 0
+    model_version: str | None = None  # labelled: the model that produced the scores
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ThresholdRecord:
+        doc = json.loads(raw)
+        if doc.get("source") not in ("labelled", "references"):
+            raise ValueError(f"threshold source must be labelled or references, not {doc.get('source')!r}")
+        return cls(**{k: doc.get(k) for k in ("source", "threshold", "references_digest", "model_version")},
+                   n_good=int(doc.get("n_good", 0)), n_defective=int(doc.get("n_defective", 0)))
+
+
+def f1_max_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
+    """(threshold, F1) of the cut `score >= threshold` with the highest F1 on labelled scores.
+
+    The threshold is set halfway between the lowest score called defective and the highest one
+    below it (not on a sample itself), so a repeat of the same image lands on the same side.
+    Needs at least one defective image; raises ValueError otherwise.
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, np.int64)
+    if s.shape != y.shape or not len(s):
+        raise ValueError("scores and labels must be non-empty and of one length")
+    if not (y == 1).any():
+        raise ValueError("F1-max needs at least one defective image")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    last = np.r_[s[1:] != s[:-1], True]  # cut after each run of tied scores
+    precision = tp / (tp + fp)
+    recall = tp / y.sum()
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    f1 = np.where(last, f1, -1)
+    k = int(np.argmax(f1))
+    below = s[k + 1] if k + 1 < len(s) else s[k] - max(REFERENCE_MARGIN_MIN, 1e-6)
+    return float((s[k] + below) / 2), float(f1[k])
+
+
+def reference_threshold(loo_scores: Sequence[float]) -> float | None:
+    """The references rule: max + max(REFERENCE_MARGIN_MIN, REFERENCE_MARGIN_SPREAD * (max - min)); None below 2."""
+    if len(loo_scores) < 2:
+        return None
+    hi, lo = max(loo_scores), min(loo_scores)
+    return float(hi + max(REFERENCE_MARGIN_MIN, REFERENCE_MARGIN_SPREAD * (hi - lo)))
+
+
+def resolve(record: ThresholdRecord | None, references_digest: str, loo_scores: Sequence[float],
+            default: float, model_version: str | None = None) -> tuple[float, str]:
+    """(threshold, source) for one inspection: the stored record where it still holds, else the default."""
+    if record is not None and record.source == "labelled" and record.threshold is not None \
+            and record.references_digest == references_digest and math.isfinite(record.threshold) \
+            and record.model_version in (None, model_version):
+        return float(record.threshold), "labelled"
+    if record is not None and record.source == "references":
+        value = reference_threshold(loo_scores)
+        if value is not None:
+            return value, "references"
+    return float(default), "default"

@@ -1,0 +1,105 @@
+"""`filo calibrate`: per-category decision thresholds (F1-max) from a labelled folder.
+
+Every image of the chosen split goes through the inspection engine (as `filo eval` does); per
+category the cut `score >= threshold` with the highest F1 between its good and defective images is
+chosen (what APRIL-GAN's authors recommend for a deployed detector). With `--shots K` the scores are
+those of K-shot inspection (K normal references drawn from the category's good training images), so
+the thresholds fit a service whose categories hold references. OUT (JSON) holds the thresholds in
+`thresholds`, ready for FILO_THRESHOLDS, and per category the scores they were chosen from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("calibrate", help="per-category F1-max thresholds from a labelled folder",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="dataset root (MVTec AD / VisA / folder layout)")
+    p.add_argument("--layout", choices=["auto", "mvtec", "visa", "folder"], default="auto")
+    p.add_argument("--categories", default=None, help="comma-separated subset")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--grounding", choices=["on", "off"], default="on")
+    p.add_argument("--shots", type=int, default=0, metavar="K", help="score with K normal references per category")
+    p.add_argument("--shot-seed", type=int, default=0, metavar="S")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, default=None, help="write the thresholds JSON here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    from descriptions import DescriptionsError, UnknownCategoryError
+    from models.data import DatasetError, load_sample, read_dataset
+    from models.errors import CheckpointError, WeightsNotFoundError
+    from service.calibration import f1_max_threshold
+    from service.engine import InspectionEngine
+    from service.evaluation import catalog_name, draw_shots, using_references
+    from service.types import InspectError, InspectRequest
+
+    grounding = args.grounding == "on"
+    settings = settings_from_args(args, grounding=grounding)
+    auto = args.data / "descriptions.json"
+    if auto.is_file() and auto not in settings.descriptions:
+        settings = settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
+    announce_profile(settings)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    try:
+        engine = InspectionEngine.from_settings(settings)
+        groups: dict[str, list] = {}
+        for sample in read_dataset(args.data, args.layout, categories, args.split):
+            groups.setdefault(sample.category, []).append(sample)
+        names = {cat: catalog_name(engine.catalog, cat) for cat in groups}
+        shots = {cat: draw_shots(args.data, args.layout, cat, args.shots, args.shot_seed) for cat in groups} \
+            if args.shots else {}
+    except (DatasetError, UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
+            ValueError) as exc:
+        print(f"filo calibrate: {exc}", file=sys.stderr)
+        return 2
+    report: dict[str, dict] = {}
+    failures = 0
+    with tqdm(total=sum(len(g) for g in groups.values()), desc="calibrate", unit="img", file=sys.stderr) as bar:
+        for cat, group in groups.items():
+            scores: dict[int, list[float]] = {0: [], 1: []}
+            with using_references(engine, names[cat], shots.get(cat)):
+                for s in range(0, len(group), args.batch_size):
+                    chunk = group[s:s + args.batch_size]
+                    reqs = [InspectRequest(image=load_sample(x)[0], category=names[cat], grounding=grounding)
+                            for x in chunk]
+                    for sample, res in zip(chunk, engine.inspect_batch(reqs), strict=True):
+                        bar.update(1)
+                        if isinstance(res, InspectError):
+                            failures += 1
+                            print(f"filo calibrate: {sample.image_path}: {res.message}", file=sys.stderr)
+                            continue
+                        scores[sample.label].append(float(res.score))
+            if not scores[0] or not scores[1]:
+                print(f"filo calibrate: {cat}: needs good and defective images "
+                      f"({len(scores[0])} and {len(scores[1])})", file=sys.stderr)
+                failures += 1
+                continue
+            t, f1 = f1_max_threshold(scores[0] + scores[1], [0] * len(scores[0]) + [1] * len(scores[1]))
+            report[names[cat]] = {"threshold": t, "f1": f1, "n_good": len(scores[0]),
+                                  "n_defective": len(scores[1]), "shots": args.shots,
+                                  "scores": {"good": scores[0], "defective": scores[1]}}
+    print("| category | threshold | F1 | good | defective |\n|---|---:|---:|---:|---:|")
+    for name, e in report.items():
+        print(f"| {name} | {e['threshold']:.4f} | {100 * e['f1']:.1f} | {e['n_good']} | {e['n_defective']} |")
+    doc = {"model": engine.model_info(), "shots": args.shots, "categories": report,
+           "thresholds": {name: e["threshold"] for name, e in report.items()}}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"thresholds written to {args.out} (FILO_THRESHOLDS='{json.dumps(doc['thresholds'])}')",
+              file=sys.stderr)
+    return 1 if failures else 0

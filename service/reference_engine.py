@@ -1,0 +1,176 @@
+"""The engine's side of few-shot references: build patch memories with the engine's model, fuse them in.
+
+`InspectionEngine` holds one `EngineReferences`. It keeps each category's `ReferenceSet` (the images,
+what the catalog stores) and a `MemoryCache` of the memories built from them for this process's model
+(service/references.py). A memory is built with exactly the inspection path's preprocessing and
+encoder (`InspectionEngine.prepare`, one FiLo forward per batch of references), so reference and
+inspected patches are comparable; the inspected image's own taps come from its single forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from models import references as mr
+from service.calibration import ThresholdRecord, resolve
+from service.imaging import decode_image
+from service.references import MemoryCache, ReferenceSet, model_key
+
+if TYPE_CHECKING:
+    from descriptions import Category
+    from service.engine import InspectionEngine
+    from service.settings import FiloSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_BYTES = 4096 * 2**20
+MEMORY_DTYPE = torch.float16  # half the bytes of fp32; cosines of unit rows lose nothing that matters
+
+
+class EngineReferences:
+    def __init__(self, engine: InspectionEngine):
+        self.engine = engine
+        self.max_patches = 16384
+        self.match = mr.DEFAULT_MATCH
+        self.radius = mr.DEFAULT_RADIUS
+        self.weight = mr.DEFAULT_WEIGHT
+        self.max_image_pixels = 40_000_000
+        self.batch_size = 8
+        self.sets: dict[str, ReferenceSet] = {}
+        self.thresholds: dict[str, ThresholdRecord] = {}  # per category, from the catalog
+        self.default_thresholds: dict[str, float] = {}
+        self.default_threshold = 0.5
+        self.cache = MemoryCache(self._model_key(), DEFAULT_BUDGET_BYTES)
+        self._lock = threading.RLock()
+
+    def configure(self, settings: FiloSettings) -> None:
+        self.max_patches = settings.reference_max_patches
+        self.match = settings.reference_match
+        self.radius = settings.reference_radius
+        self.weight = settings.reference_weight
+        self.max_image_pixels = settings.max_image_pixels
+        self.batch_size = settings.max_batch_size
+        self.default_thresholds = dict(settings.thresholds)
+        self.default_threshold = settings.default_threshold
+        self.cache = MemoryCache(self._model_key(), int(settings.reference_memory_mb * 2**20))
+
+    def _model_key(self) -> str:
+        return model_key(self.engine.info, {"max_patches": self.max_patches, "match": self.match,
+                                            "radius": self.radius, "weight": self.weight})
+
+    # --- the reference sets ------------------------------------------------------------------------
+    def set(self, category: str, refs: ReferenceSet) -> mr.ReferenceMemory | None:
+        """Install a category's references and build their memory now (a PUT answers once it is usable)."""
+        with self._lock:
+            if not len(refs):
+                self.clear(category)
+                return None
+            self.sets[category] = refs
+            return self.memory(category)
+
+    def clear(self, category: str) -> None:
+        with self._lock:
+            self.sets.pop(category, None)
+            self.cache.drop(category)
+
+    def count(self, category: str) -> int:
+        refs = self.sets.get(category)
+        return len(refs) if refs else 0
+
+    def memory_bytes(self, category: str) -> int:
+        return self.cache.nbytes(category)
+
+    def memory(self, category: str) -> mr.ReferenceMemory | None:
+        """The category's memory for this model, built (again) from its images when missing or evicted."""
+        refs = self.sets.get(category)
+        if not refs:
+            return None
+        with self._lock:
+            found = self.cache.get(category, refs.digest)
+            if found is not None:
+                return found
+            images = [decode_image(im.data, self.max_image_pixels) for im in refs.images]
+            memory = self.build(images, self.engine.catalog.get(category))
+            self.cache.put(category, refs.digest, memory, memory.nbytes)
+            log.info("category %s: reference memory of %d image(s) built, %d bytes", category, len(images),
+                     memory.nbytes)
+            return memory
+
+    # --- building --------------------------------------------------------------------------------
+    def build(self, images: Sequence[np.ndarray], category: Category) -> mr.ReferenceMemory:
+        """A memory from decoded HxWx3 uint8 images, with leave-one-out scores of the references."""
+        from service.types import InspectRequest
+
+        eng = self.engine
+        model = eng.model
+        bank = model.prompt_bank(category.noun, category.descriptions)
+        tokens, zs_maps, text = [], [], []
+        model.precision = eng.precision
+        for s in range(0, len(images), self.batch_size):
+            reqs = [eng.prepare(InspectRequest(image=im, category=category.name, grounding=False))
+                    for im in images[s:s + self.batch_size]]
+            pixels = torch.stack([r.pixels for r in reqs]).to(eng.device)
+            with torch.no_grad():
+                out = model(pixels, [bank] * len(reqs), [None] * len(reqs))
+            tokens.append(mr.patch_tokens(out.stream))
+            zs_maps.append(out.anomaly_map.float())
+            text.append(out.text_probs[:, 1].float())
+        per_tap = [torch.cat([t[i] for t in tokens]) for i in range(len(tokens[0]))]
+        with torch.no_grad():
+            loo = mr.leave_one_out_distances(per_tap, self.match, self.radius) if len(images) > 1 else None
+            memory = mr.build_memory(per_tap, self.max_patches, MEMORY_DTYPE, self.match,
+                                     self.radius, self.weight, loo_distances=loo)
+            if loo is not None:
+                memory.loo_scores = tuple(float(v) for v in mr.leave_one_out_scores(
+                    loo, torch.cat(zs_maps), torch.cat(text), memory, model.image_size))
+        return memory
+
+    # --- thresholds --------------------------------------------------------------------------------
+    def set_threshold(self, category: str, record: ThresholdRecord | None) -> None:
+        if record is None:
+            self.thresholds.pop(category, None)
+        else:
+            self.thresholds[category] = record
+
+    def threshold_fields(self, category: str, memory: mr.ReferenceMemory | None) -> dict[str, Any]:
+        """`threshold` and `threshold_source` of an inspection of `category` with `memory` (or none)."""
+        refs = self.sets.get(category)
+        digest = refs.digest if refs and memory is not None else ""
+        loo = memory.loo_scores if memory is not None else ()
+        default = self.default_thresholds.get(category, self.default_threshold)
+        value, source = resolve(self.thresholds.get(category), digest, loo, default, self.engine.info.get("version"))
+        return {"threshold": value, "threshold_source": source}
+
+    # --- inspection --------------------------------------------------------------------------------
+    def memories_for(self, requests: Sequence[Any], categories: Sequence[Category]) -> list[mr.ReferenceMemory | None]:
+        """Per request: its explicit memory (`InspectRequest.references`), else its category's, else None."""
+        out = []
+        for req, cat in zip(requests, categories, strict=True):
+            explicit = getattr(req, "references", None)
+            out.append(explicit if explicit is not None else self.memory(cat.name))
+        return out
+
+    def fuse(self, maps: torch.Tensor, stream: Sequence[torch.Tensor],
+             memories: Sequence[mr.ReferenceMemory | None]) -> torch.Tensor:
+        """maps (B, S, S) zero-shot; images with a memory get the fused map, the others keep theirs exactly."""
+        groups: dict[int, list[int]] = {}
+        for i, mem in enumerate(memories):
+            if mem is not None:
+                groups.setdefault(id(mem), []).append(i)
+        if not groups:
+            return maps
+        maps = maps.clone()
+        size = maps.shape[-1]
+        for idx in groups.values():
+            mem = memories[idx[0]]
+            sel = torch.tensor(idx, device=maps.device)
+            tokens = mr.patch_tokens([t[sel] for t in stream])
+            few = mr.few_shot_map(tokens, mem.to(maps.device), size)
+            maps[sel] = mr.fuse_maps(maps[sel], few, mem.weight)
+        return maps

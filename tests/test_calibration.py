@@ -1,0 +1,95 @@
+"""service/calibration.py: the F1-max cut, the references rule, which threshold an inspection gets; filo calibrate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.calibration import (
+    REFERENCE_MARGIN_MIN,
+    ThresholdRecord,
+    f1_max_threshold,
+    reference_threshold,
+    resolve,
+)
+
+
+def _brute_f1(scores, labels, t):
+    pred = np.asarray(scores) >= t
+    y = np.asarray(labels) == 1
+    tp, fp, fn = (pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum()
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def test_f1_max_separable_scores_cut_halfway_between_the_classes():
+    t, f1 = f1_max_threshold([0.1, 0.2, 0.3, 0.7, 0.8], [0, 0, 0, 1, 1])
+    assert t == pytest.approx(0.5) and f1 == 1.0
+
+
+def test_f1_max_is_the_best_cut_against_brute_force_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = np.round(rng.random(15), 1)  # many ties
+        labels = (rng.random(15) < 0.4).astype(int)
+        if not labels.any():
+            labels[0] = 1
+        t, f1 = f1_max_threshold(scores, labels)
+        best = max(_brute_f1(scores, labels, c) for c in np.unique(scores))
+        assert f1 == pytest.approx(best) and _brute_f1(scores, labels, t) == pytest.approx(best)
+        assert not np.isin(t, scores)  # never exactly on a sample
+
+
+def test_f1_max_needs_a_defective_image():
+    with pytest.raises(ValueError):
+        f1_max_threshold([0.1, 0.2], [0, 0])
+    with pytest.raises(ValueError):
+        f1_max_threshold([], [])
+
+
+def test_reference_rule_is_max_plus_margin():
+    assert reference_threshold([0.3, 0.4, 0.5]) == pytest.approx(0.5 + 0.5 * 0.2)
+    assert reference_threshold([0.4, 0.4]) == pytest.approx(0.4 + REFERENCE_MARGIN_MIN)
+    assert reference_threshold([0.4]) is None
+
+
+def test_resolve_uses_a_record_only_where_it_still_holds():
+    labelled = ThresholdRecord("labelled", 0.6, "abc", 3, 2)
+    assert resolve(labelled, "abc", (), 0.5) == (0.6, "labelled")
+    assert resolve(labelled, "other", (), 0.5) == (0.5, "default")  # references changed since
+    refs = ThresholdRecord("references")
+    assert resolve(refs, "abc", (0.2, 0.3), 0.5) == (pytest.approx(0.35), "references")
+    assert resolve(refs, "abc", (), 0.5) == (0.5, "default")  # no references left
+    assert resolve(None, "", (), 0.7) == (0.7, "default")
+
+
+def test_threshold_record_round_trip_and_validation():
+    rec = ThresholdRecord("labelled", 0.25, "", 4, 1)
+    assert ThresholdRecord.from_json(rec.to_json()) == rec
+    with pytest.raises(ValueError):
+        ThresholdRecord.from_json(json.dumps({"source": "guess"}))
+
+
+def test_filo_calibrate_writes_f1_max_thresholds_per_category(tmp_path):
+    from models.synth import generate
+    from service.cli import main
+
+    generate(tmp_path / "data", categories=["fabric"], n_train=0, n_good=2, n_defect=1, size=64, seed=3)
+    out = tmp_path / "thresholds.json"
+    code = main(["calibrate", "--profile", "demo", "--image-size", "224", "--data", str(tmp_path / "data"),
+                 "--grounding", "off", "--out", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    entry = doc["categories"]["fabric"]
+    assert entry["n_good"] == 2 and entry["n_defective"] == 4 and 0 < entry["f1"] <= 1
+    t, f1 = f1_max_threshold(entry["scores"]["good"] + entry["scores"]["defective"], [0, 0, 1, 1, 1, 1])
+    assert (entry["threshold"], entry["f1"]) == (pytest.approx(t), pytest.approx(f1))
+    assert doc["thresholds"] == {"fabric": entry["threshold"]}  # FILO_THRESHOLDS-ready
+
+
+def test_a_labelled_threshold_holds_only_for_the_model_that_scored_it():
+    rec = ThresholdRecord("labelled", 0.3, "", 2, 2, "filo-demo-tiny-aaa")
+    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-aaa") == (0.3, "labelled")
+    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-bbb") == (0.5, "default")  # new checkpoint: stale
+    assert ThresholdRecord.from_json(rec.to_json()).model_version == "filo-demo-tiny-aaa"
