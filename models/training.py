@@ -42,16 +42,20 @@ from tqdm import tqdm
 from descriptions import CategoryCatalog, bundled_version, category_fingerprint
 from models.checkpoint import apply_head_state, load_checkpoint, save_checkpoint
 from models.clip_backbone import make_preprocess
-from models.data import Sample, detect_layout, load_sample, read_dataset, resize_crop_mask
+from models.data import (
+    DEFAULT_MASK_INTERPOLATION,
+    MASK_INTERPOLATIONS,
+    Sample,
+    catalog_name,
+    detect_layout,
+    limit_per_category,
+    load_sample,
+    read_dataset,
+    resize_crop_mask,
+)
 from models.dual_path import EncoderOutput
 from models.filo import FiLoModel
 from models.losses import ADAPTER_TEMPERATURE, adapter_loss, segmentation_loss
-from service.evaluation import (
-    DEFAULT_MASK_INTERPOLATION,
-    MASK_INTERPOLATIONS,
-    catalog_name,
-    limit_per_category,
-)
 
 log = logging.getLogger(__name__)
 

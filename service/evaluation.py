@@ -20,7 +20,6 @@ import math
 import sys
 import time
 import zlib
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from descriptions import CategoryCatalog, UnknownCategoryError
-from models.data import Sample, detect_layout, load_sample, read_dataset, resize_crop_image, resize_crop_mask
+from models.data import (
+    DEFAULT_MASK_INTERPOLATION,
+    MASK_INTERPOLATIONS,
+    Sample,
+    catalog_name,
+    detect_layout,
+    group_by_category,
+    limit_per_category,
+    load_sample,
+    read_dataset,
+    resize_crop_image,
+    resize_crop_mask,
+)
 from models.metrics import METRIC_KEYS, evaluate_with_curves
 from models.reporting import mean_metrics, slug, write_report
 
@@ -39,8 +49,6 @@ if TYPE_CHECKING:  # the engine is the one service object this module drives (se
 
 log = logging.getLogger(__name__)
 
-MASK_INTERPOLATIONS = ("bilinear", "nearest")
-DEFAULT_MASK_INTERPOLATION = "bilinear"  # the released code: torchvision Resize (bilinear), then > 0.5
 EXAMPLES_PER_CATEGORY = 2
 MAX_EXAMPLE_ROWS = 16
 
@@ -71,34 +79,6 @@ class EvalResult:
         from models.reporting import format_table
 
         return format_table(self.per_category)
-
-
-def limit_per_category(samples: Sequence[Sample], max_images: int | None) -> list[Sample]:
-    """At most `max_images` samples of each category, evenly spaced through its (sorted) list.
-
-    Readers list a category's normal images and each defect type in turn; taking the first N would
-    keep only normal images (and undefined metrics), evenly spaced indices keep every kind.
-    """
-    if max_images is None:
-        return list(samples)
-    if max_images < 1:
-        raise ValueError(f"max_images must be at least 1, not {max_images}")
-    chosen: list[Sample] = []
-    for group in _by_category(samples).values():
-        if len(group) <= max_images:
-            chosen += group
-        else:
-            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_images)).astype(int))
-            chosen += [group[i] for i in idx]
-    return chosen
-
-
-def catalog_name(catalog: CategoryCatalog, dataset_name: str) -> str:
-    """The catalog's spelling of a dataset category ("metal nut" or "metal_nut"); raises if neither."""
-    for candidate in (dataset_name, dataset_name.replace(" ", "_"), dataset_name.replace("_", " ")):
-        if candidate in catalog:
-            return candidate
-    raise UnknownCategoryError(dataset_name, catalog.names())
 
 
 def evaluate_dataset(
@@ -138,7 +118,7 @@ def evaluate_dataset(
     t0 = time.perf_counter()
     root = Path(root)
     samples = limit_per_category(read_dataset(root, layout, categories, split), max_images)
-    groups = _by_category(samples)
+    groups = group_by_category(samples)
     names = {cat: catalog_name(engine.catalog, cat) for cat in groups}  # fail before any work
     out = Path(out_dir) if out_dir is not None else None
     if save_arrays and out is None:
@@ -218,13 +198,6 @@ def using_references(engine: InspectionEngine, name: str, paths: list[str] | Non
         engine.references.clear(name)
         if previous is not None:
             engine.references.set(name, previous)
-
-
-def _by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
-    groups: dict[str, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.category, []).append(s)
-    return groups
 
 
 def _run_category(engine: InspectionEngine, name: str, group: list[Sample], batch_size: int, grounding: bool,

@@ -16,12 +16,14 @@ with the anomaly map's, then is binarised at 0.5 (spec section 9).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from descriptions import CategoryCatalog, UnknownCategoryError
 from models.frame import center_crop_offsets, resized_size
 
 LAYOUTS = ("auto", "mvtec", "visa", "folder")
@@ -205,6 +207,8 @@ def resize_crop_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 MASK_GEOMETRIES = ("crop", "squash")
+MASK_INTERPOLATIONS = ("bilinear", "nearest")
+DEFAULT_MASK_INTERPOLATION = "bilinear"  # the released code: torchvision Resize (bilinear), then > 0.5
 
 
 def resize_crop_mask(mask: np.ndarray, size: int, interpolation: str = "nearest",
@@ -225,3 +229,39 @@ def resize_crop_mask(mask: np.ndarray, size: int, interpolation: str = "nearest"
     scaled = Image.fromarray(((np.asarray(mask) > 0) * 255).astype(np.uint8))
     framed = _resize_crop(scaled, size, resample) if geometry == "crop" else scaled.resize((size, size), resample)
     return (np.asarray(framed) > 127.5).astype(np.uint8)
+
+
+def group_by_category(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """Samples per category, in the order the reader listed them."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.category, []).append(s)
+    return groups
+
+
+def limit_per_category(samples: Sequence[Sample], max_images: int | None) -> list[Sample]:
+    """At most `max_images` samples of each category, evenly spaced through its (sorted) list.
+
+    Readers list a category's normal images and each defect type in turn; taking the first N would
+    keep only normal images (and undefined metrics), evenly spaced indices keep every kind.
+    """
+    if max_images is None:
+        return list(samples)
+    if max_images < 1:
+        raise ValueError(f"max_images must be at least 1, not {max_images}")
+    chosen: list[Sample] = []
+    for group in group_by_category(samples).values():
+        if len(group) <= max_images:
+            chosen += group
+        else:
+            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_images)).astype(int))
+            chosen += [group[i] for i in idx]
+    return chosen
+
+
+def catalog_name(catalog: CategoryCatalog, dataset_name: str) -> str:
+    """The catalog's spelling of a dataset category ("metal nut" or "metal_nut"); raises if neither."""
+    for candidate in (dataset_name, dataset_name.replace(" ", "_"), dataset_name.replace("_", " ")):
+        if candidate in catalog:
+            return candidate
+    raise UnknownCategoryError(dataset_name, catalog.names())
