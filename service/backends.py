@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -118,6 +118,7 @@ class Backend(Protocol):
     async def inspect(self, job: InspectJob) -> InspectOutcome: ...
     async def list_categories(self) -> list[Category]: ...
     async def put_category(self, category: Category) -> CategoryApplied: ...
+    async def put_extra(self, name: str, kind: str, data: bytes) -> CategoryApplied: ...
     async def delete_category(self, name: str) -> None: ...
     async def refresh_gauges(self) -> None: ...
 
@@ -237,6 +238,17 @@ class EmbeddedBackend:
         self._require_ready()
         catalog = self.engine.catalog
         return [catalog.get(n) for n in catalog.names()]
+
+    async def put_extra(self, name: str, kind: str, data: bytes) -> CategoryApplied:
+        """Persist one per-category extra (references, threshold), then apply every extra to the engine
+        between batches, so the next inspection already sees it."""
+        self._require_ready()
+        assert self._batcher is not None and self.engine is not None
+        async with self._category_lock:
+            await self.extras.put(name, kind, data)
+            extras = await self.extras.all(self.engine.catalog.names())
+            await self._batcher.run_exclusive(apply_extras, self.engine, extras)
+        return CategoryApplied()
 
     async def put_category(self, category: Category) -> CategoryApplied:
         """Persist, then register and build its caches (on the engine thread, between batches)."""
@@ -374,8 +386,16 @@ class RedisBackend:
         """Store it, then wait (up to `category_apply_timeout_s`) until every live worker has built its
         caches. Workers apply it before their next batch in any case; the wait lets the caller know
         the first request will not pay for it, and the answer says how many were ready."""
+        return await self._store_and_wait(self.store.put(category))
+
+    async def put_extra(self, name: str, kind: str, data: bytes) -> CategoryApplied:
+        """Store one per-category extra (references, threshold; it bumps the catalog version) and wait for
+        the live workers to apply it, as `put_category` does."""
+        return await self._store_and_wait(self.store.put_extra(name, kind, data))
+
+    async def _store_and_wait(self, write: Awaitable[int]) -> CategoryApplied:
         try:
-            version = await self.store.put(category)
+            version = await write
         except CatalogNotPublishedError as exc:
             raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
         except RedisError as exc:

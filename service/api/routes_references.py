@@ -13,7 +13,6 @@ references' leave-one-out scores.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -21,17 +20,15 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from redis.exceptions import RedisError
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_admin_key, require_api_key
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError, UnavailableError
+from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
 from service.api.routes_categories import NameParam
 from service.api.schemas import ERROR_RESPONSES
 from service.backends import InspectJob
 from service.calibration import ThresholdRecord, f1_max_threshold
-from service.category_store import CatalogNotPublishedError
 from service.imaging import HeatmapSpec, ImageDecodeError, decode_image
 from service.references import (
     REFERENCES_KIND,
@@ -40,7 +37,6 @@ from service.references import (
     RedisExtras,
     ReferenceImage,
     ReferenceSet,
-    apply_extras,
 )
 
 log = logging.getLogger(__name__)
@@ -66,28 +62,14 @@ def _extras(backend: Any) -> FileExtras | RedisExtras:
     return RedisExtras(backend.store) if backend.mode == "queue" else backend.extras
 
 
-async def _put(backend: Any, settings: Any, name: str, kind: str, data: bytes) -> dict[str, int | None]:
-    """Store one extra, then make it effective before answering: embedded mode applies it to the engine
+async def _put(backend: Any, name: str, kind: str, data: bytes) -> dict[str, int | None]:
+    """Store one extra and make it effective before answering: embedded mode applies it to the engine
     now (between batches); queue mode waits (up to `category_apply_timeout_s`) until every live worker
     has applied the new catalog version, so the next inspection already sees it."""
-    if backend.mode == "queue":
-        try:
-            version = await backend.store.put_extra(name, kind, data)
-            deadline = time.monotonic() + settings.category_apply_timeout_s
-            while True:
-                ready, live = await backend.producer.workers_applied(version)
-                if ready >= live or time.monotonic() >= deadline:
-                    return {"workers_ready": ready, "workers_live": live}
-                await asyncio.sleep(0.05)
-        except CatalogNotPublishedError as exc:
-            raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
-        except RedisError as exc:
-            raise UnavailableError("redis_unavailable", f"the catalog (Redis) is unreachable ({exc})") from None
-    backend._require_ready()
-    await backend.extras.put(name, kind, data)
-    extras = await backend.extras.all(backend.engine.catalog.names())
-    await backend._batcher.run_exclusive(apply_extras, backend.engine, extras)
-    return {}
+    applied = await backend.put_extra(name, kind, data)
+    if applied.workers_live is None:
+        return {}
+    return {"workers_ready": applied.workers_ready, "workers_live": applied.workers_live}
 
 
 async def _require_category(backend: Any, name: str) -> None:
@@ -117,8 +99,8 @@ async def _refs_body(backend: Any, name: str, refs: ReferenceSet) -> dict[str, A
             "memory_bytes": await _memory_bytes(backend, name) if len(refs) else 0}
 
 
-async def _store_refs(backend: Any, settings: Any, name: str, refs: ReferenceSet) -> dict[str, int | None]:
-    return await _put(backend, settings, name, REFERENCES_KIND, refs.to_json())
+async def _store_refs(backend: Any, name: str, refs: ReferenceSet) -> dict[str, int | None]:
+    return await _put(backend, name, REFERENCES_KIND, refs.to_json())
 
 
 async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
@@ -163,7 +145,7 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
         raise ServiceError(413, "too_many_references",
                            f"category {name!r} would hold {len(new)} references; the maximum is "
                            f"{settings.reference_max_images} (FILO_REFERENCE_MAX_IMAGES); nothing was stored")
-    applied = await _store_refs(backend, settings, name, new)
+    applied = await _store_refs(backend, name, new)
     await _refresh_reference_threshold(backend, settings, name, new)
     return {**await _refs_body(backend, name, new), **applied}
 
@@ -178,7 +160,7 @@ async def get_references(name: NameParam, backend: BackendDep) -> dict:
 async def delete_references(name: NameParam, backend: BackendDep, settings: SettingsDep) -> dict:
     """Remove every reference: the category is zero-shot again (exactly)."""
     await _require_category(backend, name)
-    await _store_refs(backend, settings, name, ReferenceSet())
+    await _store_refs(backend, name, ReferenceSet())
     await _refresh_reference_threshold(backend, settings, name, ReferenceSet())
     return await _refs_body(backend, name, ReferenceSet())
 
@@ -191,7 +173,7 @@ async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, se
         raise ServiceError(404, "unknown_reference", f"category {name!r} has no reference {ref_id!r}",
                            details={"known": refs.ids()})
     left = refs.without(ref_id)
-    await _store_refs(backend, settings, name, left)
+    await _store_refs(backend, name, left)
     await _refresh_reference_threshold(backend, settings, name, left)
     return await _refs_body(backend, name, left)
 
@@ -222,7 +204,7 @@ async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, r
             return
         value = result.threshold if result.threshold_source == "references" else None
     updated = ThresholdRecord("references", value, refs.digest)
-    await _put(backend, settings, name, THRESHOLD_KIND, updated.to_json())
+    await _put(backend, name, THRESHOLD_KIND, updated.to_json())
 
 
 @router.post("/{name}/calibrate", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_LABELLED,
@@ -240,7 +222,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
                                f"calibrating from references needs at least 2; category {name!r} holds {len(refs)}. "
                                "Send labelled images (parts 'good' and 'defective') instead, or add references")
         record = ThresholdRecord("references", None, refs.digest)
-        await _put(backend, settings, name, THRESHOLD_KIND, record.to_json())
+        await _put(backend, name, THRESHOLD_KIND, record.to_json())
         await _refresh_reference_threshold(backend, settings, name, refs)
         stored = await _load_threshold(backend, name)
         assert stored is not None
@@ -262,7 +244,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     threshold, f1 = f1_max_threshold(scores, labels)
     record = ThresholdRecord("labelled", threshold, refs.digest if len(refs) else "", len(good), len(bad),
                              versions.pop())
-    await _put(backend, settings, name, THRESHOLD_KIND, record.to_json())
+    await _put(backend, name, THRESHOLD_KIND, record.to_json())
     return {"category": name, "threshold": threshold, "threshold_source": "labelled", "n_good": len(good),
             "n_defective": len(bad), "f1": f1, "references": len(refs), "scores": {
                 "good": scores[:len(good)], "defective": scores[len(good):]}}
