@@ -17,7 +17,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
+from service.cli.common import (
+    add_model_args,
+    announce_profile,
+    settings_from_args,
+    setup_logging,
+    split_names,
+    with_dataset_descriptions,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from descriptions import DescriptionsError, UnknownCategoryError
-    from models.data import DatasetError, load_sample, read_dataset
+    from models.data import DatasetError, group_by_category, load_sample, read_dataset
     from models.errors import CheckpointError, WeightsNotFoundError
     from service.calibration import f1_max_threshold
     from service.engine import InspectionEngine
@@ -48,17 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from service.types import InspectError, InspectRequest
 
     grounding = args.grounding == "on"
-    settings = settings_from_args(args, grounding=grounding)
-    auto = args.data / "descriptions.json"
-    if auto.is_file() and auto not in settings.descriptions:
-        settings = settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
+    settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)
     announce_profile(settings)
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    categories = split_names(args.categories)
     try:
         engine = InspectionEngine.from_settings(settings)
-        groups: dict[str, list] = {}
-        for sample in read_dataset(args.data, args.layout, categories, args.split):
-            groups.setdefault(sample.category, []).append(sample)
+        groups = group_by_category(read_dataset(args.data, args.layout, categories, args.split))
         names = {cat: catalog_name(engine.catalog, cat) for cat in groups}
         shots = {cat: draw_shots(args.data, args.layout, cat, args.shots, args.shot_seed) for cat in groups} \
             if args.shots else {}

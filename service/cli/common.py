@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from service.settings import FiloSettings
 
@@ -51,6 +52,22 @@ def settings_from_args(args: argparse.Namespace, **extra) -> FiloSettings:
         **extra,
     }
     return FiloSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def with_dataset_descriptions(settings: FiloSettings, data: str | os.PathLike) -> FiloSettings:
+    """A dataset root holding a descriptions.json (what `filo synth` writes) has it loaded too.
+
+    The dataset's own texts come first, so files named by flag or environment still win.
+    """
+    auto = Path(data) / "descriptions.json"
+    if not auto.is_file() or auto in settings.descriptions:
+        return settings
+    return settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
+
+
+def split_names(text: str | None) -> list[str] | None:
+    """A comma-separated `--categories` value as a list (None: all)."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -15,7 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
+from service.cli.common import (
+    add_model_args,
+    announce_profile,
+    settings_from_args,
+    setup_logging,
+    split_names,
+    with_dataset_descriptions,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,13 +64,10 @@ def run(args: argparse.Namespace) -> int:
     from service.evaluation import evaluate_dataset
 
     grounding = args.grounding == "on"
-    settings = settings_from_args(args, grounding=grounding)
-    auto = args.data / "descriptions.json"
-    if auto.is_file() and auto not in settings.descriptions:
-        settings = settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
+    settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)
     announce_profile(settings)
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    categories = split_names(args.categories)
     if args.shots < 0:
         print("filo eval: --shots must be at least 0", file=sys.stderr)
         return 2

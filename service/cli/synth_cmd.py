@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.cli.common import split_names
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models import synth
 
-    categories = (
-        [name.strip() for name in args.categories.split(",") if name.strip()] if args.categories else None
-    )
+    categories = split_names(args.categories)
     try:
         size = synth.parse_size(args.size)
         total = synth.planned_images(categories, args.n_train, args.n_good, args.n_defect)

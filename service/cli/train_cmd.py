@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
+from service.cli.common import (
+    add_model_args,
+    announce_profile,
+    settings_from_args,
+    setup_logging,
+    with_dataset_descriptions,
+)
 
 # flag name -> TrainConfig field, for the flags whose default lives in TrainConfig (None = not given)
 _CONFIG_FLAGS = {
@@ -140,12 +146,7 @@ def _settings(args: argparse.Namespace, saved: dict | None, config):
             value = saved.get("model", {}).get(key)
             if value is not None and value != "random" and getattr(args, key, None) is None:
                 extra[key] = value
-    settings = settings_from_args(args, **extra)
-    auto = Path(config.data) / "descriptions.json"
-    if auto.is_file() and auto not in settings.descriptions:
-        # the dataset's own texts come first, so files named by flag or environment still win
-        settings = settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
-    return settings
+    return with_dataset_descriptions(settings_from_args(args, **extra), config.data)
 
 
 def _backbone(settings) -> tuple[str, str | None]:
