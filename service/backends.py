@@ -267,7 +267,10 @@ class EmbeddedBackend:
             if name not in self.engine.catalog:
                 raise CategoryNotFoundError(name, self.engine.catalog.names())
             await self.store.delete(name)
+            await self.extras.delete(name)
             await self._batcher.run_exclusive(apply_categories, self.engine, await self.store.all(), False)
+            extras = await self.extras.all(self.engine.catalog.names())
+            await self._batcher.run_exclusive(apply_extras, self.engine, extras)
 
     async def refresh_gauges(self) -> None:
         self.metrics.queue_depth.set(self._batcher.depth if self._batcher else 0)

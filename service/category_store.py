@@ -58,8 +58,10 @@ return tonumber(redis.call('GET', KEYS[3]))
 CATEGORY_EXTRA_KINDS: tuple[str, ...] = ("references", "threshold")  # service/references.py (issue 10)
 
 _WRITE_LUA = """
--- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version; ARGV[1] 'put'|'delete', ARGV[2] name,
--- ARGV[3] json (put). Refused (-1) while no catalog is published: a write must not create a catalog of one.
+-- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version, KEYS[4..] the category's extras (delete);
+-- ARGV[1] 'put'|'delete', ARGV[2] name, ARGV[3] json (put). Refused (-1) while no catalog is published: a
+-- write must not create a catalog of one. A deleted category takes its extras with it, so a new category of
+-- the same name never inherits the old one's references or threshold.
 if redis.call('EXISTS', KEYS[3]) == 0 then return {-1, 0} end
 local existed
 if ARGV[1] == 'put' then
@@ -68,6 +70,7 @@ if ARGV[1] == 'put' then
 else
   existed = redis.call('HDEL', KEYS[1], ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[2])
+  for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
 end
 return {redis.call('INCR', KEYS[3]), existed}
 """
@@ -146,7 +149,8 @@ class RedisCategoryStore:
         return {k.decode(): Category.model_validate_json(v) for k, v in raw.items()}
 
     async def _write_one(self, op: str, name: str, payload: str = "") -> tuple[int, bool]:
-        version, existed = await self._write(keys=self._catalog_keys, args=[op, name, payload])
+        extras = [self.keys.category_extra(name, k) for k in CATEGORY_EXTRA_KINDS] if op == "delete" else []
+        version, existed = await self._write(keys=self._catalog_keys + extras, args=[op, name, payload])
         if int(version) < 0:
             raise CatalogNotPublishedError("no category catalog is published in Redis (it restarted empty?); "
                                            "a live `filo worker` re-publishes it within seconds")

@@ -234,6 +234,11 @@ class FileExtras:
             f.write(data)
         os.replace(tmp, path)
 
+    async def delete(self, name: str) -> None:
+        """Drop every extra of a category (it was deleted: a new one of that name starts without them)."""
+        for kind in (REFERENCES_KIND, THRESHOLD_KIND):
+            self._path(name, kind).unlink(missing_ok=True)
+
     async def all(self, names: Iterable[str]) -> dict[str, dict[str, bytes]]:
         out: dict[str, dict[str, bytes]] = {}
         for name in names:

@@ -240,6 +240,53 @@ def test_api_references_lifecycle_errors_and_exact_zero_shot_after_delete(api):
     assert again["score"] == zero["score"] and again["references"] == 0  # exactly zero-shot again
 
 
+def test_a_deleted_category_takes_its_references_and_threshold_with_it(api):
+    client, _ = api
+    body = {"noun": "rubber gasket", "descriptions": ["torn lip", "air bubble"]}
+    assert client.put("/v1/categories/gasket", headers=ADMIN, json=body).status_code == 200
+    refs = [_png(synthetic_image(200, 240, seed=500 + i)) for i in range(3)]
+    assert client.put("/v1/categories/gasket/references", headers=ADMIN,
+                      files=_files("images", refs)).json()["references"] == 3
+    assert client.post("/v1/categories/gasket/calibrate", headers=ADMIN).status_code == 200
+    probe = _png(synthetic_image(240, 320, seed=12))
+    assert _inspect_api(client, probe, "gasket")["references"] == 3
+    assert client.delete("/v1/categories/gasket", headers=ADMIN).status_code in (200, 204)
+    assert client.put("/v1/categories/gasket", headers=ADMIN, json=body).status_code == 200
+    assert client.get("/v1/categories/gasket/references", headers=AUTH).json()["references"] == 0
+    res = _inspect_api(client, probe, "gasket")
+    assert res["references"] == 0 and res["threshold_source"] == "default"
+    assert client.get("/v1/categories/gasket", headers=AUTH).json()["threshold_source"] in (None, "default")
+
+
+def test_redis_store_deletes_a_categorys_extras_with_it(own_redis):  # noqa: F811
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from descriptions import Category
+    from service.category_store import CATEGORY_EXTRA_KINDS, RedisCategoryStore
+    from service.queue import Keys
+
+    async def scenario() -> tuple[list[bytes | None], list[bytes | None]]:
+        redis = Redis.from_url(own_redis.url)
+        keys = Keys.from_settings(demo_settings())
+        store = RedisCategoryStore(redis, keys)
+        await redis.set(keys.categories_version, 1)  # a published catalog
+        await store.put(Category(name="gasket", noun="gasket", descriptions=["torn lip"]))
+        for kind in CATEGORY_EXTRA_KINDS:
+            await store.put_extra("gasket", kind, b"{}")
+        await store.put_extra("other", "references", b"{}")
+        before = [await redis.get(keys.category_extra("gasket", k)) for k in CATEGORY_EXTRA_KINDS]
+        assert await store.delete("gasket")
+        after = [await redis.get(keys.category_extra("gasket", k)) for k in CATEGORY_EXTRA_KINDS]
+        assert await redis.get(keys.category_extra("other", "references")) == b"{}"
+        await redis.aclose()
+        return before, after
+
+    before, after = asyncio.run(scenario())
+    assert before == [b"{}"] * len(CATEGORY_EXTRA_KINDS) and after == [None] * len(CATEGORY_EXTRA_KINDS)
+
+
 def test_api_calibration_labelled_and_from_references_and_restart_keeps_them(api, tmp_path):
     client, state_dir = api
     good = [_png(synthetic_image(220, 220, seed=300 + i)) for i in range(2)]
