@@ -147,3 +147,44 @@ def test_production_path_with_local_clip_file_and_project_checkpoint(images, tmp
     res = engine.inspect_batch([InspectRequest(read_image_file(str(paths[0])), "cable", grounding=False)])[0]
     assert rec["score"] == pytest.approx(res.score, abs=1e-6)
     np.testing.assert_allclose(np.load(rec["map"]), res.anomaly_map, atol=1e-6)
+
+
+def test_references_make_the_map_find_the_defect_and_are_reported(tmp_path):
+    """`filo inspect --references` (the few-shot path a user runs): the JSON says how many were used, and
+    on synthetic parts the fused maps separate defect pixels better than the zero-shot ones (pixel AUROC
+    pooled over the category's test images, good ones included, as `filo eval` computes it)."""
+    from sklearn.metrics import roc_auc_score
+
+    from models.data import read_mask, resize_crop_mask
+    from models.synth import generate
+
+    root = tmp_path / "data"
+    generate(root, ["washer"], n_train=4, n_good=2, n_defect=1, size=256, seed=23)
+    tests = sorted((root / "washer" / "test").glob("*/*.png"))
+    refs = root / "washer" / "train" / "good"
+    common = [*map(str, tests), "--category", "washer", "--grounding", "off", "--json",
+              "--descriptions", str(root / "descriptions.json")]
+    zero = _run([*common, "--out", str(tmp_path / "zero")])
+    few = _run([*common, "--out", str(tmp_path / "few"), "--references", str(refs)])
+    assert zero.returncode == 0, zero.stderr
+    assert few.returncode == 0, few.stderr
+    zero_recs = [json.loads(line) for line in zero.stdout.splitlines()]
+    few_recs = [json.loads(line) for line in few.stdout.splitlines()]
+    assert "references" not in zero_recs[0]  # zero-shot output keeps its exact shape
+    assert all(r["references"] == 4 for r in few_recs) and "references: 4 image(s)" in few.stderr
+
+    def mask_of(img):
+        if img.parent.name == "good":
+            return np.zeros(518 * 518, np.uint8)
+        return resize_crop_mask(read_mask(root / "washer" / "ground_truth" / img.parent.name / f"{img.stem}_mask.png"),
+                                518).ravel()
+
+    masks = np.concatenate([mask_of(img) for img in tests])
+    auroc = {name: roc_auc_score(masks, np.concatenate([np.load(r["map"]).ravel() for r in recs]))
+             for name, recs in (("zero", zero_recs), ("few", few_recs))}
+    assert auroc["few"] > auroc["zero"] + 0.08, auroc  # measured: 0.826 -> 0.961
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = _run([str(tests[0]), "--category", "washer", "--descriptions", str(root / "descriptions.json"),
+                "--references", str(empty)])
+    assert bad.returncode == 2 and "no reference images" in bad.stderr
