@@ -149,20 +149,17 @@ def model_key(info: dict[str, Any], memory_settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
 def reference_paths(paths: Iterable[str]) -> list[str]:
-    """Image files, and the image files of folders (sorted, not recursive), in the order given."""
+    """Image files, and the image files of folders (`models.data.list_images`: name order, not recursive),
+    in the order given."""
     from pathlib import Path
+
+    from models.data import list_images
 
     out: list[str] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
-            out += sorted(str(f) for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(str(path))
+        out += [str(f) for f in list_images(path)] if path.is_dir() else [str(path)]
     return out
 
 
@@ -181,8 +178,9 @@ def read_reference_files(paths: Iterable[str], max_pixels: int) -> ReferenceSet:
 
 # --- where references and thresholds live: beside the category in the durable catalog -----------------
 
-REFERENCES_KIND = "references"  # CategoryExtras kinds (service/category_store.py CATEGORY_EXTRA_KINDS)
+REFERENCES_KIND = "references"
 THRESHOLD_KIND = "threshold"
+EXTRA_KINDS = (REFERENCES_KIND, THRESHOLD_KIND)  # the catalog's per-category extras (CATEGORY_EXTRA_KINDS)
 MEMORY_BYTES_KIND = "memory_bytes"  # written by each worker after building (not part of the catalog)
 
 
@@ -236,13 +234,13 @@ class FileExtras:
 
     async def delete(self, name: str) -> None:
         """Drop every extra of a category (it was deleted: a new one of that name starts without them)."""
-        for kind in (REFERENCES_KIND, THRESHOLD_KIND):
+        for kind in EXTRA_KINDS:
             self._path(name, kind).unlink(missing_ok=True)
 
     async def all(self, names: Iterable[str]) -> dict[str, dict[str, bytes]]:
         out: dict[str, dict[str, bytes]] = {}
         for name in names:
-            for kind in (REFERENCES_KIND, THRESHOLD_KIND):
+            for kind in EXTRA_KINDS:
                 data = await self.get(name, kind)
                 if data is not None:
                     out.setdefault(name, {})[kind] = data
