@@ -39,17 +39,21 @@ def two_channel_map(patch_features: torch.Tensor, text: torch.Tensor, size: int)
     return logits.softmax(dim=1)
 
 
-def gaussian_kernel1d(kernel_size: int = GAUSSIAN_KERNEL, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
-    """torchvision.transforms.GaussianBlur's kernel: exp(-x^2 / 2 sigma^2) on integer offsets, normalised."""
+def gaussian_kernel1d(kernel_size: int = GAUSSIAN_KERNEL, sigma: float = GAUSSIAN_SIGMA,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """torchvision.transforms.GaussianBlur's kernel: exp(-x^2 / 2 sigma^2) on integer offsets, normalised.
+
+    Built on `device` itself: a kernel made on the host and copied would make the GPU stream wait.
+    """
     half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size)
+    x = torch.linspace(-half, half, steps=kernel_size, device=device)
     k = torch.exp(-0.5 * (x / sigma).pow(2))
     return k / k.sum()
 
 
 def gaussian_blur(maps: torch.Tensor, kernel_size: int = GAUSSIAN_KERNEL, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
     """(B, H, W) -> (B, H, W), separable Gaussian with reflect padding (torchvision's GaussianBlur)."""
-    k1 = gaussian_kernel1d(kernel_size, sigma).to(device=maps.device, dtype=maps.dtype)
+    k1 = gaussian_kernel1d(kernel_size, sigma, maps.device).to(dtype=maps.dtype)
     kernel = (k1[:, None] * k1[None, :])[None, None]
     pad = kernel_size // 2
     x = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")

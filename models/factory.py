@@ -29,6 +29,7 @@ from models.clip_backbone import (
 from models.errors import CheckpointError, WeightsNotFoundError
 from models.filo import FiLoModel
 from models.heads import FiLoHeads
+from models.standin import STANDIN_BANNER, read_standin_record
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,21 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu",
         "checkpoint_sha256": digest,
         "profile": "demo" if spec.demo else "production",
     }
+    standins = {name: rec for name, rec in (("clip_weights", _local_standin(spec.clip_weights)),
+                                            ("checkpoint", _local_standin(spec.checkpoint))) if rec}
+    if standins:
+        info["standin"] = True
+        info["version"] = "standin-" + info["version"]
+        log.warning("%s (%s)", STANDIN_BANNER, ", ".join(sorted(standins)))
     if spec.demo:
         heads = "random" if spec.checkpoint is None else f"from {Path(spec.checkpoint).name}"
         log.warning("%s (FiLo heads: %s)", DEMO_BANNER, heads)
     return model, info
+
+
+def _local_standin(path: str | None) -> dict[str, Any] | None:
+    """The stand-in record of a local weights file (tags and missing files are never stand-ins)."""
+    return read_standin_record(path) if path and Path(path).is_file() else None
 
 
 def _check_compatible(spec: ModelSpec, meta: dict[str, Any]) -> None:

@@ -133,14 +133,15 @@ class FiLoModel(nn.Module):
             prefixes += [_context_prefix(bank.normal_prefix[:1], ctx_n[i]),
                          _context_prefix(bank.abnormal_prefix[:1], ctx_a[i])]
             suffixes += [bank.normal_suffix, bank.abnormal_suffix[sel]]
-            groups += [torch.full((n_norm,), 2 * i), torch.full((sel.numel(),), 2 * i + 1)]
+            dev = bank.normal_eot.device  # made on the device: a host tensor copied over would sync the stream
+            groups += [torch.full((n_norm,), 2 * i, device=dev), torch.full((sel.numel(),), 2 * i + 1, device=dev)]
             eots += [bank.normal_eot, bank.abnormal_eot[sel]]
             spans.append((start, n_norm, sel))
             start += n_norm + sel.numel()
         length = max(s.shape[1] for s in suffixes)
         suffix = torch.cat([nn.functional.pad(s, (0, 0, 0, length - s.shape[1])) for s in suffixes], dim=0)
         prefix = torch.cat(prefixes, dim=0)
-        group = torch.cat(groups).to(suffix.device)
+        group = torch.cat(groups)
         with self._low_precision():
             if self.shared_text_prefix:
                 encoded = self.text_encoder.forward_shared_prefix(prefix, suffix, group, torch.cat(eots))

@@ -20,6 +20,7 @@ detector are normalised (cx, cy, w, h) relative to the whole original image.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,9 @@ import torch
 from models.errors import WeightsNotFoundError
 from models.frame import FrameGeometry
 from models.prompts import POSITIONS  # row-major 3x3: "top left", "top", ..., "bottom right"
+from models.standin import STANDIN_BANNER, STANDIN_KEY
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -424,6 +428,7 @@ class GroundingDetector:
         self.max_batch = max_batch
         self._caption_cache: OrderedDict[str, CaptionEncoding] = OrderedDict()
         self._caption_cache_size = caption_cache_size
+        self.standin = False  # loaded from stand-in weights (models/standin.py): reported, never a real result
 
     # ----- construction -----
 
@@ -465,7 +470,11 @@ class GroundingDetector:
                     name_or_dir, cache_dir, f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}"
                 )
             )
-        return cls(model, make_image_processor(), tokenizer, device=device, **kwargs)
+        detector = cls(model, make_image_processor(), tokenizer, device=device, **kwargs)
+        detector.standin = getattr(model.config, STANDIN_KEY, None) is not None
+        if detector.standin:
+            log.warning("%s (Grounding DINO %s)", STANDIN_BANNER, name_or_dir)
+        return detector
 
     @classmethod
     def tiny(cls, device: str | torch.device = "cpu", seed: int = 0, **kwargs) -> GroundingDetector:

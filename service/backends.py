@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from descriptions import Category
 from service.api.errors import (
+    IMAGE_ERROR_STATUS,
     CategoryNotFoundError,
     DeadlineExceededError,
     QueueFullError,
@@ -44,7 +45,8 @@ from service.category_store import (
     persist_caches,
     start_engine,
 )
-from service.imaging import Heatmap, HeatmapSpec, render_heatmap
+from service.device_images import decode_uploads, render, uses_device_path
+from service.imaging import Heatmap, HeatmapSpec, ImageDecodeError
 from service.metrics import Metrics
 from service.queue import (
     NO_WORKERS,
@@ -150,6 +152,8 @@ class EmbeddedBackend:
     def __init__(self, settings: FiloSettings, engine_factory: EngineFactory | None = None,
                  metrics: Metrics | None = None) -> None:
         self.settings = settings
+        # with the GPU image path the route hands over the checked bytes and this backend decodes them
+        self.decodes_in_process = not settings.gpu_image_path
         self.metrics = metrics or Metrics()
         self.engine_factory = engine_factory or default_engine_factory
         state_dir = settings.state_dir or default_state_dir()
@@ -196,6 +200,14 @@ class EmbeddedBackend:
     def _run_batch(self, requests: list[InspectRequest]) -> list[Any]:
         return self.engine.inspect_batch(requests)
 
+    def _decode_on_device(self, data: bytes) -> Any:
+        """In the request's thread: nvJPEG on the engine's GPU where possible, else the CPU decode."""
+        on = uses_device_path(self.settings.gpu_image_path, self.engine.device)
+        image = decode_uploads([data], self.settings.max_image_pixels, self.engine.device if on else None)[0]
+        if isinstance(image, ImageDecodeError):
+            raise ServiceError(IMAGE_ERROR_STATUS.get(image.code, 422), image.code, image.message)
+        return image
+
     def _observe(self, size: int, run_s: float, waits: list[float]) -> None:
         self.metrics.observe_batch(size, run_s, waits)
         self.metrics.update_gpu_memory(str(self.engine.device))
@@ -219,7 +231,10 @@ class EmbeddedBackend:
         assert self._batcher is not None
         if job.category not in self.engine.catalog:
             raise CategoryNotFoundError(job.category, self.engine.catalog.names())
-        request = InspectRequest(image=job.image, category=job.category, top_k=job.top_k, grounding=job.grounding)
+        image = job.image
+        if image is None:  # the GPU image path: this backend decodes (service/device_images.py)
+            image = await asyncio.to_thread(self._decode_on_device, job.image_bytes)
+        request = InspectRequest(image=image, category=job.category, top_k=job.top_k, grounding=job.grounding)
         # resize in this request's thread, not on the batch thread: other batches run meanwhile
         with contextlib.suppress(Exception):  # the engine meets it again and fails this request alone
             request = await asyncio.to_thread(self.engine.prepare, request)
@@ -230,7 +245,7 @@ class EmbeddedBackend:
         heatmap = None
         if job.heatmap.wanted:
             valid = [b for b in result.boxes if b.valid]
-            heatmap = await asyncio.to_thread(render_heatmap, job.image, result.anomaly_map, job.heatmap,
+            heatmap = await asyncio.to_thread(render, image, result.anomaly_map, job.heatmap,
                                               [(b.x1, b.y1, b.x2, b.y2) for b in valid], [b.frame for b in valid])
         return InspectOutcome(result, self.engine.model_info(), done.queue_wait_s * 1e3, done.run_s * 1e3, heatmap)
 

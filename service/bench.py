@@ -31,6 +31,8 @@ class BenchRow:
     images_per_s: float
     ms_per_batch: float
     peak_gib: float | None = None  # CUDA only: the most memory the batch size needed (sizes FILO_MAX_BATCH_SIZE)
+    compiled: bool = False  # torch.compile of the image encoder (FILO_COMPILE)
+    pinned: bool = True  # pinned staging + non-blocking copy of the pixels (FILO_PIN_MEMORY)
 
 
 def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) -> InspectionEngine:
@@ -69,7 +71,8 @@ def time_batches(engine: InspectionEngine, batch_size: int, iters: int, warmup: 
                  category: str = "pcb1") -> tuple[float, float, float | None]:
     """(images/s, ms per batch) over `iters` timed batches after `warmup` untimed ones, and the peak
     CUDA memory of those batches in GiB (None off CUDA)."""
-    reqs = [InspectRequest(image=im, category=category) for im in _images(batch_size)]
+    # prepared once, as a worker hands them over (it resizes in other threads while a batch runs)
+    reqs = [engine.prepare(InspectRequest(image=im, category=category)) for im in _images(batch_size)]
     cuda = str(engine.device).startswith("cuda")
     for _ in range(warmup):
         engine.inspect_batch(reqs)
@@ -100,14 +103,17 @@ def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: 
 
 
 def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[str], groundings: list[bool],
-              iters: int, warmup: int) -> Iterator[BenchRow]:
+              iters: int, warmup: int, compile: bool = False, pin_memory: bool = True) -> Iterator[BenchRow]:
     for grounding in groundings:
         engine = build_random_engine(arch, device, grounding)
+        engine.pin_memory = pin_memory
+        if compile:
+            engine.compile()
         for precision in precisions:
             engine.precision = precision
             for bs in batch_sizes:
                 ips, ms, peak = time_batches(engine, bs, iters, warmup)
-                yield BenchRow(device, precision, grounding, bs, ips, ms, peak)
+                yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile, pin_memory)
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -140,3 +146,33 @@ def flops_per_image(engine: InspectionEngine, grounding: bool, category: str = "
     parts["text encoder, maps, rest"] = total - sum(parts.values())
     parts["total"] = total
     return parts
+
+
+def profile_batch(engine: InspectionEngine, batch_size: int, category: str = "pcb1", top: int = 15) -> dict:
+    """Where one batch's time goes: torch.profiler over one prepared batch (after a warm one).
+
+    Returns the batch's wall time, the summed self time of the device's kernels (on CUDA; their ratio is
+    how busy the GPU was) and the `top` operators by self device time (CPU time off CUDA).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    reqs = [engine.prepare(InspectRequest(image=im, category=category)) for im in _images(batch_size)]
+    cuda = str(engine.device).startswith("cuda")
+    engine.inspect_batch(reqs)
+    _sync(engine.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        engine.inspect_batch(reqs)
+        _sync(engine.device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+
+    def self_ms(e) -> float:
+        us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+        return (us if us is not None else getattr(e, "self_cuda_time_total", 0.0)) / 1e3
+
+    events = sorted(prof.key_averages(), key=self_ms, reverse=True)
+    busy = sum(self_ms(e) for e in events) if cuda else None
+    return {"batch_size": batch_size, "precision": engine.precision, "wall_ms": wall_ms,
+            "device_busy_ms": busy,
+            "top": [{"name": e.key, "calls": e.count, "self_ms": self_ms(e)} for e in events[:top]]}

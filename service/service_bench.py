@@ -170,14 +170,18 @@ class ServiceStack:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def worker_stage_cpu_s(self) -> dict[str, float]:
-        """The worker's `filo_worker_cpu_seconds_total{stage}` counters (empty for a worker without them)."""
-        text = httpx.get(f"{self.worker_url}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("filo_worker_cpu_seconds_total{"):
-                stage = line.split('stage="', 1)[1].split('"', 1)[0]
-                out[stage] = float(line.rsplit(" ", 1)[1])
-        return out
+        return worker_stage_cpu_s(self.worker_url)
+
+
+def worker_stage_cpu_s(worker_url: str) -> dict[str, float]:
+    """A worker's `filo_worker_cpu_seconds_total{stage}` counters (empty for a worker without them)."""
+    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("filo_worker_cpu_seconds_total{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[stage] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 @dataclass

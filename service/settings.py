@@ -47,6 +47,16 @@ class FiloSettings(BaseSettings):
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the frozen backbones on GPU")
+    # --- GPU speed options (each tested against the plain path; README "GPU path") ---------------
+    compile: bool = Field(
+        False, description="torch.compile the image encoder (the first batch of each new size compiles: tens of "
+        "seconds on a GPU); equal to the eager path within float rounding",
+    )
+    pin_memory: bool = Field(True, description="CUDA: stage model inputs in pinned host memory, copy without blocking")
+    gpu_image_path: bool = Field(
+        False, description="CUDA worker: decode JPEGs with nvJPEG and resize and render heatmaps on the GPU; PNG and "
+        "whatever nvJPEG refuses take the CPU path (deviation from the CPU preprocessing: README 'GPU path')",
+    )
     descriptions: list[Path] = Field(
         default_factory=list, description="extra category description files (JSON), on top of the bundled ones"
     )

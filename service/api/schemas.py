@@ -71,6 +71,8 @@ class ModelInfoOut(BaseModel):
     name: str
     version: str
     tap_layout: str | None = None
+    standin: bool = Field(False, description="true when the service runs stand-in weights (seeded random values in "
+                          "the real shapes, for measuring the production path): the result is not an inspection")
 
 
 class TimingOut(BaseModel):

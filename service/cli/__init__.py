@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "eval",
     "calibrate",
     "convert_grounding",
+    "standin",
 )
 
 

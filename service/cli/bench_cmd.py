@@ -7,7 +7,9 @@ and of the worker's non-model work, and the response size, for photo-like images
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 
 
 def register(subparsers) -> None:
@@ -20,6 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("--grounding", choices=["on", "off", "both"], default="both")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (FILO_COMPILE)")
+    p.add_argument("--no-pin-memory", action="store_true",
+                   help="plain blocking copies of the pixels instead of pinned, non-blocking ones")
+    p.add_argument("--json", metavar="FILE", help="also write the rows (and FLOP parts, bf16 deviation) as JSON")
+    p.add_argument("--profile-batch", type=int, metavar="N",
+                   help="also profile one batch of N (last precision and grounding setting): top operators by time")
     p.add_argument("--flops", action="store_true",
                    help="also print GFLOP per image by part (PyTorch's FLOP counter), to judge GPU efficiency")
     s = p.add_argument_group("--service: the service path (a local redis-server, one demo worker, one API)")
@@ -59,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return run_service(args)
     import torch
 
-    from service.bench import bf16_map_deviation, build_random_engine, flops_per_image, run_bench
+    from service.bench import bf16_map_deviation, build_random_engine, flops_per_image, profile_batch, run_bench
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,24 +76,53 @@ def run(args: argparse.Namespace) -> int:
     precisions = [x.strip() for x in args.precisions.split(",")]
     groundings = {"on": [True], "off": [False], "both": [False, True]}[args.grounding]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}")
+    print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}; "
+          f"encoder compiled: {'yes' if args.compile else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
     print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     base: dict[tuple, float] = {}
-    for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup):
+    report: dict = {"device_name": name, "torch": torch.__version__, "arch": args.arch, "rows": []}
+    for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup,
+                         compile=args.compile, pin_memory=not args.no_pin_memory):
+        report["rows"].append(asdict(row))
+        _write_json(args.json, report)
         key = (row.precision, row.grounding)
         base.setdefault(key, row.images_per_s)
         print(f"| {row.device} | {row.precision} | {'on' if row.grounding else 'off'} | {row.batch_size} | "
               f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x | "
               f"{'-' if row.peak_gib is None else f'{row.peak_gib:.1f}'} |", flush=True)
+    if args.profile_batch:
+        engine = build_random_engine(args.arch, args.device, groundings[-1])
+        engine.precision = precisions[-1]
+        engine.pin_memory = not args.no_pin_memory
+        if args.compile:
+            engine.compile()
+        prof = profile_batch(engine, args.profile_batch)
+        report["profile"] = prof
+        busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"
+        print(f"\n# one batch of {args.profile_batch}, {precisions[-1]}, grounding {'on' if groundings[-1] else 'off'}: "
+              f"{prof['wall_ms']:.1f} ms wall{busy}\n| operator | calls | self ms |\n|---|---:|---:|")
+        for op in prof["top"]:
+            print(f"| {op['name'][:80]} | {op['calls']} | {op['self_ms']:.2f} |")
+        del engine
     if args.flops:
         for grounding in groundings:
             parts = flops_per_image(build_random_engine(args.arch, args.device, grounding), grounding)
+            report.setdefault("gflop", {})["on" if grounding else "off"] = parts
             print(f"\n| GFLOP per image, grounding {'on' if grounding else 'off'} | GFLOP |\n|---|---:|")
             for part, gflop in parts.items():
                 print(f"| {part} | {gflop:.1f} |")
     if "bf16" in precisions:
         dev = bf16_map_deviation(build_random_engine(args.arch, args.device, False))
+        report["bf16_map_deviation"] = dev
         print(f"\nlargest |map(bf16) - map(fp32)| = {dev:.2e}")
+    _write_json(args.json, report)
     sys.stdout.flush()
     return 0
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    """Rewritten after every row, so a run cut short by its time limit still leaves what it measured."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)

@@ -80,8 +80,23 @@ def synthetic_png(size: int = 256) -> bytes:
     return buf.getvalue()
 
 
+IMAGE_TYPES = {b"\xff\xd8\xff": ("image.jpg", "image/jpeg"), b"\x89PNG": ("image.png", "image/png")}
+
+
+def upload_name(image: bytes) -> tuple[str, str]:
+    """(file name, media type) a client would send for these bytes; the server reads the format from the bytes."""
+    for magic, named in IMAGE_TYPES.items():
+        if image.startswith(magic):
+            return named
+    return "image.bin", "application/octet-stream"
+
+
 async def run_load(url: str, category: str | None, image: bytes, concurrency: int, duration_s: float,
-                   max_requests: int, api_key: str | None = None, timeout_s: float = 120.0) -> LoadReport:
+                   max_requests: int, api_key: str | None = None, timeout_s: float = 120.0,
+                   fields: dict[str, str] | None = None) -> LoadReport:
+    """`fields`: form fields of every request (default `heatmap=none`: the service alone, no picture)."""
+    form_fields = {"heatmap": "none"} if fields is None else dict(fields)
+    filename, media_type = upload_name(image)
     base = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = LoadReport()
@@ -98,8 +113,8 @@ async def run_load(url: str, category: str | None, image: bytes, concurrency: in
                 report.sent += 1
                 started = time.monotonic()
                 try:
-                    r = await client.post(f"{base}/v1/inspect", data={"category": category, "heatmap": "none"},
-                                          files={"image": ("image.png", image, "image/png")})
+                    r = await client.post(f"{base}/v1/inspect", data={"category": category, **form_fields},
+                                          files={"image": (filename, image, media_type)})
                 except httpx.HTTPError as exc:
                     report.errors[f"no_answer:{type(exc).__name__}"] += 1
                     continue
@@ -127,6 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=1000, help="stop after this many requests")
     p.add_argument("--category", help="default: the first category the server lists")
     p.add_argument("--image", type=Path, help="image file to send (default: a synthetic 256x256 PNG)")
+    p.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                   help="form field of every request (repeatable; default heatmap=none), e.g. heatmap=jpeg")
     p.add_argument("--api-key", help="bearer API key")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -140,9 +157,14 @@ def main(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.requests < 1 or args.duration <= 0:
         print("filo loadtest: --concurrency, --requests and --duration must be positive", file=sys.stderr)
         return 2
+    bad = [f for f in args.field if "=" not in f]
+    if bad:
+        print(f"filo loadtest: --field takes NAME=VALUE, got {bad}", file=sys.stderr)
+        return 2
+    fields = dict(f.split("=", 1) for f in args.field) if args.field else None
     image = args.image.read_bytes() if args.image else synthetic_png()
     report = asyncio.run(run_load(args.url, args.category, image, args.concurrency, args.duration, args.requests,
-                                  args.api_key, args.timeout))
+                                  args.api_key, args.timeout, fields))
     s = report.summary()
     if args.json:
         print(json.dumps(s))

@@ -1,0 +1,67 @@
+"""Uploads to engine images and results to heatmaps, on the model's device when `FILO_GPU_IMAGE_PATH` is on.
+
+One home for the choice between the CPU path (`service/imaging.py`, the default and the contract: it
+is the released preprocessing) and the device path (`service/gpu_imaging.py`: nvJPEG decode, resize and
+overlay on the GPU), shared by the queue worker and the embedded server. An engine image is then either
+an HxWx3 uint8 numpy array (CPU path) or the same as a tensor on the device; `InspectionEngine.prepare`
+takes either, and `render` draws either. PNG and whatever nvJPEG refuses take the CPU path per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.imaging import Heatmap, HeatmapSpec, ImageDecodeError, decode_image, render_heatmap
+
+# np.ndarray or a torch.Tensor on the device; torch is imported only where a device image exists, so that
+# the API process (which imports the backends) stays free of it
+EngineImage = Any
+
+
+def uses_device_path(enabled: bool, device: Any) -> bool:
+    """The device path runs where it pays and is supported: the setting on and a CUDA engine."""
+    return bool(enabled) and str(device).startswith("cuda")
+
+
+def decode_uploads(datas: Sequence[bytes], max_pixels: int, device: Any | None) -> list[EngineImage | ImageDecodeError]:
+    """Decode a batch of uploads: on `device` (one batched nvJPEG call) where given and possible, else on the
+    CPU. A slot holds the image or the `ImageDecodeError` the header checks or the decoder raised."""
+    out: list[EngineImage | ImageDecodeError | None] = [None] * len(datas)
+    if device is not None:
+        from service import gpu_imaging
+
+        out = list(gpu_imaging.decode_images(datas, device, max_pixels))
+    for i, data in enumerate(datas):
+        if out[i] is None:
+            try:
+                out[i] = decode_image(data, max_pixels)
+            except ImageDecodeError as exc:
+                out[i] = exc
+    return out  # type: ignore[return-value]
+
+
+def image_hw(image: EngineImage) -> tuple[int, int]:
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def render(image: EngineImage, anomaly_map: np.ndarray, spec: HeatmapSpec,
+           boxes: list[tuple[float, float, float, float]] | None = None,
+           boxes_frame: list[tuple[float, float, float, float]] | None = None) -> Heatmap:
+    """`service.imaging.render_heatmap` for an engine image: the JPEG overlay at a given or the original
+    size is drawn and encoded on the device for a device image; every other kind on the CPU."""
+    if isinstance(image, np.ndarray):
+        return render_heatmap(image, anomaly_map, spec, boxes, boxes_frame)
+    if spec.format != "jpeg" or spec.size == "frame":
+        return render_heatmap(image.cpu().numpy(), anomaly_map, spec, boxes, boxes_frame)
+    import torch
+
+    from service import gpu_imaging
+    from service.imaging import JPEG_QUALITY, output_hw
+
+    h, w = output_hw(image_hw(image), spec.size, anomaly_map.shape[0])
+    values = torch.from_numpy(anomaly_map).to(image.device, non_blocking=False)
+    rgb = gpu_imaging.overlay(image, values, (h, w), boxes)
+    return Heatmap("image/jpeg", w, h, "overlay", gpu_imaging.encode_jpeg(rgb, JPEG_QUALITY))
