@@ -47,11 +47,18 @@ class Plan:
     concurrencies: tuple[int, ...]
     load_s: float
     budget_s: float
+    precisions: str = "fp32,bf16"
+    tests_s: float = 150.0  # the most the CUDA tests may take
+    sweep_s: float = 170.0  # the most the benchmark sweep may take
+    serving: str = "all"  # "all" configurations, or "gpu-path": the embedded server with the GPU image path only
     test_files: tuple[str, ...] = ("tests/test_cuda.py", "tests/test_gpu_imaging.py")
 
 
 PLANS = {
     "real": Plan("real", "cuda", "1,8,16,32,64", 32, 3, 1, 32, "bf16", ("1.5MP", "5MP"), (16, 64), 6.0, 450.0),
+    # what fits a lease's last three minutes: bf16 only, a few batch sizes, the GPU image path end to end
+    "short": Plan("real", "cuda", "1,16,32", 32, 2, 1, 32, "bf16", ("1.5MP",), (64,), 8.0, 175.0,
+                  precisions="bf16", tests_s=45.0, sweep_s=60.0, serving="gpu-path"),
     "dry": Plan("tiny", "cpu", "1,2", 2, 1, 1, 4, "fp32", ("1.5MP",), (2,), 3.0, 900.0),
 }
 
@@ -128,7 +135,7 @@ def step_tests(check: Check) -> None:
     log = check.out / "pytest-cuda.log"
     files = [f for f in check.plan.test_files if (REPO / f).exists()]
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-x", "-q", "-rs", "-p", "no:cacheprovider", *files]
-    code, secs = run(cmd, log, min(150.0, check.left_s() - 300))
+    code, secs = run(cmd, log, min(check.plan.tests_s, check.left_s() - 20))
     text = log.read_text(errors="replace")
     summary = next((ln for ln in reversed(text.splitlines()) if " passed" in ln or " failed" in ln
                     or " skipped" in ln or "error" in ln.lower()), "(no summary line)")
@@ -171,8 +178,8 @@ def _rows_md(runs: list[dict]) -> str:
 def step_bench(check: Check) -> None:
     p = check.plan
     ob = str(p.option_batch)
-    runs = [_bench(check, "sweep", ["--batch-sizes", p.batch_sizes, "--precisions", "fp32,bf16", "--grounding",
-                                    "both", "--profile-batch", ob], min(170.0, check.left_s() - 200))]
+    runs = [_bench(check, "sweep", ["--batch-sizes", p.batch_sizes, "--precisions", p.precisions, "--grounding",
+                                    "both", "--profile-batch", ob], min(p.sweep_s, check.left_s() - 30))]
     options = [("no-pinned-copies", ["--no-pin-memory"], 60.0), ("compiled-encoder", ["--compile"], 100.0)]
     for name, flags, limit in options:
         if check.left_s() < 200 + limit:
@@ -221,6 +228,8 @@ def step_serving(check: Check) -> None:
         # the most telling first: embedded (the HTTP target), then the GPU image path, the CPU path last
         configs = [("embedded", {}, p.concurrencies), ("embedded", gpu_path, most), ("queue", gpu_path, most),
                    ("queue", {}, most)]
+        if p.serving == "gpu-path":
+            configs = [("embedded", gpu_path, most)]
         for mode, extra, concurrencies in configs:
             label = mode + (" + GPU image path" if extra else "")
             if check.left_s() < 45 + len(images) * len(concurrencies) * (p.load_s + 3):
@@ -272,11 +281,12 @@ STEPS = {"machine": step_machine, "tests": step_tests, "bench": step_bench, "ser
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="every step on the CPU with the tiny architectures")
+    ap.add_argument("--short", action="store_true", help="the three-minute plan (bf16, few sizes, one serving case)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu"))
     ap.add_argument("--steps", default="tests,bench,serving,machine", help="which steps, in this order")
     ap.add_argument("--budget-s", type=float, help="overall time budget (default: the plan's)")
     args = ap.parse_args(argv)
-    plan = PLANS["dry" if args.dry_run else "real"]
+    plan = PLANS["dry" if args.dry_run else "short" if args.short else "real"]
     if args.budget_s:
         plan = replace(plan, budget_s=args.budget_s)
     out = Path(args.out)

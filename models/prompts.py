@@ -124,9 +124,10 @@ def _tokens_to_parts(tokens: torch.Tensor, embed: Callable[[torch.Tensor], torch
                      truncate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     eot = tokens.argmax(dim=-1)  # the EOT token has the largest id in CLIP's vocabulary
     length = int(eot.max()) + 1 if truncate else tokens.shape[1]
+    weight = getattr(embed, "weight", None)  # the tokenizer gives host tensors; the embedding may be on a GPU
     with torch.no_grad():
-        emb = embed(tokens[:, :length])
-    return emb[:, :1], emb[:, 1 + n_ctx:], eot
+        emb = embed(tokens[:, :length].to(weight.device if weight is not None else tokens.device))
+    return emb[:, :1], emb[:, 1 + n_ctx:], eot.to(emb.device)
 
 
 def build_prompt_bank(noun: str, descriptions: Sequence[str], tokenizer: Callable, embed: Callable,

@@ -16,7 +16,8 @@ WHEELS=(
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 python-multipart==0.0.34
   pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0
-  typing-inspection==0.4.5 python-dotenv==1.2.4 redis==8.2.0
+  typing-inspection==0.4.5 python-dotenv==1.2.4 redis==8.2.0 opentelemetry-api==1.45.2
+  typing_extensions==4.16.0
 )
 # Debian packages of redis-server and its libraries (unpacked with dpkg -x into a private prefix there)
 DEBS=(redis-server redis-tools liblzf1 libjemalloc2)

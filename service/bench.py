@@ -19,7 +19,7 @@ from descriptions import CategoryCatalog
 from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL
 from models.factory import ModelSpec, build_model
 from service.engine import InspectionEngine
-from service.types import InspectRequest
+from service.types import InspectRequest, InspectResult
 
 
 @dataclass
@@ -75,7 +75,9 @@ def time_batches(engine: InspectionEngine, batch_size: int, iters: int, warmup: 
     reqs = [engine.prepare(InspectRequest(image=im, category=category)) for im in _images(batch_size)]
     cuda = str(engine.device).startswith("cuda")
     for _ in range(warmup):
-        engine.inspect_batch(reqs)
+        failed = [r for r in engine.inspect_batch(reqs) if not isinstance(r, InspectResult)]
+        if failed:  # a benchmark of the error path would be a lie
+            raise RuntimeError(f"the pipeline failed on {len(failed)} of {len(reqs)} images: {failed[0]!r}")
     _sync(engine.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
