@@ -29,6 +29,7 @@ from service.service_bench import (
     encode_image,
     photo_like,
     process_cpu_s,
+    stop_processes,
     worker_stage_cpu_s,
 )
 
@@ -100,13 +101,7 @@ def start_stack(mode: str, model_env: dict[str, str], logs: Path, ready_timeout_
         _wait_ready(url, 120, api, logs / "api.log")
         yield Stack(mode, url, {"api": api.pid, "worker": worker.pid}, worker_url, procs)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes(procs)
 
 
 def test_images(sizes: list[str]) -> dict[str, bytes]:

@@ -127,7 +127,7 @@ def _tokens_to_parts(tokens: torch.Tensor, embed: Callable[[torch.Tensor], torch
     weight = getattr(embed, "weight", None)  # the tokenizer gives host tensors; the embedding may be on a GPU
     with torch.no_grad():
         emb = embed(tokens[:, :length].to(weight.device if weight is not None else tokens.device))
-    return emb[:, :1], emb[:, 1 + n_ctx:], eot.to(emb.device)
+    return emb[:, :1], emb[:, 1 + n_ctx:], eot  # eot stays on the host until checked
 
 
 def build_prompt_bank(noun: str, descriptions: Sequence[str], tokenizer: Callable, embed: Callable,
@@ -139,4 +139,4 @@ def build_prompt_bank(noun: str, descriptions: Sequence[str], tokenizer: Callabl
     a_pre, a_suf, a_eot = _tokens_to_parts(abnormal_tokens, embed, n_ctx, truncate)
     if int(n_eot.min()) <= n_ctx or int(a_eot.min()) <= n_ctx:
         raise ValueError("a prompt sentence was cut before its context tokens; descriptions too long?")
-    return PromptBank(n_pre, n_suf, n_eot, a_pre, a_suf, a_eot, len(descriptions))
+    return PromptBank(n_pre, n_suf, n_eot.to(n_pre.device), a_pre, a_suf, a_eot.to(a_pre.device), len(descriptions))

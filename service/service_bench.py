@@ -160,17 +160,22 @@ class ServiceStack:
             _wait_ready(api_url, 120, api, alog)
             yield cls(api_url, worker_url, api.pid, procs, tmp)
         finally:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(20)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            stop_processes(procs)
             shutil.rmtree(tmp, ignore_errors=True)
 
     def worker_stage_cpu_s(self) -> dict[str, float]:
         return worker_stage_cpu_s(self.worker_url)
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Terminate what a bench started, last started first; kill what outlives `grace_s`."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def worker_stage_cpu_s(worker_url: str) -> dict[str, float]:

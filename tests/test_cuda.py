@@ -7,7 +7,6 @@ fp32 comparisons run with TF32 off, so CPU and GPU differ by float rounding alon
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
@@ -221,30 +220,11 @@ def test_peak_memory_within_the_stated_budget(real_pair, batch_size):
 
 def test_worker_prepares_the_next_batch_while_one_runs_on_cuda(redis_url):  # noqa: F811
     """The worker's prepare/compute overlap, with the engine on the GPU."""
-    import itertools
-
-    from service.queue import Job
-    from tests.service_fixtures import demo_settings, png_bytes
-    from tests.test_worker_pipeline import running_worker
+    from tests.service_fixtures import demo_settings
+    from tests.test_worker_pipeline import check_next_batch_prepared_while_one_runs
 
     settings = demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200, device="cuda")
-
-    async def main():
-        async with running_worker(settings, "cuda-pipelined", batch_s=0.6) as (worker, timeline, producer):
-            assert str(worker.engine.device).startswith("cuda")
-            ids = [f"req{i}" for i in range(6)]
-            for i, rid in enumerate(ids):
-                outcome, _ = await producer.enqueue(Job(rid, "bottle", png_bytes(300, 400, seed=i), 60_000, 3))
-                assert outcome == "enqueued"
-            return [await producer.wait_reply(rid, 60) for rid in ids], timeline
-
-    replies, t = asyncio.run(main())
-    assert all(r is not None and r.error is None and r.result is not None for r in replies), replies
-    runs = sorted(t.runs)
-    assert sum(n for _, _, n in runs) == 6
-    assert all(a_end <= b_start for (_, a_end, _), (b_start, _, _) in itertools.pairwise(runs))
-    overlapped = [p for p, _ in t.prepares if any(start < p < end for start, end, _ in runs)]
-    assert len(overlapped) >= 2, (runs, t.prepares)
+    check_next_batch_prepared_while_one_runs(settings, "cuda-pipelined")
 
 
 from tests.service_fixtures import redis_server, redis_url  # noqa: E402, F401  (fixtures of the last test)

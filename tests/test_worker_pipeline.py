@@ -84,11 +84,13 @@ async def running_worker(settings, name: str, batch_s: float) -> AsyncIterator[t
         await redis.aclose()
 
 
-def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None:  # noqa: F811
-    settings = demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200)
+def check_next_batch_prepared_while_one_runs(settings, name: str) -> None:
+    """Six requests through a worker whose batches take 0.6 s: batches never overlap on the engine thread,
+    and at least two requests are prepared (decoded, resized) while a batch runs."""
 
     async def main() -> tuple[list, _Timeline]:
-        async with running_worker(settings, "pipelined", batch_s=0.6) as (_, timeline, producer):
+        async with running_worker(settings, name, batch_s=0.6) as (worker, timeline, producer):
+            assert str(worker.engine.device).startswith(settings.resolved_device())
             ids = [f"req{i}" for i in range(6)]
             for i, rid in enumerate(ids):
                 outcome, _ = await producer.enqueue(Job(rid, "bottle", png_bytes(300, 400, seed=i), 60_000, 3))
@@ -105,6 +107,11 @@ def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None: 
     # ... but the next batch is prepared while one runs
     overlapped = [p for p, _ in t.prepares if any(start < p < end for start, end, _ in runs)]
     assert len(overlapped) >= 2, (runs, t.prepares)
+
+
+def test_worker_prepares_the_next_batch_while_one_runs(redis_url: str) -> None:  # noqa: F811
+    check_next_batch_prepared_while_one_runs(demo_settings(redis_url=redis_url, max_batch_size=2, max_wait_ms=200),
+                                             "pipelined")
 
 
 def test_heartbeat_rule() -> None:

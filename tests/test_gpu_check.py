@@ -1,0 +1,42 @@
+"""`scripts/gpu_check.sh --dry-run`: every step of the GPU check runs here, on the CPU with the tiny
+architectures, so that on a lent GPU the script itself cannot be what fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_dry_run_executes_every_step_and_reports(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILO_")}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["plan"]["arch"] == "tiny" and results["machine"]["cpus"] >= 1
+    assert results["tests"]["exit"] == 0 and "skipped" in results["tests"]["summary"]  # no GPU: skipped, said so
+    runs = {r["name"]: r for r in results["bench"]}
+    assert set(runs) == {"sweep", "no-pinned-copies", "compiled-encoder"}
+    assert all(r["exit"] == 0 and r["rows"] for r in runs.values())
+    assert len(runs["sweep"]["rows"]) == 8  # 2 sizes x 2 precisions x grounding off/on
+    assert runs["compiled-encoder"]["rows"][0]["compiled"] and not runs["no-pinned-copies"]["rows"][0]["pinned"]
+    assert runs["sweep"]["profile"]["top"]
+    serving = results["serving"]
+    assert [r["config"] for r in serving] == ["embedded", "embedded + GPU image path", "queue + GPU image path",
+                                              "queue"]
+    for row in serving:
+        assert row["ok"] > 0 and row["lost"] == 0 and row["errors"] == {}, row
+        assert row["cpu_ms_per_image"]["api"] > 0
+    assert "worker" in serving[-1]["cpu_ms_per_image"] and serving[-1]["worker_stage_cpu_ms_per_image"]
+    report = (tmp_path / "report.md").read_text()
+    assert report.index("## Machine") < report.index("## 1. CUDA tests") < report.index("## 2.") < report.index("## 3.")
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "results.json", "pytest-cuda.log", "bench.log",
+                                                    "serving.log"}
