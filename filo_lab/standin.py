@@ -72,7 +72,7 @@ def write_filo(out: Path, seed: int, arch: str) -> Path:
 def write_grounding(out: Path, seed: int, arch: str) -> Path:
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
-    from models.grounding import load_tiny_config, load_tiny_tokenizer
+    from models.grounding.detector import load_tiny_config, load_tiny_tokenizer
 
     path = out / GROUNDING_DIR
     # real: grounding-dino-tiny's architecture (Swin-T, BERT-base text tower); tiny: the test configuration

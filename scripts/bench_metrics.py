@@ -1,4 +1,4 @@
-"""Time models.metrics.evaluate on a synthetic input as large as VisA's test set.
+"""Time filo_lab.evaluation.metrics.evaluate on a synthetic input as large as VisA's test set.
 
 VisA's test set is 2,162 images; FiLo's maps are 518x518 float32, so the pixel metrics pool 580M
 pixels. This script builds smooth random maps with elliptical anomalies of that size (about 2.3 GB of
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.metrics import evaluate
+from filo_lab.evaluation.metrics import evaluate
 
 
 def synthetic_input(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_check.sh             on a GPU machine (no network needed: run scripts/gpu_prepare.sh
 #                                         beforehand where the registries are, and carry .whl/ and .debs/)
 #   bash scripts/gpu_check.sh --dry-run   every step on this CPU with the tiny architectures
-# Writes report.md, results.json and the logs under $OUT when set, else out/gpu/. Options: filo_lab/gpu_check.py.
+# Writes report.md, results.json and the logs under $OUT when set, else out/gpu/. Options: filo_lab/bench/gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu}
@@ -36,4 +36,4 @@ if ! command -v redis-server >/dev/null 2>&1 && ls .debs/*.deb >/dev/null 2>&1; 
 fi
 command -v redis-server >/dev/null 2>&1 || echo "gpu_check: no redis-server: queue mode will be reported as failed" >&2
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-exec "$PY" -m filo_lab.gpu_check "$@"
+exec "$PY" -m filo_lab.bench.gpu_check "$@"

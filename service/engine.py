@@ -86,7 +86,7 @@ class InspectionEngine:
         model, info = build_model(spec, device=device, cache_dir=cache_dir)
         detector = None
         if settings.grounding:
-            from models.grounding import GroundingDetector
+            from models.grounding.detector import GroundingDetector
 
             detector = (GroundingDetector.tiny(device=device) if settings.is_demo
                         else GroundingDetector.from_pretrained(settings.grounding_model, device=device))
@@ -289,7 +289,7 @@ class InspectionEngine:
 
     # --- HQ-Loc -----------------------------------------------------------------------------------------
     def _localise(self, reqs: Sequence[InspectRequest], cats: Sequence[Category]) -> list[_Localisation]:
-        from models import grounding as gd
+        from models.grounding import hqloc as gd
 
         locs: list[_Localisation | None] = [None] * len(reqs)
         to_detect = []

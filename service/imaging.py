@@ -19,6 +19,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -94,6 +95,18 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise ImageDecodeError("unsupported_image", f"image mode {img.mode!r} cannot be converted ({exc})") from None
     return np.array(rgb, dtype=np.uint8)  # one copy, writable
+
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files of a folder, in name order (hidden files skipped): reference folders and datasets."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    )
 
 
 def read_image_file(path: str, max_pixels: int = 200_000_000) -> np.ndarray:

@@ -150,11 +150,11 @@ def model_key(info: dict[str, Any], memory_settings: dict[str, Any]) -> str:
 
 
 def reference_paths(paths: Iterable[str]) -> list[str]:
-    """Image files, and the image files of folders (`models.data.list_images`: name order, not recursive),
+    """Image files, and the image files of folders (`service.imaging.list_images`: name order, not recursive),
     in the order given."""
     from pathlib import Path
 
-    from models.data import list_images
+    from service.imaging import list_images
 
     out: list[str] = []
     for p in paths:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.bench import build_random_engine, flops_per_image, run_bench
+from filo_lab.bench.model import build_random_engine, flops_per_image, run_bench
 from service.cli import main
 
 

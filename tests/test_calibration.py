@@ -72,7 +72,7 @@ def test_threshold_record_round_trip_and_validation():
 
 
 def test_filo_calibrate_writes_f1_max_thresholds_per_category(tmp_path):
-    from models.synth import generate
+    from filo_lab.data.synth import generate
     from service.cli import main
 
     generate(tmp_path / "data", categories=["fabric"], n_train=0, n_good=2, n_defect=1, size=64, seed=3)

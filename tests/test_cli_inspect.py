@@ -155,8 +155,8 @@ def test_references_make_the_map_find_the_defect_and_are_reported(tmp_path):
     pooled over the category's test images, good ones included, as `filo eval` computes it)."""
     from sklearn.metrics import roc_auc_score
 
-    from models.data import read_mask, resize_crop_mask
-    from models.synth import generate
+    from filo_lab.data import read_mask, resize_crop_mask
+    from filo_lab.data.synth import generate
 
     root = tmp_path / "data"
     generate(root, ["washer"], n_train=4, n_good=2, n_defect=1, size=256, seed=23)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import grounding_convert as gc
-from models.grounding import GroundingDetector, load_tiny_config, load_tiny_tokenizer, make_image_processor
+from models.grounding.detector import GroundingDetector, load_tiny_config, load_tiny_tokenizer, make_image_processor
 from service.cli import main
 
 CAPTION = "anomaly . damage . broken . scratch ."

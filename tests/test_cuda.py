@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.bench import build_random_engine
+from filo_lab.bench.model import build_random_engine
 from service.engine import InspectionEngine
 from service.types import InspectRequest, InspectResult
 from tests.conftest import synthetic_image
@@ -96,7 +96,7 @@ def test_real_architectures_on_cuda_fp32_equal_cpu(real_pair):
 def test_grounding_dino_on_cuda_equals_cpu(arch, tiny_pair, real_pair):
     """The detector's raw outputs (token probabilities, boxes): random weights put queries near the box
     threshold, so the comparison is of the outputs themselves rather than of the kept boxes."""
-    from models.grounding import build_caption
+    from models.grounding.hqloc import build_caption
 
     cpu, gpu = tiny_pair if arch == "tiny" else real_pair
     image = synthetic_image(300, 420, seed=9)

@@ -1,4 +1,4 @@
-"""models.data: the three layouts, their errors, and the frame geometry."""
+"""filo_lab.data: the three layouts, their errors, and the frame geometry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import (
+from filo_lab.data import (
     DatasetError,
     Sample,
     detect_layout,
@@ -267,7 +267,7 @@ def test_mask_follows_the_image_and_stays_binary(mvtec: Path):
 
 
 def test_mask_geometry_squash_differs_from_crop_on_non_square_images():
-    from models.data import resize_crop_mask
+    from filo_lab.data import resize_crop_mask
 
     mask = np.zeros((100, 200), np.uint8)
     mask[:, :20] = 1  # a stripe at the left edge: cropped away by the center crop, kept by squashing

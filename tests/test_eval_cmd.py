@@ -1,6 +1,6 @@
 """`filo eval` end to end with the demo profile on a tiny generated dataset, and models/evaluation.py.
 
-The report's numbers must be exactly `models.metrics.evaluate` on the arrays the run produced (saved
+The report's numbers must be exactly `filo_lab.evaluation.metrics.evaluate` on the arrays the run produced (saved
 with --save-arrays), the masks must be the ground truth brought into the model frame, and every
 picture must decode.
 """
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import load_sample, read_dataset, resize_crop_mask
-from models.metrics import METRIC_KEYS, evaluate
-from models.reporting import format_table, percent
-from models.synth import generate
-from service.evaluation import limit_per_category, load_arrays
+from filo_lab.data import load_sample, read_dataset, resize_crop_mask
+from filo_lab.data.synth import generate
+from filo_lab.evaluation.metrics import METRIC_KEYS, evaluate
+from filo_lab.evaluation.report import format_table, percent
+from filo_lab.evaluation.runner import limit_per_category, load_arrays
 
 CATEGORIES = ["fabric", "pill"]
 
@@ -133,7 +133,7 @@ def test_evaluate_dataset_in_process_with_grounding_and_limits(dataset, tmp_path
 
     engine = InspectionEngine.from_settings(
         FiloSettings(profile="demo", grounding=True, descriptions=[dataset / "descriptions.json"]))
-    from service.evaluation import evaluate_dataset
+    from filo_lab.evaluation.runner import evaluate_dataset
 
     result = evaluate_dataset(engine, dataset, categories=["pill"], max_images=3, batch_size=2,
                               grounding=True, keep_arrays=True, progress=False, out_dir=tmp_path / "r")

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from filo_lab.bench.stack import encode_image, photo_like
 from service import gpu_imaging as gi
 from service.imaging import ImageDecodeError, decode_image, encode_jpeg, fast_overlay, output_hw, probe_image
 from service.imaging import _draw_boxes as draw_boxes
-from service.service_bench import encode_image, photo_like
 from tests.conftest import synthetic_image
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
@@ -221,7 +221,7 @@ def test_device_inputs_change_the_models_answer_by_little(demo_engine, device: s
 
 @pytest.fixture(scope="module")
 def detector():
-    from models.grounding import GroundingDetector
+    from models.grounding.detector import GroundingDetector
 
     return GroundingDetector.tiny()
 

@@ -6,19 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.grounding import (
+from models.grounding.detector import GroundingDetector, GroundingWeightsNotFound, load_tiny_tokenizer
+from models.grounding.hqloc import (
     GENERAL_WORDS,
     POSITIONS,
     Detection,
-    GroundingDetector,
-    GroundingWeightsNotFound,
     best_valid_box,
     boxes_norm_to_frame,
     build_caption,
     cell_bounds,
     choose_position,
     is_valid_phrase,
-    load_tiny_tokenizer,
     localise,
     phrase_from_posmap,
     position_of_point,

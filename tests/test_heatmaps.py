@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from filo_lab.bench.stack import encode_image, photo_like
 from service.imaging import (
     MAP_QUANT_BOUND,
     HeatmapSpec,
@@ -31,7 +32,6 @@ from service.imaging import (
     render_heatmap,
 )
 from service.queue import MAP_ERROR_BOUND, Reply, result_from_dict, result_to_dict
-from service.service_bench import encode_image, photo_like
 from service.types import AnomalyType, Box, InspectResult
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.losses import adapter_loss, dice_loss, focal_loss, segmentation_loss
+from filo_lab.training.losses import adapter_loss, dice_loss, focal_loss, segmentation_loss
 
 
 def _softmax_maps(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from PIL import Image
 from descriptions import CategoryCatalog
 from models import anomaly_maps as am
 from models.clip_backbone import make_preprocess
-from models.grounding import suppression_keep_mask
+from models.grounding.hqloc import suppression_keep_mask
 from tests.conftest import random_heads, synthetic_image
 from tests.reference_released import released_forward, released_postprocess
 

@@ -1,4 +1,4 @@
-"""models.reporting: the files exist, their numbers are the inputs, the pictures decode."""
+"""filo_lab.evaluation.report: the files exist, their numbers are the inputs, the pictures decode."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.metrics import METRIC_KEYS, evaluate_with_curves
-from models.reporting import format_table, mean_metrics, slug, write_report
+from filo_lab.evaluation.metrics import METRIC_KEYS, evaluate_with_curves
+from filo_lab.evaluation.report import format_table, mean_metrics, slug, write_report
 
 
 def _category(seed: int):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.bench import build_random_engine, time_batches
+from filo_lab.bench.model import build_random_engine, time_batches
 from service.types import InspectRequest, InspectResult
 from tests.conftest import synthetic_image
 

@@ -1,4 +1,4 @@
-"""models.synth and `filo synth`: layout, exact masks, determinism."""
+"""filo_lab.data.synth and `filo synth`: layout, exact masks, determinism."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from filo_lab.data import load_sample, read_dataset
 from models import synth
-from models.data import load_sample, read_dataset
 from service.cli import synth_cmd
 
 SMALL = {"n_train": 1, "n_good": 2, "n_defect": 2, "size": 64}

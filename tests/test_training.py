@@ -1,4 +1,4 @@
-"""`filo train` and models/training.py with the tiny random-weight CLIP on generated data.
+"""`filo train` and filo_lab/training/trainer.py with the tiny random-weight CLIP on generated data.
 
 The central test is the learning proof: phase 1 must measurably raise pixel AUROC over the untrained
 heads, both on held-out images of the training categories and on a category never trained on. The
@@ -20,11 +20,10 @@ import torch
 from PIL import Image
 
 from descriptions import CategoryCatalog, UnknownCategoryError
-from models.checkpoint import load_checkpoint
-from models.clip_backbone import TINY_CLIP_MODEL, make_preprocess
-from models.data import load_sample, read_dataset, resize_crop_mask
-from models.synth import generate
-from models.training import (
+from filo_lab.data import load_sample, read_dataset, resize_crop_mask
+from filo_lab.data.synth import generate
+from filo_lab.evaluation.runner import evaluate_dataset
+from filo_lab.training.trainer import (
     LAST,
     LOSS_LOG,
     STATE_JSON,
@@ -34,7 +33,8 @@ from models.training import (
     build_training_model,
     read_loss_log,
 )
-from service.evaluation import evaluate_dataset
+from models.checkpoint import load_checkpoint
+from models.clip_backbone import TINY_CLIP_MODEL, make_preprocess
 
 TRAIN_CATEGORIES = ["fabric", "wood", "tiles", "washer", "pill", "bolt"]
 HELD_OUT_CATEGORY = "metal"

@@ -1,7 +1,7 @@
 """`filo bench`: model-only throughput per batch size and precision, and the bf16 map deviation.
 
 `filo bench --service` measures the path around the model instead: CPU per request of the API process
-and of the worker's non-model work, and the response size, for photo-like images (service/service_bench.py).
+and of the worker's non-model work, and the response size, for photo-like images (filo_lab/bench/stack.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def run_service(args: argparse.Namespace) -> int:
-    from service.service_bench import IMAGE_SIZES, format_rows, run_service_bench
+    from filo_lab.bench.stack import IMAGE_SIZES, format_rows, run_service_bench
 
     sizes = [x.strip() for x in args.sizes.split(",")]
     unknown = [x for x in sizes if x not in IMAGE_SIZES]
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return run_service(args)
     import torch
 
-    from service.bench import bf16_map_deviation, build_random_engine, flops_per_image, profile_batch, run_bench
+    from filo_lab.bench.model import bf16_map_deviation, build_random_engine, flops_per_image, profile_batch, run_bench
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

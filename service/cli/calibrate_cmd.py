@@ -47,11 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from descriptions import DescriptionsError, UnknownCategoryError
-    from models.data import DatasetError, group_by_category, load_sample, read_dataset
+    from filo_lab.data import DatasetError, group_by_category, load_sample, read_dataset
+    from filo_lab.evaluation.runner import catalog_name, draw_shots, using_references
     from models.errors import CheckpointError, WeightsNotFoundError
     from service.calibration import f1_max_threshold
     from service.engine import InspectionEngine
-    from service.evaluation import catalog_name, draw_shots, using_references
     from service.types import InspectError, InspectRequest
 
     grounding = args.grounding == "on"

@@ -2,7 +2,7 @@
 
 Reads an original IDEA-Research (flat or ``{"model": ...}``) or MMDetection (``{"state_dict": ...}``)
 Grounding DINO checkpoint with ``torch.load(weights_only=True)``, maps it onto transformers'
-``GroundingDinoForObjectDetection`` (``models.grounding_convert``, rules in ``models.grounding_convert_rules``)
+``GroundingDinoForObjectDetection`` (``models.grounding.convert_to_hf``, rules in ``models.grounding.convert_rules``)
 and writes DIR with ``save_pretrained`` plus the config, tokenizer and image processor of ``--base``.
 Exit codes: 0 written; 2 refused (unreadable file, unknown layout, a weight missing or mis-shaped, keys
 left over, unavailable base, existing DIR), nothing written then.
@@ -68,7 +68,7 @@ def _load_base(base: str):
     """(config, processor) of --base; raises OSError/ValueError with transformers' message when unavailable."""
     from transformers import AutoConfig, AutoProcessor
 
-    from models.grounding import _env_flag
+    from models.grounding.detector import _env_flag
 
     local_only = _env_flag("HF_HUB_OFFLINE")
     config = AutoConfig.from_pretrained(base, local_files_only=local_only)

@@ -58,10 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from descriptions import DescriptionsError, UnknownCategoryError
-    from models.data import DatasetError
+    from filo_lab.data import DatasetError
+    from filo_lab.evaluation.runner import evaluate_dataset
     from models.errors import CheckpointError, WeightsNotFoundError
     from service.engine import InspectionEngine
-    from service.evaluation import evaluate_dataset
 
     grounding = args.grounding == "on"
     settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"filo eval: {exc}", file=sys.stderr)
         return 2
     print(result.table() if zero is None else side_by_side(zero.per_category, result.per_category, args.shots))
-    from service.evaluation import provenance, provenance_line
+    from filo_lab.evaluation.runner import provenance, provenance_line
 
     print(f"model: {provenance_line(provenance(engine, grounding))}", file=sys.stderr)
     n = sum(result.images.values())
@@ -105,7 +105,7 @@ SIDE_BY_SIDE_KEYS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
 
 def side_by_side(zero: dict[str, dict[str, float]], few: dict[str, dict[str, float]], k: int) -> str:
     """Markdown: per category and for the mean, zero-shot and K-shot figures of the main metrics, in %."""
-    from models.reporting import MEAN_ROW, METRIC_LABELS, mean_metrics, percent
+    from filo_lab.evaluation.report import MEAN_ROW, METRIC_LABELS, mean_metrics, percent
 
     heads = [f"{METRIC_LABELS[m]} {tag}" for m in SIDE_BY_SIDE_KEYS for tag in ("0-shot", f"{k}-shot")]
     lines = ["| category | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]

@@ -1,4 +1,4 @@
-"""`filo synth OUT`: write the procedural test dataset (MVTec AD layout) of models.synth."""
+"""`filo synth OUT`: write the procedural test dataset (MVTec AD layout) of filo_lab.data.synth."""
 
 from __future__ import annotations
 

@@ -78,9 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from descriptions import CategoryCatalog, DescriptionsError, UnknownCategoryError
-    from models.data import DatasetError
+    from filo_lab.data import DatasetError
+    from filo_lab.training.trainer import Trainer, build_training_model, read_train_state
     from models.errors import CheckpointError, WeightsNotFoundError
-    from models.training import Trainer, build_training_model, read_train_state
 
     try:
         saved = read_train_state(args.resume) if args.resume else None
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, saved: dict | None):
     """TrainConfig from the flags; on resume, the saved config with the flags given again on top."""
-    from models.training import TrainConfig
+    from filo_lab.training.trainer import TrainConfig
 
     given = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None}
     if args.categories is not None:

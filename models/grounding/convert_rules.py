@@ -1,4 +1,4 @@
-"""The key mapping of ``filo convert-grounding``, as data: read this beside ``models/grounding_convert.py``.
+"""The key mapping of ``filo convert-grounding``, as data: read this beside ``models/grounding/convert_to_hf.py``.
 
 Three tables and two lists, applied in this order to a checkpoint's tensors:
 

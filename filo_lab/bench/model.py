@@ -42,7 +42,7 @@ def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) 
     model, info = build_model(spec, device=device)
     detector = None
     if grounding:
-        from models.grounding import GroundingDetector, load_tiny_tokenizer, make_image_processor
+        from models.grounding.detector import GroundingDetector, load_tiny_tokenizer, make_image_processor
 
         if arch == "real":
             from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from models.data import (
+from filo_lab.data import (
     DEFAULT_MASK_INTERPOLATION,
     MASK_INTERPOLATIONS,
     Sample,
@@ -41,8 +41,8 @@ from models.data import (
     resize_crop_image,
     resize_crop_mask,
 )
-from models.metrics import METRIC_KEYS, evaluate_with_curves
-from models.reporting import mean_metrics, slug, write_report
+from filo_lab.evaluation.metrics import METRIC_KEYS, evaluate_with_curves
+from filo_lab.evaluation.report import mean_metrics, slug, write_report
 
 if TYPE_CHECKING:  # the engine is the one service object this module drives (see evaluate_dataset)
     from service.engine import InspectionEngine
@@ -71,12 +71,12 @@ class EvalResult:
     images: dict[str, int]
     failures: list[tuple[str, str]]  # (image path, message) of images the engine refused
     seconds: float
-    report: dict[str, Any] | None = None  # paths written by `models.reporting.write_report`
+    report: dict[str, Any] | None = None  # paths written by `filo_lab.evaluation.report.write_report`
     arrays: dict[str, CategoryArrays] | None = None  # with keep_arrays
     shot_images: dict[str, list[str]] = field(default_factory=dict)  # k-shot: the normal references used
 
     def table(self) -> str:
-        from models.reporting import format_table
+        from filo_lab.evaluation.report import format_table
 
         return format_table(self.per_category)
 

@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.cli.loadtest_cmd import run_load
-from service.service_bench import (
+from filo_lab.bench.stack import (
     IMAGE_SIZES,
     _free_port,
     _wait_ready,
@@ -32,8 +31,9 @@ from service.service_bench import (
     stop_processes,
     worker_stage_cpu_s,
 )
+from service.cli.loadtest_cmd import run_load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from models.metrics import METRIC_KEYS
+from filo_lab.evaluation.metrics import METRIC_KEYS
 
 METRIC_LABELS = {
     "pixel_auroc": "pixel AUROC",
@@ -49,8 +49,8 @@ def write_report(
     """Write the report files; return their paths.
 
     per_category: {category: {metric key: fraction in [0, 1] or NaN}} (the output of
-    `models.metrics.evaluate`). curves_data: {category: {"image_roc": {"fpr", "tpr"}, "pixel_roc":
-    {"fpr", "tpr"}}} (from `models.metrics.evaluate_with_curves`). examples: dicts with "image"
+    `filo_lab.evaluation.metrics.evaluate`). curves_data: {category: {"image_roc": {"fpr", "tpr"}, "pixel_roc":
+    {"fpr", "tpr"}}} (from `filo_lab.evaluation.metrics.evaluate_with_curves`). examples: dicts with "image"
     (HxWx3 uint8), "anomaly_map" (float, any size: resized to the image), and optionally "mask"
     (HxW 0/1 or None when unknown), "boxes" ([(x1, y1, x2, y2)] in image pixels), "title" and "score".
     Returns {"markdown", "csv", "json": Path, "roc": {category: Path}, "examples": Path or None}.

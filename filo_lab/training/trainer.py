@@ -40,9 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from descriptions import CategoryCatalog, bundled_version, category_fingerprint
-from models.checkpoint import apply_head_state, load_checkpoint, save_checkpoint
-from models.clip_backbone import make_preprocess
-from models.data import (
+from filo_lab.data import (
     DEFAULT_MASK_INTERPOLATION,
     MASK_INTERPOLATIONS,
     Sample,
@@ -53,9 +51,11 @@ from models.data import (
     read_dataset,
     resize_crop_mask,
 )
+from filo_lab.training.losses import ADAPTER_TEMPERATURE, adapter_loss, segmentation_loss
+from models.checkpoint import apply_head_state, load_checkpoint, save_checkpoint
+from models.clip_backbone import make_preprocess
 from models.dual_path import EncoderOutput
 from models.filo import FiLoModel
-from models.losses import ADAPTER_TEMPERATURE, adapter_loss, segmentation_loss
 
 log = logging.getLogger(__name__)
 

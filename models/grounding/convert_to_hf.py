@@ -3,7 +3,7 @@
 FiLo's released ``test.py`` loads its fine-tuned Grounding DINO (``grounding_train_on_mvtec.pth``, ...) into the
 IDEA-Research implementation; this project runs ``transformers``' ``GroundingDinoForObjectDetection``. This
 module turns such a checkpoint into that model's state dict: it recognises the file's layout, renames every
-tensor through the rule tables of ``models.grounding_convert_rules`` (data, meant to be read), splits fused
+tensor through the rule tables of ``models.grounding.convert_rules`` (data, meant to be read), splits fused
 q/k/v projections, resolves the box head that the original stores under many names, and checks that every
 weight of the target model is filled with a tensor of the right shape. It never guesses: anything missing,
 mis-shaped or left over is reported by name, and the caller refuses to write a model.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from models import grounding_convert_rules as rules
+from models.grounding import convert_rules as rules
 
 # --------------------------------------------------------------------------------------------------
 # Patterns

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ def step_bench(check: Check) -> None:
 
 
 def step_serving(check: Check) -> None:
-    from filo_lab.serving import measure, start_stack, test_images
+    from filo_lab.bench.load import measure, start_stack, test_images
 
     p = check.plan
     weights = Path(tempfile.mkdtemp(prefix="filo-standin-"))

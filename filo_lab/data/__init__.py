@@ -25,10 +25,10 @@ from PIL import Image, UnidentifiedImageError
 
 from descriptions import CategoryCatalog, UnknownCategoryError
 from models.frame import center_crop_offsets, resized_size
+from service.imaging import IMAGE_EXTENSIONS, list_images  # noqa: F401 (the readers import them from here)
 
 LAYOUTS = ("auto", "mvtec", "visa", "folder")
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 GOOD = "good"  # defect_type of normal images, in every layout
 
 
@@ -74,7 +74,7 @@ def read_dataset(
         raise DatasetError(f"unknown split {split!r} for {root}; expected one of {', '.join(SPLITS)}")
     if layout == "auto":
         layout = detect_layout(root)
-    from models.data import folder, mvtec, visa  # the readers import this module's names
+    from filo_lab.data import folder, mvtec, visa  # the readers import this module's names
 
     reader = {"mvtec": mvtec.read, "visa": visa.read, "folder": folder.read}[layout]
     return reader(root, categories, split)
@@ -108,15 +108,6 @@ def select_categories(found: dict[str, object], requested: list[str] | None, roo
             raise DatasetError(f"unknown category {name!r} in {root}; known: {', '.join(sorted(found))}")
         chosen.append(canonical)
     return sorted(set(chosen))
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files of a folder, in name order (hidden files skipped)."""
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-    )
 
 
 def require_samples(samples: list[Sample], category: str, where: Path, split: str) -> list[Sample]:

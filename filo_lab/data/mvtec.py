@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data import (
+from filo_lab.data import (
     GOOD,
     DatasetError,
     Sample,

@@ -1,0 +1,2 @@
+"""Benchmarks: the model alone (`model`), the service path's CPU costs (`stack`), the service under load
+(`load`), and the GPU check that runs them on a lent GPU (`gpu_check`)."""

@@ -1,0 +1,1 @@
+"""Evaluation: the metric library (`metrics`), the batched runner over a dataset (`runner`), reports (`report`)."""

@@ -1,0 +1,1 @@
+"""Training FiLo's heads: the released two-phase recipe (`trainer`) and its losses (`losses`)."""

@@ -1,0 +1,315 @@
+"""Grounding DINO through Hugging Face transformers: loading (never random weights for real ones), batching,
+and turning its outputs into ``hqloc.Detection`` records. The localisation rules themselves are ``hqloc``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import WeightsNotFoundError
+from models.grounding.hqloc import (
+    RELEASED_FRAME,
+    CaptionEncoding,
+    Detection,
+    build_caption,
+    is_valid_phrase,
+    phrase_from_posmap,
+    select_queries,
+)
+from models.standin import STANDIN_BANNER, STANDIN_KEY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TINY_CONFIG = CONFIG_DIR / "grounding-dino-tiny.json"
+TINY_VOCAB = CONFIG_DIR / "bert-tiny-vocab.txt"
+
+class GroundingWeightsNotFound(WeightsNotFoundError):
+    """Grounding DINO weights (or tokenizer) are not available locally and could not be fetched.
+
+    A ``FileNotFoundError`` (through ``models.errors.WeightsNotFoundError``) so the service handles it like
+    every other missing-weights case. Never answered by substituting random weights.
+    """
+
+
+# Grounding DINO ties its box/class heads across decoder layers (stored once in the checkpoint) and
+# carries non-learned buffers; transformers may list those as "missing" although nothing is random.
+_TIED_OR_BUFFER = re.compile(r"(bbox_embed|class_embed)\.\d+\.|position_ids$|num_batches_tracked$")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _missing_weights_message(name_or_dir: str, cache_dir: str | None, reason: str) -> str:
+    from huggingface_hub import constants
+
+    if Path(name_or_dir).is_dir():
+        looked = f"Looked in the local directory {name_or_dir}."
+    else:
+        cache = cache_dir or constants.HF_HUB_CACHE
+        looked = f"Looked in the Hugging Face cache at {cache} (set HF_HOME or HF_HUB_CACHE to move it)."
+    return (
+        f"Grounding DINO weights {name_or_dir!r} are not available: {reason}\n"
+        f"{looked}\n"
+        f"Fetch them on a machine with internet access with `hf download {DEFAULT_MODEL_ID}` "
+        f"(older clients: `huggingface-cli download {DEFAULT_MODEL_ID}`) and copy the cache over, "
+        "or pass a local directory holding config.json, the weights and the tokenizer files. "
+        "FiLo Inspect never runs with random grounding weights."
+    )
+
+
+def make_image_processor(shortest_edge: int = RELEASED_FRAME, longest_edge: int = 1333):
+    """Grounding DINO's image processor at FiLo's scale: shorter side 518 (longest <= 1333), ImageNet mean/std.
+
+    Built here rather than read from the hub, whose preprocessor_config says shortest edge 800.
+    """
+    from transformers import GroundingDinoImageProcessor
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return GroundingDinoImageProcessor(
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge},
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
+    )
+
+
+def load_tiny_config():
+    """The tiny test ``GroundingDinoConfig`` from ``models/configs`` (keys starting with "_" are notes)."""
+    from transformers import GroundingDinoConfig
+
+    data = {k: v for k, v in json.loads(TINY_CONFIG.read_text()).items() if not k.startswith("_")}
+    return GroundingDinoConfig.from_dict(data)
+
+
+def load_tiny_tokenizer():
+    """Lowercasing BERT WordPiece tokenizer over the in-repo vocab (ids of the specials as in bert-base-uncased).
+
+    Note: transformers 5's ``BertTokenizer`` takes the file as ``vocab=``; ``vocab_file=`` is silently
+    ignored there and leaves a 5-token vocabulary.
+    """
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab=str(TINY_VOCAB), do_lower_case=True)
+    if tokenizer.vocab_size < 100:
+        raise RuntimeError(f"tiny vocab {TINY_VOCAB} did not load ({tokenizer.vocab_size} tokens)")
+    return tokenizer
+
+
+class GroundingDetector:
+    """Grounding DINO for HQ-Loc: images + descriptions in, ``Detection`` lists out.
+
+    Holds the ``GroundingDinoForObjectDetection`` model, its image processor and BERT tokenizer, the device
+    and the thresholds (``box_threshold``, ``text_threshold``, ``area_threshold``, all settable attributes).
+    Images go through the image processor one by one and are batched only with others of the same resized
+    size and the same caption, so no padding ever enters a batch and batched results equal single ones.
+    """
+
+    def __init__(
+        self,
+        model,
+        image_processor,
+        tokenizer,
+        device: str | torch.device = "cpu",
+        box_threshold: float = 0.25,
+        text_threshold: float = 0.25,
+        area_threshold: float = 0.7,
+        max_batch: int = 8,
+        caption_cache_size: int = 256,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.area_threshold = area_threshold
+        self.max_batch = max_batch
+        self._caption_cache: OrderedDict[str, CaptionEncoding] = OrderedDict()
+        self._caption_cache_size = caption_cache_size
+        self.standin = False  # loaded from stand-in weights (models/standin.py): reported, never a real result
+
+    # ----- construction -----
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str = DEFAULT_MODEL_ID,
+        device: str | torch.device = "cpu",
+        local_files_only: bool | None = None,
+        cache_dir: str | None = None,
+        **kwargs,
+    ) -> GroundingDetector:
+        """Load real weights (hub id or local directory). ``local_files_only`` defaults to HF_HUB_OFFLINE.
+
+        Raises ``GroundingWeightsNotFound`` when the files are missing or the checkpoint lacks weights the
+        model needs (transformers would otherwise fill them randomly). ``kwargs`` go to ``__init__``
+        (thresholds, max_batch).
+        """
+        from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+
+        if local_files_only is None:
+            local_files_only = _env_flag("HF_HUB_OFFLINE")
+        name_or_dir = str(name_or_dir)
+        try:
+            model, info = GroundingDinoForObjectDetection.from_pretrained(
+                name_or_dir, local_files_only=local_files_only, cache_dir=cache_dir, output_loading_info=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                name_or_dir, local_files_only=local_files_only, cache_dir=cache_dir
+            )
+        except OSError as exc:
+            raise GroundingWeightsNotFound(
+                _missing_weights_message(name_or_dir, cache_dir, f"{type(exc).__name__}: {exc}")
+            ) from exc
+        missing = [k for k in (info.get("missing_keys") or []) if not _TIED_OR_BUFFER.search(k)]
+        if missing:
+            raise GroundingWeightsNotFound(
+                _missing_weights_message(
+                    name_or_dir, cache_dir, f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}"
+                )
+            )
+        detector = cls(model, make_image_processor(), tokenizer, device=device, **kwargs)
+        detector.standin = getattr(model.config, STANDIN_KEY, None) is not None
+        if detector.standin:
+            log.warning("%s (Grounding DINO %s)", STANDIN_BANNER, name_or_dir)
+        return detector
+
+    @classmethod
+    def tiny(cls, device: str | torch.device = "cpu", seed: int = 0, **kwargs) -> GroundingDetector:
+        """Randomly initialised tiny model from ``models/configs`` for tests and demos (no download).
+
+        The global torch RNG is left as it was: the init runs under ``torch.random.fork_rng``.
+        """
+        from transformers import GroundingDinoForObjectDetection
+
+        config = load_tiny_config()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GroundingDinoForObjectDetection(config)
+        return cls(model, make_image_processor(), load_tiny_tokenizer(), device=device, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model and tokenizer so that ``from_pretrained(directory)`` loads them back."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    # ----- text side -----
+
+    def encode_caption(self, caption: str) -> CaptionEncoding:
+        """Tokenise a caption, cached by caption (LRU).
+
+        Only the tokenisation is cached. The text encoding itself (BERT + projection) cannot be reused:
+        ``GroundingDinoModel.forward`` always runs ``text_backbone`` on ``input_ids`` and has no argument
+        for precomputed text features (``encoder_outputs`` is the image-text fused encoder, image
+        dependent), and patching transformers internals is not worth the small BERT pass.
+        Captions are truncated to the model's ``max_text_len`` (256): the detection head's text mask is
+        not cut by the model, so a longer caption would fail there.
+        """
+        cached = self._caption_cache.get(caption)
+        if cached is not None:
+            self._caption_cache.move_to_end(caption)
+            return cached
+        max_len = int(self.model.config.max_text_len)
+        enc = self.tokenizer(caption, return_tensors="pt", truncation=True, max_length=max_len)
+        token_type_ids = enc.get("token_type_ids")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(enc["input_ids"])
+        encoding = CaptionEncoding(caption, enc["input_ids"], enc["attention_mask"], token_type_ids)
+        self._caption_cache[caption] = encoding
+        if len(self._caption_cache) > self._caption_cache_size:
+            self._caption_cache.popitem(last=False)
+        return encoding
+
+    # ----- image side -----
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(1, 3, h, w) normalised pixels of one HxWx3 uint8 RGB image, shorter side 518."""
+        if (
+            not isinstance(image, np.ndarray)
+            or image.ndim != 3
+            or image.shape[2] != 3
+            or image.dtype != np.uint8
+        ):
+            raise ValueError("images must be HxWx3 uint8 RGB numpy arrays")
+        out = self.image_processor(images=image, return_tensors="pt", input_data_format="channels_last")
+        return out["pixel_values"]
+
+    # ----- detection -----
+
+    @torch.no_grad()
+    def forward_batch(
+        self, pixel_values: torch.Tensor, caption: CaptionEncoding
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, h, w) pixels, one caption -> (probs (B, nq, T), boxes (B, nq, 4) normalised cx, cy, w, h).
+
+        T is ``max_text_len``; position i < L is caption token i, positions >= L have probability 0.
+        """
+        batch = pixel_values.shape[0]
+        outputs = self.model(
+            pixel_values=pixel_values.to(self.device),
+            input_ids=caption.input_ids.expand(batch, -1).to(self.device),
+            attention_mask=caption.attention_mask.expand(batch, -1).to(self.device),
+            token_type_ids=caption.token_type_ids.expand(batch, -1).to(self.device),
+        )
+        return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
+
+    def detections_from_outputs(
+        self, probs: torch.Tensor, boxes: torch.Tensor, input_ids: Sequence[int], descriptions: Sequence[str]
+    ) -> list[Detection]:
+        """One image's (nq, T) probs and (nq, 4) boxes -> its kept, decoded, checked detections."""
+        kept = select_queries(probs, boxes, self.box_threshold, self.area_threshold)
+        detections = []
+        for q in kept.tolist():
+            phrase = phrase_from_posmap(probs[q], input_ids, self.tokenizer, self.text_threshold)
+            detections.append(
+                Detection(
+                    box_norm=tuple(float(v) for v in boxes[q].tolist()),
+                    confidence=float(probs[q].max().item()),
+                    phrase=phrase,
+                    valid=is_valid_phrase(phrase, descriptions),
+                )
+            )
+        return detections
+
+    def detect(
+        self, images: Sequence[np.ndarray], descriptions: Sequence[Sequence[str]],
+        pixels: Sequence[torch.Tensor | None] | None = None,
+    ) -> list[list[Detection]]:
+        """Detections per image; ``descriptions[i]`` are image i's category descriptions (caption words).
+
+        Images sharing resized size and caption run together (up to ``max_batch``); the order of the
+        result follows ``images``. ``pixels[i]``, when given, is ``preprocess(images[i])`` done
+        ahead (a worker does it in other threads while the previous batch runs).
+        """
+        if len(images) != len(descriptions):
+            raise ValueError(f"{len(images)} images but {len(descriptions)} description lists")
+        given = list(pixels) if pixels is not None else [None] * len(images)
+        pixels = [self.preprocess(image) if pix is None else pix for image, pix in zip(images, given, strict=True)]
+        captions = [build_caption(list(d)) for d in descriptions]
+        groups: dict[tuple[int, int, str], list[int]] = {}
+        for index, (pix, caption) in enumerate(zip(pixels, captions)):
+            groups.setdefault((pix.shape[-2], pix.shape[-1], caption), []).append(index)
+
+        results: list[list[Detection]] = [[] for _ in images]
+        for (_, _, caption), members in groups.items():
+            encoding = self.encode_caption(caption)
+            ids = encoding.ids
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start : start + self.max_batch]
+                probs, boxes = self.forward_batch(torch.cat([pixels[i] for i in chunk]), encoding)
+                for k, index in enumerate(chunk):
+                    results[index] = self.detections_from_outputs(
+                        probs[k], boxes[k], ids, descriptions[index]
+                    )
+        return results
