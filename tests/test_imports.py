@@ -75,3 +75,14 @@ def test_every_module_imports(package):
     assert names or package == "descriptions"
     for name in names:
         importlib.import_module(name)
+
+
+def test_every_listed_command_exists_and_a_missing_one_fails_loudly(monkeypatch):
+    import service.cli as cli
+
+    parser = cli.build_parser()
+    listed = set(parser._subparsers._group_actions[0].choices)  # argparse keeps the commands here
+    assert listed == {name.replace("_", "-") for name in cli.COMMAND_MODULES}
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "moved_away"))
+    with pytest.raises(ModuleNotFoundError, match="service.cli.moved_away_cmd"):
+        cli.build_parser()

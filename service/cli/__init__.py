@@ -34,12 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"service.cli.{name}_cmd")
-        except ModuleNotFoundError as exc:  # a command not built yet; never hide a broken import
-            if exc.name != f"service.cli.{name}_cmd":
-                raise
-            continue
+        # every listed command must exist: a module moved or renamed fails here, loudly, instead of
+        # vanishing from `filo --help`
+        module = importlib.import_module(f"service.cli.{name}_cmd")
         module.register(subparsers)
     return parser
 
