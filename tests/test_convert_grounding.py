@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from models import grounding_convert as gc
+from models.grounding import convert_to_hf as gc
 from models.grounding.detector import GroundingDetector, load_tiny_config, load_tiny_tokenizer, make_image_processor
 from service.cli import main
 

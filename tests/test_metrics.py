@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
+from filo_lab.evaluation import metrics
 from filo_lab.evaluation.metrics import METRIC_KEYS, MetricWarning, evaluate, float_keys, keys_to_floats, pixel_metrics
-from models import metrics
 
 EIGHT = np.ones((3, 3), dtype=bool)
 # Tiny memory settings force many groups and chunk boundaries, through the sorting path (TINY, as the

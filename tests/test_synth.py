@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filo_lab.data import load_sample, read_dataset
-from models import synth
+from filo_lab.data import load_sample, read_dataset, synth
 from service.cli import synth_cmd
 
 SMALL = {"n_train": 1, "n_good": 2, "n_defect": 2, "size": 64}

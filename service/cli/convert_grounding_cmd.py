@@ -83,7 +83,7 @@ def _load_base(base: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models import grounding_convert as gc
+    from models.grounding import convert_to_hf as gc
 
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.overwrite:

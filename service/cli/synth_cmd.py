@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models import synth
+    from filo_lab.data import synth
 
     categories = split_names(args.categories)
     try:
