@@ -1,7 +1,7 @@
 """FiLoModel: images and categories in, text probabilities, anomaly maps and type similarities out.
 
 Tensors only. Grounding DINO (position, boxes) runs before this model and suppression after it;
-both are the pipeline's business (service/engine.py), since they need the original image.
+both are the pipeline's business (service/engine/pipeline.py), since they need the original image.
 """
 
 from __future__ import annotations

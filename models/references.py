@@ -1,7 +1,7 @@
 """Few-shot normal references: a patch-feature memory and its distances, fused with FiLo's zero-shot map.
 
 Tensors in, tensors out (like anomalib's winclip `utils.py`); each function is tested alone in
-tests/test_references_model.py, and `service/engine.py` only strings them together.
+tests/test_references_model.py, and `service/engine/pipeline.py` only strings them together.
 
 What is remembered: the encoder's raw standard-stream tokens at its four taps (blocks 6/12/18/24
 of ViT-L, 2/4/6/8 of the demo's tiny CLIP), CLS dropped, L2-normalised: the features APRIL-GAN

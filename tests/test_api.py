@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.api.auth import AuthConfigError
-from service.backends import EmbeddedBackend, RedisBackend
+from service.backends.embedded import EmbeddedBackend, RedisBackend
 from service.settings import FiloSettings
 from tests.service_fixtures import ServerThread, demo_settings, free_port, png_bytes, wait_ready
 

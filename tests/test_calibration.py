@@ -1,4 +1,4 @@
-"""service/calibration.py: the F1-max cut, the references rule, which threshold an inspection gets; filo calibrate."""
+"""service/catalog/thresholds.py: the F1-max cut, the references rule, which threshold an inspection gets; filo calibrate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from service.calibration import (
+from service.catalog.thresholds import (
     REFERENCE_MARGIN_MIN,
     ThresholdRecord,
     f1_max_threshold,

@@ -139,9 +139,9 @@ def test_production_path_with_local_clip_file_and_project_checkpoint(images, tmp
     assert torch.equal(model.clip.visual.transformer.resblocks[0].mlp.c_fc.weight,
                        native.visual.transformer.resblocks[0].mlp.c_fc.weight)
     from descriptions import CategoryCatalog
-    from service.engine import InspectionEngine
-    from service.imaging import read_image_file
-    from service.types import InspectRequest
+    from service.core.imaging import read_image_file
+    from service.core.types import InspectRequest
+    from service.engine.pipeline import InspectionEngine
 
     engine = InspectionEngine(model, info, CategoryCatalog.load(), "cpu", None, False)
     res = engine.inspect_batch([InspectRequest(read_image_file(str(paths[0])), "cable", grounding=False)])[0]

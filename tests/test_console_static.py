@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.api.routes_console import STATIC_FILES
-from service.backends import RedisBackend
+from service.api.routes.console import STATIC_FILES
+from service.backends.embedded import RedisBackend
 from service.console import STATIC_DIR
 from tests.service_fixtures import REPO, demo_settings
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from filo_lab.bench.model import build_random_engine
-from service.engine import InspectionEngine
-from service.types import InspectRequest, InspectResult
+from service.core.types import InspectRequest, InspectResult
+from service.engine.pipeline import InspectionEngine
 from tests.conftest import synthetic_image
 
 pytestmark = [pytest.mark.cuda,

@@ -1,4 +1,4 @@
-"""The batch pipeline (service/engine.py): batch == one by one, failures stay in their slot, caches."""
+"""The batch pipeline (service/engine/pipeline.py): batch == one by one, failures stay in their slot, caches."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine import InspectionEngine
+from service.core.types import InspectError, InspectRequest, InspectResult
+from service.engine.pipeline import InspectionEngine
 from service.settings import FiloSettings
-from service.types import InspectError, InspectRequest, InspectResult
 from tests.conftest import synthetic_image
 
 
@@ -59,7 +59,7 @@ def test_prepared_requests_give_the_same_results(engine):
 
 
 def test_warmup_runs_the_largest_batch_on_cuda_only(engine, monkeypatch):
-    from service.engine import warmup_batch_size
+    from service.engine.pipeline import warmup_batch_size
 
     settings = FiloSettings(profile="demo", max_batch_size=12)
     assert warmup_batch_size(settings, "cuda:0") == 12 and warmup_batch_size(settings, "cpu") == 1

@@ -128,7 +128,7 @@ def test_eval_refuses_unknown_categories_and_bad_data(dataset, tmp_path, capsys)
 
 def test_evaluate_dataset_in_process_with_grounding_and_limits(dataset, tmp_path):
     """The library entry point with the demo Grounding DINO, a per-category limit and kept arrays."""
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
     from service.settings import FiloSettings
 
     engine = InspectionEngine.from_settings(

@@ -1,4 +1,4 @@
-"""The device image path (service/gpu_imaging.py) against the CPU path it replaces, deviations bounded.
+"""The device image path (service/engine/gpu_imaging.py) against the CPU path it replaces, deviations bounded.
 
 Every test runs on CPU tensors; where CUDA is present each runs on it too (nvJPEG, CUDA kernels).
 The bounds are measured figures with a margin; the measurements are in the module's docstring and
@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from filo_lab.bench.stack import encode_image, photo_like
-from service import gpu_imaging as gi
-from service.imaging import ImageDecodeError, decode_image, encode_jpeg, fast_overlay, output_hw, probe_image
-from service.imaging import _draw_boxes as draw_boxes
+from service.core.imaging import ImageDecodeError, decode_image, encode_jpeg, fast_overlay, output_hw, probe_image
+from service.core.imaging import _draw_boxes as draw_boxes
+from service.engine import gpu_imaging as gi
 from tests.conftest import synthetic_image
 
 DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
@@ -187,7 +187,7 @@ def test_clip_input_matches_open_clips_preprocess(device: str, h: int, w: int, s
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
     from service.settings import FiloSettings
 
     return InspectionEngine.from_settings(FiloSettings(profile="demo", device="cpu", grounding=False))
@@ -198,7 +198,7 @@ def test_device_inputs_change_the_models_answer_by_little(demo_engine, device: s
     """The demo model's map and score from device inputs against the CPU path, for one 1500x1000 JPEG:
     the device resize of the CPU-decoded pixels, then the device decode and resize. The bounds,
     MODEL_MAP_MAX / MODEL_SCORE_MAX, are about twice what was measured (figures beside them)."""
-    from service.types import InspectRequest
+    from service.core.types import InspectRequest
 
     data = _jpeg(photo_like(1000, 1500, seed=7))
     rgb = decode_image(data, MAX_PIXELS)

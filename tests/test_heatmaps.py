@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from filo_lab.bench.stack import encode_image, photo_like
-from service.imaging import (
+from service.core.imaging import (
     MAP_QUANT_BOUND,
     HeatmapSpec,
     ImageDecodeError,
@@ -31,8 +31,8 @@ from service.imaging import (
     quantize_map,
     render_heatmap,
 )
-from service.queue import MAP_ERROR_BOUND, Reply, result_from_dict, result_to_dict
-from service.types import AnomalyType, Box, InspectResult
+from service.core.types import AnomalyType, Box, InspectResult
+from service.queue.streams import MAP_ERROR_BOUND, Reply, result_from_dict, result_to_dict
 
 
 def smooth_map(size: int = 518, seed: int = 0) -> np.ndarray:

@@ -14,9 +14,9 @@ import pytest
 
 from descriptions import load_file
 from service.api.app import create_app
-from service.backends import RedisBackend
+from service.backends.embedded import RedisBackend
+from service.catalog.llm import LLMError, parse_descriptions
 from service.cli import main as cli_main
-from service.llm import LLMError, parse_descriptions
 from tests.service_fixtures import ServerThread, demo_settings, redis_server, redis_url  # noqa: F401
 
 

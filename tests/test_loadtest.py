@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.api.app import create_app
-from service.backends import EmbeddedBackend
+from service.backends.embedded import EmbeddedBackend
 from service.cli import main as cli_main
 from service.cli.loadtest_cmd import is_loopback_url, percentile
 from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_ready

@@ -13,8 +13,7 @@ from redis.asyncio import Redis
 
 from descriptions import Category
 from service.api.errors import DeadlineExceededError, QueueFullError
-from service.batcher import MicroBatcher, run_isolated
-from service.category_store import (
+from service.catalog.store import (
     DiskCacheStore,
     FileCategoryStore,
     RedisCacheStore,
@@ -22,8 +21,11 @@ from service.category_store import (
     pack_cache_state,
     unpack_cache_state,
 )
-from service.metrics import Metrics
-from service.queue import (
+from service.core.batching import MicroBatcher, run_isolated
+from service.core.retry_after import QueueWaitEstimate
+from service.core.telemetry import Metrics
+from service.core.types import AnomalyType, Box, InspectResult
+from service.queue.streams import (
     ENQUEUED,
     HEARTBEAT_WINDOW_MS,
     NO_WORKERS,
@@ -40,9 +42,7 @@ from service.queue import (
     result_from_dict,
     result_to_dict,
 )
-from service.retry_after import QueueWaitEstimate
 from service.settings import FiloSettings
-from service.types import AnomalyType, Box, InspectResult
 from tests.service_fixtures import redis_server, redis_url  # noqa: F401
 
 # --- micro-batcher -----------------------------------------------------------------------------------------

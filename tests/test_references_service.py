@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from models import anomaly_maps as am
-from service.calibration import ThresholdRecord, reference_threshold
-from service.engine import InspectionEngine
-from service.references import MemoryCache, ReferenceImage, ReferenceSet, model_key
-from service.types import InspectRequest, InspectResult
+from service.catalog.references import MemoryCache, ReferenceImage, ReferenceSet, model_key
+from service.catalog.thresholds import ThresholdRecord, reference_threshold
+from service.core.types import InspectRequest, InspectResult
+from service.engine.pipeline import InspectionEngine
 from tests.conftest import synthetic_image
 from tests.service_fixtures import demo_settings, own_redis, worker_pool  # noqa: F401
 
@@ -179,7 +179,7 @@ def api(tmp_path_factory):
     import httpx
 
     from service.api.app import create_app
-    from service.backends import EmbeddedBackend
+    from service.backends.embedded import EmbeddedBackend
     from tests.service_fixtures import ServerThread, wait_ready
 
     state_dir = tmp_path_factory.mktemp("refs-state")
@@ -264,8 +264,8 @@ def test_redis_store_deletes_a_categorys_extras_with_it(own_redis):  # noqa: F81
     from redis.asyncio import Redis
 
     from descriptions import Category
-    from service.category_store import CATEGORY_EXTRA_KINDS, RedisCategoryStore
-    from service.queue import Keys
+    from service.catalog.store import CATEGORY_EXTRA_KINDS, RedisCategoryStore
+    from service.queue.streams import Keys
 
     async def scenario() -> tuple[list[bytes | None], list[bytes | None]]:
         redis = Redis.from_url(own_redis.url)
@@ -299,7 +299,7 @@ def test_api_calibration_labelled_and_from_references_and_restart_keeps_them(api
     cal = r.json()
     assert cal["threshold_source"] == "labelled" and (cal["n_good"], cal["n_defective"]) == (2, 1)
     scores = cal["scores"]["good"] + cal["scores"]["defective"]
-    from service.calibration import f1_max_threshold
+    from service.catalog.thresholds import f1_max_threshold
 
     assert (cal["threshold"], cal["f1"]) == pytest.approx(f1_max_threshold(scores, [0, 0, 1]))
     res = _inspect_api(client, good[0], "candle")
@@ -322,7 +322,7 @@ def test_api_calibration_labelled_and_from_references_and_restart_keeps_them(api
     import httpx
 
     from service.api.app import create_app
-    from service.backends import EmbeddedBackend
+    from service.backends.embedded import EmbeddedBackend
     from tests.service_fixtures import ServerThread, wait_ready
 
     settings = _api_settings(state_dir)
@@ -344,8 +344,8 @@ def test_queue_mode_references_reach_the_worker_survive_flushall_and_delete_rest
     import httpx
 
     from service.api.app import create_app
-    from service.backends import RedisBackend
-    from service.queue import Keys
+    from service.backends.embedded import RedisBackend
+    from service.queue.streams import Keys
     from tests.service_fixtures import ServerThread, wait_ready
 
     worker = worker_pool.start(own_redis.url)

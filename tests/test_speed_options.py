@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from filo_lab.bench.model import build_random_engine, time_batches
-from service.types import InspectRequest, InspectResult
+from service.core.types import InspectRequest, InspectResult
 from tests.conftest import synthetic_image
 
 
@@ -84,7 +84,7 @@ def _force_device_path(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
 def _served(settings, image: bytes) -> dict[str, dict]:
     """{grounding: response body} for one JPEG, and the truncated JPEG's refusal checked."""
     from service.api.app import create_app
-    from service.backends import EmbeddedBackend
+    from service.backends.embedded import EmbeddedBackend
     from tests.service_fixtures import ServerThread, wait_ready
 
     bodies = {}
@@ -113,7 +113,7 @@ def test_embedded_server_with_the_gpu_image_path_matches_the_cpu_path(monkeypatc
     image = _jpeg(300, 400, seed=5)
     # the demo's own frame (518) and its trained heads: the whole production path
     plain = _served(demo_settings(state_dir=tmp_path / "a", grounding=True, image_size=518), image)
-    _force_device_path(monkeypatch, "service.backends")
+    _force_device_path(monkeypatch, "service.backends.embedded")
     device = _served(demo_settings(state_dir=tmp_path / "b", grounding=True, image_size=518, gpu_image_path=True),
                      image)
     assert abs(device["false"]["score"] - plain["false"]["score"]) < 1e-5
@@ -129,11 +129,11 @@ def test_embedded_server_with_the_gpu_image_path_matches_the_cpu_path(monkeypatc
 @pytest.mark.redis
 def test_worker_with_the_gpu_image_path_answers_like_the_cpu_path(monkeypatch, redis_url):  # noqa: F811
     """One batched decode for the whole batch, PNG and a truncated JPEG handled on the CPU side."""
-    from service.queue import Job
+    from service.queue.streams import Job
     from tests.service_fixtures import demo_settings, png_bytes
     from tests.test_worker_pipeline import running_worker
 
-    _force_device_path(monkeypatch, "service.worker")
+    _force_device_path(monkeypatch, "service.worker.loop")
     jpeg = _jpeg(240, 320, seed=6)
     uploads = {"jpeg": jpeg, "png": png_bytes(200, 240, seed=7), "cut": jpeg[: len(jpeg) // 2]}
 

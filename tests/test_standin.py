@@ -11,7 +11,7 @@ from filo_lab.standin import CLIP_FILE, FILO_FILE, GROUNDING_DIR, production_env
 from models.standin import read_standin_record
 from service.api.app import create_app
 from service.api.schemas import ModelInfoOut
-from service.backends import EmbeddedBackend
+from service.backends.embedded import EmbeddedBackend
 from service.settings import FiloSettings
 from tests.conftest import synthetic_image
 from tests.service_fixtures import ServerThread, png_bytes, wait_ready
@@ -79,8 +79,8 @@ def test_real_weights_report_no_standin():
 
 
 def test_engine_info_marks_each_standin_part(standins, tmp_path):
-    from service.engine import InspectionEngine
-    from service.types import InspectRequest, InspectResult
+    from service.core.types import InspectRequest, InspectResult
+    from service.engine.pipeline import InspectionEngine
 
     engine = InspectionEngine.from_settings(_settings(standins, tmp_path, grounding=False))
     assert engine.info["standin"] is True and engine.info["profile"] == "production"

@@ -42,7 +42,7 @@ META = {"clip_model": TINY_CLIP_MODEL, "clip_weights": "random", "profile": "dem
 
 
 def _engine(model, catalog):
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
 
     return InspectionEngine(model, {"backbone": TINY_CLIP_MODEL, "clip_weights": "random"}, catalog, "cpu",
                             detector=None, grounding_default=False)

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 from redis.asyncio import Redis
 
-from service.backends import EmbeddedBackend, InspectJob
-from service.engine import InspectionEngine
-from service.imaging import HeatmapSpec
-from service.queue import Job, Keys, Producer
-from service.worker import HEARTBEAT_PERIOD_S, Worker, should_beat
+from service.backends.embedded import EmbeddedBackend, InspectJob
+from service.core.imaging import HeatmapSpec
+from service.engine.pipeline import InspectionEngine
+from service.queue.streams import Job, Keys, Producer
+from service.worker.loop import HEARTBEAT_PERIOD_S, Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.redis

@@ -30,9 +30,9 @@ from redis.asyncio import Redis as AsyncRedis
 
 from descriptions import Category
 from service.api.app import create_app
-from service.backends import RedisBackend
-from service.category_store import RedisCategoryStore
-from service.queue import Keys, Reply
+from service.backends.embedded import RedisBackend
+from service.catalog.store import RedisCategoryStore
+from service.queue.streams import Keys, Reply
 from tests.service_fixtures import (  # noqa: F401
     REPO,
     RedisServer,

@@ -18,8 +18,8 @@ import torch
 from descriptions import CategoryCatalog
 from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL
 from models.factory import ModelSpec, build_model
-from service.engine import InspectionEngine
-from service.types import InspectRequest, InspectResult
+from service.core.types import InspectRequest, InspectResult
+from service.engine.pipeline import InspectionEngine
 
 
 @dataclass

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from descriptions import CategoryCatalog, UnknownCategoryError
 from models.frame import center_crop_offsets, resized_size
-from service.imaging import IMAGE_EXTENSIONS, list_images  # noqa: F401 (the readers import them from here)
+from service.core.imaging import IMAGE_EXTENSIONS, list_images  # noqa: F401 (the readers import them from here)
 
 LAYOUTS = ("auto", "mvtec", "visa", "folder")
 SPLITS = ("train", "test")

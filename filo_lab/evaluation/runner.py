@@ -45,7 +45,7 @@ from filo_lab.evaluation.metrics import METRIC_KEYS, evaluate_with_curves
 from filo_lab.evaluation.report import mean_metrics, slug, write_report
 
 if TYPE_CHECKING:  # the engine is the one service object this module drives (see evaluate_dataset)
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def using_references(engine: InspectionEngine, name: str, paths: list[str] | Non
     if not paths:
         yield
         return
-    from service.references import read_reference_files
+    from service.catalog.references import read_reference_files
 
     previous = engine.references.sets.get(name)
     engine.references.set(name, read_reference_files(paths, engine.references.max_image_pixels))
@@ -203,7 +203,7 @@ def using_references(engine: InspectionEngine, name: str, paths: list[str] | Non
 def _run_category(engine: InspectionEngine, name: str, group: list[Sample], batch_size: int, grounding: bool,
                   mask_mode: tuple[str, str], n_examples: int, bar) -> tuple[CategoryArrays, list[dict], list]:
     """Inspect one category's images in batches; returns its arrays, example rows and failures."""
-    from service.types import InspectError, InspectRequest
+    from service.core.types import InspectError, InspectRequest
 
     size = engine.image_size
     maps, masks, labels, scores, paths = [], [], [], [], []

@@ -16,12 +16,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import routes_categories, routes_console, routes_health, routes_inspect, routes_references
 from service.api.auth import Authenticator, check_auth_config
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import error_body, install_error_handlers
-from service.backends import Backend
-from service.metrics import Metrics
+from service.api.routes import categories, console, health, inspect, references
+from service.backends.embedded import Backend
+from service.core.telemetry import Metrics
 from service.settings import FiloSettings
 
 API_VERSION = "1.0.0"
@@ -138,11 +138,11 @@ def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
     app.state.metrics = backend.metrics
     app.state.auth = Authenticator(settings)
     install_error_handlers(app)
-    app.include_router(routes_inspect.router)
-    app.include_router(routes_categories.router)
-    app.include_router(routes_references.router)
-    app.include_router(routes_health.router)
-    app.include_router(routes_console.router)
+    app.include_router(inspect.router)
+    app.include_router(categories.router)
+    app.include_router(references.router)
+    app.include_router(health.router)
+    app.include_router(console.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)
     if settings.cors_origins:
         app.add_middleware(

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from service.metrics import Metrics
+from service.core.telemetry import Metrics
 from service.settings import FiloSettings
 
 if TYPE_CHECKING:
     from service.api.auth import Authenticator
-    from service.backends import Backend
+    from service.backends.embedded import Backend
 
 
 def get_settings(request: Request) -> FiloSettings:

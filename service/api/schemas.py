@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
+from service.core.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
 
 HeatmapMode = Literal["jpeg", "png", "map", "none"]
 MAX_HEATMAP_SIDE = 8192

@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from filo_lab.data import DatasetError, group_by_category, load_sample, read_dataset
     from filo_lab.evaluation.runner import catalog_name, draw_shots, using_references
     from models.errors import CheckpointError, WeightsNotFoundError
-    from service.calibration import f1_max_threshold
-    from service.engine import InspectionEngine
-    from service.types import InspectError, InspectRequest
+    from service.catalog.thresholds import f1_max_threshold
+    from service.core.types import InspectError, InspectRequest
+    from service.engine.pipeline import InspectionEngine
 
     grounding = args.grounding == "on"
     settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)

@@ -71,13 +71,13 @@ def parse_document(raw: Any) -> tuple[list[Category], list[str]]:
 def _store(settings: FiloSettings) -> tuple[Any, Any]:
     """(store, closer) for the configured backend."""
     if settings.redis_url:
-        from service.backends import redis_client
-        from service.category_store import RedisCategoryStore
-        from service.queue import Keys
+        from service.backends.embedded import redis_client
+        from service.catalog.store import RedisCategoryStore
+        from service.queue.streams import Keys
 
         client = redis_client(settings.redis_url)
         return RedisCategoryStore(client, Keys.from_settings(settings)), client.aclose
-    from service.category_store import FileCategoryStore, default_state_dir
+    from service.catalog.store import FileCategoryStore, default_state_dir
 
     async def nothing() -> None:
         return None
@@ -109,7 +109,7 @@ async def _import(settings: FiloSettings, path: Path) -> str:
         categories, deleted = parse_document(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError, ValueError) as exc:
         raise RuntimeError(f"{path}: {exc}") from None
-    from service.category_store import CatalogNotPublishedError
+    from service.catalog.store import CatalogNotPublishedError
 
     store, close = _store(settings)
     try:

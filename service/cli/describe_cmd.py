@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from service.llm import LLMError, generate_descriptions, write_draft
+    from service.catalog.llm import LLMError, generate_descriptions, write_draft
 
     if not 1 <= args.count <= 50:
         print("filo describe: --count must be between 1 and 50", file=sys.stderr)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from filo_lab.data import DatasetError
     from filo_lab.evaluation.runner import evaluate_dataset
     from models.errors import CheckpointError, WeightsNotFoundError
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
 
     grounding = args.grounding == "on"
     settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)

@@ -11,8 +11,8 @@ import numpy as np
 from tqdm import tqdm
 
 from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
-from service.imaging import ImageDecodeError, heatmap_png, read_image_file
-from service.types import InspectError, InspectRequest, InspectResult
+from service.core.imaging import ImageDecodeError, heatmap_png, read_image_file
+from service.core.types import InspectError, InspectRequest, InspectResult
 
 
 def register(subparsers) -> None:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from descriptions import DescriptionsError, UnknownCategoryError
     from models.errors import CheckpointError, WeightsNotFoundError
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
 
     try:
         engine = InspectionEngine.from_settings(settings)
@@ -141,7 +141,7 @@ def _emit(args, path: str, stem: str, req: InspectRequest, res: InspectResult, s
 
 def _install_references(engine, category: str, paths: list[str]) -> int:
     """Build the category's reference memory from files and folders; 0, or 2 after an error message."""
-    from service.references import read_reference_files
+    from service.catalog.references import read_reference_files
 
     try:
         refs = read_reference_files(paths, engine.references.max_image_pixels)

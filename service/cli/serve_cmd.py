@@ -13,7 +13,7 @@ from service.settings import FiloSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from service.backends import Backend
+    from service.backends.embedded import Backend
 
 log = logging.getLogger("filo.serve")
 
@@ -73,7 +73,7 @@ async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_lev
 def main(args: argparse.Namespace) -> int:
     from service.api.app import create_app
     from service.api.auth import AuthConfigError
-    from service.backends import EmbeddedBackend, RedisBackend
+    from service.backends.embedded import EmbeddedBackend, RedisBackend
 
     setup_logging(args.log_level)
     settings = settings_from_args(args)

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def _run(settings: FiloSettings) -> int:
-    from service.worker import Worker, run_worker
+    from service.worker.loop import Worker, run_worker
 
     worker = Worker(settings)
     loop = asyncio.get_running_loop()

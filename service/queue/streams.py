@@ -1,6 +1,6 @@
 """Redis Streams protocol between API processes and inspection workers.
 
-Design (see also service/worker.py):
+Design (see also service/worker/loop.py):
 
 * Request path. The API XADDs one entry per request to `settings.stream` (fields: request id,
   reply key, timeout in ms, JSON params, the original image bytes) through a Lua script that, in
@@ -34,9 +34,9 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from service.imaging import Heatmap, dequantize_map, quantize_map
+from service.core.imaging import Heatmap, dequantize_map, quantize_map
+from service.core.types import AnomalyType, Box, InspectResult
 from service.settings import FiloSettings
-from service.types import AnomalyType, Box, InspectResult
 
 _ENQUEUE_LUA = """
 -- KEYS[1] stream, KEYS[2] categories hash, KEYS[3] categories version (exists once seeded),
@@ -101,7 +101,7 @@ class Keys:
         return f"{self.stream}:cache:{key}"
 
     def category_extra(self, name: str, kind: str) -> str:
-        """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/category_store.py)."""
+        """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/catalog/store.py)."""
         return f"{self.stream}:category:{kind}:{name}"
 
 

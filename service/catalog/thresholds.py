@@ -1,7 +1,7 @@
 """Per-category decision thresholds: from labelled images (F1-max) or from the normal references alone.
 
 A threshold is stored with its category in the catalog (as a `ThresholdRecord`, see
-service/references.py for where) and resolved per inspection by the engine, so every worker and
+service/catalog/references.py for where) and resolved per inspection by the engine, so every worker and
 the embedded server decide `is_anomalous` the same way. Sources, in the response's `threshold_source`:
 
 - `labelled`: the F1-max cut over the scores of labelled good and defective images (what APRIL-GAN's

@@ -4,7 +4,7 @@ Beside the loop, a heartbeat every 2 s (`filo_workers` on the API side counts th
 refuses work when none is live) for as long as the worker is idle or its batch has run for less
 than the request deadline: a batch stuck longer serves nobody, so its worker stops counting.
 
-One loop iteration (see service/queue.py for the protocol):
+One loop iteration (see service/queue/streams.py for the protocol):
 1. category sync: if the categories version in Redis moved, apply the difference to the engine and
    persist the caches;
 2. reclaim entries that another (dead) worker left pending longer than `claim_idle_ms`; each runs
@@ -19,7 +19,7 @@ One loop iteration (see service/queue.py for the protocol):
    transaction.
 
 Healing: if the categories version in Redis disappears (Redis restarted empty, FLUSHALL), the worker
-re-publishes the catalog it last applied (`CatalogSnapshot`, see service/category_store.py) and its
+re-publishes the catalog it last applied (`CatalogSnapshot`, see service/catalog/store.py) and its
 prompt caches; the consumer group and the heartbeat come back by themselves on the next read/beat.
 The CPU of the non-model stages is counted in `filo_worker_cpu_seconds_total{stage}` (decode,
 prepare, render, encode) for `filo bench --service`.
@@ -49,9 +49,9 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from service.api.errors import IMAGE_ERROR_STATUS
-from service.backends import EngineFactory, default_engine_factory, error_from_slot, redis_client
-from service.batcher import run_isolated
-from service.category_store import (
+from service.backends.embedded import EngineFactory, default_engine_factory, error_from_slot, redis_client
+from service.catalog.references import apply_extras, publish_memory_bytes
+from service.catalog.store import (
     CatalogSnapshot,
     RedisCacheStore,
     RedisCategoryStore,
@@ -60,10 +60,12 @@ from service.category_store import (
     persist_caches,
     start_engine,
 )
-from service.device_images import decode_uploads, render, uses_device_path
-from service.imaging import HeatmapSpec, ImageDecodeError, decode_image
-from service.metrics import Metrics
-from service.queue import (
+from service.core.batching import run_isolated
+from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
+from service.core.telemetry import Metrics
+from service.core.types import InspectRequest, InspectResult
+from service.engine.device_images import decode_uploads, render, uses_device_path
+from service.queue.streams import (
     Consumer,
     Entry,
     Keys,
@@ -73,9 +75,7 @@ from service.queue import (
     result_to_dict,
     server_time_ms,
 )
-from service.references import apply_extras, publish_memory_bytes
 from service.settings import FiloSettings
-from service.types import InspectRequest, InspectResult
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Worker:
         await self.consumer.report_applied(snap.version)
 
     async def _apply_references(self, engine: Any, extras: dict[str, dict[str, bytes]]) -> None:
-        """The catalog's normal references and thresholds onto the engine (service/references.py)."""
+        """The catalog's normal references and thresholds onto the engine (service/catalog/references.py)."""
         sizes = await self._run(apply_extras, engine, extras)
         await publish_memory_bytes(self.redis, self.keys, sizes)
 

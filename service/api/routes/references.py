@@ -2,7 +2,7 @@
 
 PUT/GET/DELETE /v1/categories/{name}/references[/{id}] and POST /v1/categories/{name}/calibrate.
 Writes need the admin key. References are stored beside the category in the durable catalog
-(Redis in queue mode, `state_dir` in embedded mode: service/references.py), so every worker,
+(Redis in queue mode, `state_dir` in embedded mode: service/catalog/references.py), so every worker,
 restart and new pod has them; each process builds its own patch memory from them with its model.
 
 Calibration inspects the labelled images through the ordinary inspection path (`backend.inspect`,
@@ -25,12 +25,10 @@ from starlette.datastructures import UploadFile
 from service.api.auth import require_admin_key, require_api_key
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
-from service.api.routes_categories import NameParam
+from service.api.routes.categories import NameParam
 from service.api.schemas import ERROR_RESPONSES
-from service.backends import InspectJob
-from service.calibration import ThresholdRecord, f1_max_threshold
-from service.imaging import HeatmapSpec, ImageDecodeError, decode_image
-from service.references import (
+from service.backends.embedded import InspectJob
+from service.catalog.references import (
     REFERENCES_KIND,
     THRESHOLD_KIND,
     FileExtras,
@@ -38,6 +36,8 @@ from service.references import (
     ReferenceImage,
     ReferenceSet,
 )
+from service.catalog.thresholds import ThresholdRecord, f1_max_threshold
+from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["references"])

@@ -3,7 +3,7 @@
 * `EmbeddedBackend` (`filo serve --embedded`): the engine lives in this process; an asyncio
   micro-batcher feeds it on one thread. Categories and caches persist under `state_dir`.
 * `RedisBackend` (`filo serve` with `redis_url`): requests go through a Redis stream to
-  `filo worker` processes (see service/queue.py); categories and caches live in Redis.
+  `filo worker` processes (see service/queue/streams.py); categories and caches live in Redis.
 
 Both answer `inspect` with an `InspectOutcome` or raise a `ServiceError` with its HTTP status.
 """
@@ -33,8 +33,8 @@ from service.api.errors import (
     ServiceError,
     UnavailableError,
 )
-from service.batcher import MicroBatcher
-from service.category_store import (
+from service.catalog.references import FileExtras, apply_extras
+from service.catalog.store import (
     CatalogNotPublishedError,
     DiskCacheStore,
     FileCategoryStore,
@@ -45,10 +45,13 @@ from service.category_store import (
     persist_caches,
     start_engine,
 )
-from service.device_images import decode_uploads, render, uses_device_path
-from service.imaging import Heatmap, HeatmapSpec, ImageDecodeError
-from service.metrics import Metrics
-from service.queue import (
+from service.core.batching import MicroBatcher
+from service.core.imaging import Heatmap, HeatmapSpec, ImageDecodeError
+from service.core.retry_after import QueueWaitEstimate
+from service.core.telemetry import Metrics
+from service.core.types import InspectError, InspectRequest, InspectResult
+from service.engine.device_images import decode_uploads, render, uses_device_path
+from service.queue.streams import (
     NO_WORKERS,
     NOT_SEEDED,
     QUEUE_FULL,
@@ -59,10 +62,7 @@ from service.queue import (
     ensure_group,
     result_from_dict,
 )
-from service.references import FileExtras, apply_extras
-from service.retry_after import QueueWaitEstimate
 from service.settings import FiloSettings
-from service.types import InspectError, InspectRequest, InspectResult
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class InspectJob:
     grounding: bool | None
     heatmap: HeatmapSpec
     deadline: float  # time.monotonic() by which an answer is due
-    want_map: bool = False  # also return the map itself (queue mode: compact, see service/queue.py)
+    want_map: bool = False  # also return the map itself (queue mode: compact, see service/queue/streams.py)
 
 
 @dataclass
@@ -136,7 +136,7 @@ def error_from_slot(value: BaseException) -> ServiceError:
 
 def default_engine_factory(settings: FiloSettings) -> Any:
     try:
-        from service.engine import InspectionEngine  # torch: only processes that run the model import it
+        from service.engine.pipeline import InspectionEngine  # torch: only processes that run the model import it
     except ImportError as exc:  # the slim API install has no torch
         raise RuntimeError(f"running the model needs the 'model' extra (pip install 'filo-inspect[model]'): {exc}") from exc
 
@@ -232,7 +232,7 @@ class EmbeddedBackend:
         if job.category not in self.engine.catalog:
             raise CategoryNotFoundError(job.category, self.engine.catalog.names())
         image = job.image
-        if image is None:  # the GPU image path: this backend decodes (service/device_images.py)
+        if image is None:  # the GPU image path: this backend decodes (service/engine/device_images.py)
             image = await asyncio.to_thread(self._decode_on_device, job.image_bytes)
         request = InspectRequest(image=image, category=job.category, top_k=job.top_k, grounding=job.grounding)
         # resize in this request's thread, not on the batch thread: other batches run meanwhile

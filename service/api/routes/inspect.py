@@ -24,8 +24,8 @@ from service.api.auth import require_api_key
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import IMAGE_ERROR_STATUS, ServiceError, validation_body
 from service.api.schemas import ERROR_RESPONSES, MAX_HEATMAP_SIDE, InspectJSON, InspectParams, InspectResponse
-from service.backends import InspectJob
-from service.imaging import (
+from service.backends.embedded import InspectJob
+from service.core.imaging import (
     DEFAULT_HEATMAP_FORMAT,
     DEFAULT_HEATMAP_SIZE,
     HeatmapSpec,
@@ -34,7 +34,7 @@ from service.imaging import (
     decode_image,
     probe_image,
 )
-from service.types import Box
+from service.core.types import Box
 
 router = APIRouter(prefix="/v1", tags=["inspection"])
 

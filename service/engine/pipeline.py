@@ -29,10 +29,10 @@ from models.factory import ModelSpec, build_model, demo_spec
 from models.filo import FiLoModel
 from models.frame import FrameGeometry
 from models.prompts import POSITIONS, PromptBank
-from service import gpu_imaging
-from service.reference_engine import EngineReferences
+from service.core.types import AnomalyType, Box, InspectError, InspectRequest, InspectResult
+from service.engine import gpu_imaging
+from service.engine.references import EngineReferences
 from service.settings import FiloSettings
-from service.types import AnomalyType, Box, InspectError, InspectRequest, InspectResult
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class InspectionEngine:
         # (PIL and torch release the GIL while they resize and normalise).
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                 thread_name_prefix="filo-prepare")
-        self.references = EngineReferences(self)  # few-shot normal references (service/reference_engine.py)
+        self.references = EngineReferences(self)  # few-shot normal references (service/engine/references.py)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -172,7 +172,7 @@ class InspectionEngine:
         A worker calls it for the next batch while the current one runs on the accelerator;
         `inspect_batch` prepares whatever arrives without it.
         """
-        on_device = isinstance(request.image, torch.Tensor)  # decoded on the GPU (service/device_images.py)
+        on_device = isinstance(request.image, torch.Tensor)  # decoded on the GPU (service/engine/device_images.py)
         if request.pixels is None:
             request.pixels = (gpu_imaging.clip_input(request.image, self.image_size) if on_device
                               else self.preprocess(Image.fromarray(request.image)))

@@ -4,7 +4,7 @@ Two layers, kept apart on purpose:
 
 - `ReferenceImage` / `ReferenceSet`: what a user registered (the encoded image bytes, as sent, with an
   id, the size and a content digest). This is the durable part: it lives with the category in the
-  catalog (Redis in queue mode, `state_dir` in embedded mode; see service/category_store.py), so
+  catalog (Redis in queue mode, `state_dir` in embedded mode; see service/catalog/store.py), so
   every worker, restart and new pod has it. It is serialised as one JSON document per category.
 - `MemoryCache`: the device-side patch memories (models/references.py) each process builds from
   those images with its own model. Keyed by the model version (backbone, weights, checkpoint, image
@@ -150,11 +150,11 @@ def model_key(info: dict[str, Any], memory_settings: dict[str, Any]) -> str:
 
 
 def reference_paths(paths: Iterable[str]) -> list[str]:
-    """Image files, and the image files of folders (`service.imaging.list_images`: name order, not recursive),
+    """Image files, and the image files of folders (`service.core.imaging.list_images`: name order, not recursive),
     in the order given."""
     from pathlib import Path
 
-    from service.imaging import list_images
+    from service.core.imaging import list_images
 
     out: list[str] = []
     for p in paths:
@@ -164,8 +164,8 @@ def reference_paths(paths: Iterable[str]) -> list[str]:
 
 
 def read_reference_files(paths: Iterable[str], max_pixels: int) -> ReferenceSet:
-    """A ReferenceSet from files and folders; raises OSError or service.imaging.ImageDecodeError."""
-    from service.imaging import decode_image
+    """A ReferenceSet from files and folders; raises OSError or service.core.imaging.ImageDecodeError."""
+    from service.core.imaging import decode_image
 
     images = []
     for path in reference_paths(paths):
@@ -190,7 +190,7 @@ class RedisExtras:
     FLUSHALL with the rest of the catalog)."""
 
     def __init__(self, store: Any) -> None:
-        self.store = store  # service.category_store.RedisCategoryStore
+        self.store = store  # service.catalog.store.RedisCategoryStore
 
     async def get(self, name: str, kind: str) -> bytes | None:
         return await self.store.redis.get(self.store.keys.category_extra(name, kind))
@@ -257,7 +257,7 @@ def apply_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> dict[str, 
     """
     import logging
 
-    from service.calibration import ThresholdRecord
+    from service.catalog.thresholds import ThresholdRecord
 
     log = logging.getLogger(__name__)
     refs = engine.references

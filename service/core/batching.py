@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from service.api.errors import DeadlineExceededError, QueueFullError, UnavailableError
-from service.retry_after import QueueWaitEstimate
+from service.core.retry_after import QueueWaitEstimate
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ each CPU core near 30 images/s however fast the model runs. Here the same steps 
 the device the model runs on (nvJPEG through `torchvision.io` on CUDA); every function also runs on
 CPU tensors, which is how the tests check it against the CPU path.
 
-What stays on the CPU: `decode_images` reads every header with `service.imaging.probe_image` first
+What stays on the CPU: `decode_images` reads every header with `service.core.imaging.probe_image` first
 (non-images, bombs and too-small images get its `ImageDecodeError` in their slot, exactly as the CPU
 path refuses them), and hands back `None` - "decode this one with `decode_image`" - for anything
 but a plain JPEG: other formats (PNG, WebP, ...), CMYK JPEGs, JPEGs that do not end with the EOI
@@ -27,10 +27,10 @@ both are given:
   decode too, 2.1e-2 and 1.1e-5.
 * `grounding_input` vs the Hugging Face processor: the same size always (`grounding_size`); max one grey
   level (0.0175 normalised) on the CPU, two on CUDA, mean <= 1.6e-4.
-* `overlay` vs `service.imaging.fast_overlay`: mean |diff| <= 0.10 grey levels, 99th percentile 1,
+* `overlay` vs `service.core.imaging.fast_overlay`: mean |diff| <= 0.10 grey levels, 99th percentile 1,
   max 3 (OpenCV's fixed-point shrink; JET steps where a map value's truncation flips). The box
   outlines are `cv2.rectangle`'s pixel for pixel.
-* `encode_jpeg`: on the CPU byte-identical to `service.imaging.encode_jpeg`. nvJPEG encodes 4:4:4
+* `encode_jpeg`: on the CPU byte-identical to `service.core.imaging.encode_jpeg`. nvJPEG encodes 4:4:4
   (torchvision offers no choice): at quality 85, 51 KB instead of 37 KB with a slightly smaller error
   (2.41 grey levels mean against 2.57); its quality 75 gives 31 KB at 2.52.
 
@@ -55,7 +55,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.io import encode_jpeg as _tv_encode_jpeg
 
 from models.frame import FrameGeometry, center_crop_offsets, resized_size
-from service.imaging import ImageDecodeError, probe_image
+from service.core.imaging import ImageDecodeError, probe_image
 
 Device = str | torch.device
 Box = tuple[float, float, float, float]
@@ -196,7 +196,7 @@ def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 
 def overlay(image: torch.Tensor, anomaly_map: torch.Tensor, out_hw: tuple[int, int],
             boxes: Sequence[Box] | None = None, alpha: float = 0.5) -> torch.Tensor:
-    """`service.imaging.fast_overlay` on the device: (oh, ow, 3) uint8, the JET-coloured map blended over
+    """`service.core.imaging.fast_overlay` on the device: (oh, ow, 3) uint8, the JET-coloured map blended over
     the image (shrunk to `out_hw`) where the model looked, boxes (original pixels) drawn in green."""
     orig_h, orig_w = image.shape[:2]
     out = _shrink(image, out_hw)
@@ -213,7 +213,7 @@ def overlay(image: torch.Tensor, anomaly_map: torch.Tensor, out_hw: tuple[int, i
 
 
 def _shrink(image: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """`service.imaging.shrink`: an integer-factor area reduction, then bilinear; a new tensor."""
+    """`service.core.imaging.shrink`: an integer-factor area reduction, then bilinear; a new tensor."""
     h, w = image.shape[:2]
     oh, ow = out_hw
     if (oh, ow) == (h, w):
@@ -240,7 +240,7 @@ def _covered_rect(orig_hw: tuple[int, int], size: int,
 
 
 def _map_on_output(anomaly_map: torch.Tensor, orig_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
-    """`service.imaging.map_to_original`'s values: the map on the resized-image canvas (zeros where the
+    """`service.core.imaging.map_to_original`'s values: the map on the resized-image canvas (zeros where the
     crop cut), resized bilinearly to `out_hw`. The canvas is frame-sized, small even on a GPU."""
     size = anomaly_map.shape[0]
     geo = FrameGeometry(orig_hw[0], orig_hw[1], size)
@@ -263,7 +263,7 @@ def jet_lut(device: torch.device) -> torch.Tensor:
 
 
 def _draw_boxes(rgb: torch.Tensor, boxes: Sequence[Box]) -> None:
-    """`service.imaging._draw_boxes` in place: OpenCV's 2-px rectangle, which is three pixels wide
+    """`service.core.imaging._draw_boxes` in place: OpenCV's 2-px rectangle, which is three pixels wide
     (the corner +-1) with the four outermost corner pixels left out (its round line caps)."""
     green = torch.tensor(GREEN, dtype=torch.uint8, device=rgb.device)
     for x1, y1, x2, y2 in boxes:

@@ -1,7 +1,7 @@
 """Uploads to engine images and results to heatmaps, on the model's device when `FILO_GPU_IMAGE_PATH` is on.
 
-One home for the choice between the CPU path (`service/imaging.py`, the default and the contract: it
-is the released preprocessing) and the device path (`service/gpu_imaging.py`: nvJPEG decode, resize and
+One home for the choice between the CPU path (`service/core/imaging.py`, the default and the contract: it
+is the released preprocessing) and the device path (`service/engine/gpu_imaging.py`: nvJPEG decode, resize and
 overlay on the GPU), shared by the queue worker and the embedded server. An engine image is then either
 an HxWx3 uint8 numpy array (CPU path) or the same as a tensor on the device; `InspectionEngine.prepare`
 takes either, and `render` draws either. PNG and whatever nvJPEG refuses take the CPU path per image.
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from service.imaging import Heatmap, HeatmapSpec, ImageDecodeError, decode_image, render_heatmap
+from service.core.imaging import Heatmap, HeatmapSpec, ImageDecodeError, decode_image, render_heatmap
 
 # np.ndarray or a torch.Tensor on the device; torch is imported only where a device image exists, so that
 # the API process (which imports the backends) stays free of it
@@ -31,7 +31,7 @@ def decode_uploads(datas: Sequence[bytes], max_pixels: int, device: Any | None) 
     CPU. A slot holds the image or the `ImageDecodeError` the header checks or the decoder raised."""
     out: list[EngineImage | ImageDecodeError | None] = [None] * len(datas)
     if device is not None:
-        from service import gpu_imaging
+        from service.engine import gpu_imaging
 
         out = list(gpu_imaging.decode_images(datas, device, max_pixels))
     for i, data in enumerate(datas):
@@ -50,7 +50,7 @@ def image_hw(image: EngineImage) -> tuple[int, int]:
 def render(image: EngineImage, anomaly_map: np.ndarray, spec: HeatmapSpec,
            boxes: list[tuple[float, float, float, float]] | None = None,
            boxes_frame: list[tuple[float, float, float, float]] | None = None) -> Heatmap:
-    """`service.imaging.render_heatmap` for an engine image: the JPEG overlay at a given or the original
+    """`service.core.imaging.render_heatmap` for an engine image: the JPEG overlay at a given or the original
     size is drawn and encoded on the device for a device image; every other kind on the CPU."""
     if isinstance(image, np.ndarray):
         return render_heatmap(image, anomaly_map, spec, boxes, boxes_frame)
@@ -58,8 +58,8 @@ def render(image: EngineImage, anomaly_map: np.ndarray, spec: HeatmapSpec,
         return render_heatmap(image.cpu().numpy(), anomaly_map, spec, boxes, boxes_frame)
     import torch
 
-    from service import gpu_imaging
-    from service.imaging import JPEG_QUALITY, output_hw
+    from service.core.imaging import JPEG_QUALITY, output_hw
+    from service.engine import gpu_imaging
 
     h, w = output_hw(image_hw(image), spec.size, anomaly_map.shape[0])
     values = torch.from_numpy(anomaly_map).to(image.device, non_blocking=False)

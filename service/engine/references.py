@@ -2,7 +2,7 @@
 
 `InspectionEngine` holds one `EngineReferences`. It keeps each category's `ReferenceSet` (the images,
 what the catalog stores) and a `MemoryCache` of the memories built from them for this process's model
-(service/references.py). A memory is built with exactly the inspection path's preprocessing and
+(service/catalog/references.py). A memory is built with exactly the inspection path's preprocessing and
 encoder (`InspectionEngine.prepare`, one FiLo forward per batch of references), so reference and
 inspected patches are comparable; the inspected image's own taps come from its single forward pass.
 """
@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from models import references as mr
-from service.calibration import ThresholdRecord, resolve
-from service.imaging import decode_image
-from service.references import MemoryCache, ReferenceSet, model_key
+from service.catalog.references import MemoryCache, ReferenceSet, model_key
+from service.catalog.thresholds import ThresholdRecord, resolve
+from service.core.imaging import decode_image
 
 if TYPE_CHECKING:
     from descriptions import Category
-    from service.engine import InspectionEngine
+    from service.engine.pipeline import InspectionEngine
     from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class EngineReferences:
     # --- building --------------------------------------------------------------------------------
     def build(self, images: Sequence[np.ndarray], category: Category) -> mr.ReferenceMemory:
         """A memory from decoded HxWx3 uint8 images, with leave-one-out scores of the references."""
-        from service.types import InspectRequest
+        from service.core.types import InspectRequest
 
         eng = self.engine
         model = eng.model

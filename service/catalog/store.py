@@ -35,8 +35,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from descriptions import Category
-from service.queue import Keys
-from service.references import EXTRA_KINDS
+from service.catalog.references import EXTRA_KINDS
+from service.queue.streams import Keys
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ return tonumber(redis.call('GET', KEYS[3]))
 # Per-category data stored beside a category's descriptions (one Redis string per category and kind, at
 # `Keys.category_extra(name, kind)`), included in every snapshot and restored with the category. Issue 10's
 # normal reference images belong here: add their kind, store them with `put_extra`, and bump the version.
-CATEGORY_EXTRA_KINDS: tuple[str, ...] = EXTRA_KINDS  # normal references and thresholds (service/references.py)
+CATEGORY_EXTRA_KINDS: tuple[str, ...] = EXTRA_KINDS  # normal references and thresholds (service/catalog/references.py)
 
 _WRITE_LUA = """
 -- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version, KEYS[4..] the category's extras (delete);

@@ -57,7 +57,7 @@ class InspectResult:
     top_types: list[AnomalyType] = field(default_factory=list)
     timing_ms: dict[str, float] = field(default_factory=dict)
     references: int = 0  # normal reference images fused into this result (0: zero-shot)
-    threshold: float | None = None  # the category's decision threshold (service/calibration.py); None: unknown
+    threshold: float | None = None  # the category's decision threshold (service/catalog/thresholds.py); None: unknown
     threshold_source: str = "default"  # "default" | "references" | "labelled"
 
     def summary(self) -> dict:

@@ -14,8 +14,8 @@ from service.api.auth import require_admin_key, require_api_key
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import CategoryNotFoundError, ServiceError, validation_body
 from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
-from service.category_store import default_state_dir
-from service.llm import LLMError, agenerate_descriptions, write_draft
+from service.catalog.llm import LLMError, agenerate_descriptions, write_draft
+from service.catalog.store import default_state_dir
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["categories"])
@@ -37,7 +37,7 @@ async def list_categories(backend: BackendDep) -> CategoryList:
             dependencies=[Depends(require_api_key)])
 async def get_category(name: NameParam, backend: BackendDep, settings: SettingsDep) -> CategoryDetailOut:
     """The category, with its decision threshold, where that comes from, and its reference count."""
-    from service.api.routes_references import category_threshold
+    from service.api.routes.references import category_threshold
 
     found = {c.name: c for c in await backend.list_categories()}
     if name not in found:

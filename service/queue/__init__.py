@@ -1,0 +1,1 @@
+"""The Redis Streams protocol between API pods and workers: keys, jobs, replies, producer, consumer."""
