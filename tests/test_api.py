@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from service.api.app import create_app
-from service.api.auth import AuthConfigError
-from service.backends.embedded import EmbeddedBackend, RedisBackend
+from service.backends.embedded import EmbeddedBackend
+from service.backends.redis_queue import RedisBackend
+from service.core.security import AuthConfigError
 from service.settings import FiloSettings
 from tests.service_fixtures import ServerThread, demo_settings, free_port, png_bytes, wait_ready
 

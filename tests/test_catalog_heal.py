@@ -19,10 +19,10 @@ from redis.asyncio import Redis as AsyncRedis
 
 from descriptions import Category, CategoryCatalog
 from service.api.app import create_app
-from service.backends.embedded import RedisBackend
+from service.backends.redis_queue import RedisBackend
 from service.catalog.store import CatalogNotPublishedError, CatalogSnapshot, RedisCategoryStore
 from service.cli import main
-from service.queue.streams import Keys
+from service.core.keys import Keys
 from tests.service_fixtures import (  # noqa: F401
     RedisServer,
     ServerThread,

@@ -34,7 +34,9 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service.api.app import create_app
-from service.backends.embedded import EmbeddedBackend, RedisBackend, default_engine_factory
+from service.backends.embedded import EmbeddedBackend
+from service.backends.redis_queue import RedisBackend
+from service.engine.lifecycle import default_engine_factory
 from service.settings import FiloSettings
 from tests.conftest import needs
 from tests.service_fixtures import (  # noqa: F401

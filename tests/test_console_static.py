@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.api.routes.console import STATIC_FILES
-from service.backends.embedded import RedisBackend
+from service.backends.redis_queue import RedisBackend
 from service.console import STATIC_DIR
 from tests.service_fixtures import REPO, demo_settings
 

@@ -108,3 +108,135 @@ def test_every_import_of_our_modules_resolves_deferred_ones_too():
                         if alias.name.split(".")[0] in OURS and importlib.util.find_spec(alias.name) is None:
                             unresolved.append(f"{path.relative_to(REPO)}:{node.lineno} {alias.name}")
     assert unresolved == []
+
+
+# --- the service's layers ------------------------------------------------------------------------------------
+
+# highest first; a module may import from its own package and from lower layers only. Packages of one layer
+# are siblings and may not import each other; packages joined by "|" form one level (core, the settings and
+# the console's static files).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("service.cli",),
+    ("service.api",),
+    ("service.backends", "service.worker"),
+    ("service.queue", "service.engine"),
+    ("service.catalog",),
+    ("service.core|service.settings|service.console",),
+    ("models", "descriptions"),
+)
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    """(level, package) of a module of ours; None for third-party modules and the lab."""
+    for level, packages in enumerate(LAYERS):
+        for group in packages:
+            for package in group.split("|"):
+                if module == package or module.startswith(package + "."):
+                    return level, group
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def real_module(name: str) -> str:
+    """`from a.b import c` names module a.b.c or attribute c of a.b: the longest prefix that is a module."""
+    while "." in name:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ModuleNotFoundError:  # a parent is a module, not a package
+            pass
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[tuple[int, str]]]:
+    """module -> {(line, imported module of ours)} over service/, models/ and descriptions/."""
+    graph: dict[str, set[tuple[int, str]]] = {}
+    for top in ("service", "models", "descriptions"):
+        for path in sorted((root / top).rglob("*.py")):
+            mods = set()
+            for line, name in imported_modules(path):
+                if layer_of(name) is not None:
+                    mods.add((line, real_module(name)))
+            graph[module_name(path)] = mods
+    return graph
+
+
+def layering_violations(graph: dict[str, set[tuple[int, str]]]) -> list[str]:
+    out = []
+    for module, imports in graph.items():
+        here = layer_of(module)
+        if here is None:
+            continue
+        for line, name in sorted(imports):
+            there = layer_of(name)
+            if there is None or there[1] == here[1]:
+                continue  # third-party, or its own package
+            if there[0] >= here[0] and not (there[0] == here[0] and there[1] == here[1]):
+                if there[0] > here[0]:
+                    continue  # a lower layer: allowed
+                out.append(f"{module}:{line} imports {name} (sibling layer {there[1]})")
+            elif there[0] < here[0]:
+                out.append(f"{module}:{line} imports {name} (a higher layer: {there[1]})")
+    return sorted(out)
+
+
+def circles(graph: dict[str, set[tuple[int, str]]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's algorithm)."""
+    edges = {m: sorted({n for _, n in imps if n in graph and n != m}) for m, imps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_service_imports_only_downwards_and_in_no_circle():
+    graph = import_graph()
+    assert layering_violations(graph) == []
+    assert circles(graph) == []
+
+
+def test_the_layering_check_fails_on_a_violation_and_a_circle():
+    """The check itself: an engine module importing the API, two catalog modules importing each other."""
+    graph = {
+        "service.engine.pipeline": {(3, "service.api.errors"), (4, "service.catalog.store")},
+        "service.worker.loop": {(5, "service.backends.embedded")},
+        "service.catalog.store": {(1, "service.catalog.references")},
+        "service.catalog.references": {(2, "service.catalog.store"), (9, "service.core.types")},
+    }
+    assert layering_violations(graph) == [
+        "service.engine.pipeline:3 imports service.api.errors (a higher layer: service.api)",
+        "service.worker.loop:5 imports service.backends.embedded (sibling layer service.backends)",
+    ]
+    assert circles(graph) == [["service.catalog.references", "service.catalog.store"]]

@@ -14,7 +14,7 @@ import pytest
 
 from descriptions import load_file
 from service.api.app import create_app
-from service.backends.embedded import RedisBackend
+from service.backends.redis_queue import RedisBackend
 from service.catalog.llm import LLMError, parse_descriptions
 from service.cli import main as cli_main
 from tests.service_fixtures import ServerThread, demo_settings, redis_server, redis_url  # noqa: F401

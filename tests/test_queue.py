@@ -12,7 +12,6 @@ import pytest
 from redis.asyncio import Redis
 
 from descriptions import Category
-from service.api.errors import DeadlineExceededError, QueueFullError
 from service.catalog.store import (
     DiskCacheStore,
     FileCategoryStore,
@@ -22,6 +21,8 @@ from service.catalog.store import (
     unpack_cache_state,
 )
 from service.core.batching import MicroBatcher, run_isolated
+from service.core.errors import DeadlineExceededError, QueueFullError
+from service.core.keys import Keys
 from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
 from service.core.types import AnomalyType, Box, InspectResult
@@ -35,7 +36,6 @@ from service.queue.streams import (
     Consumer,
     Entry,
     Job,
-    Keys,
     Producer,
     Reply,
     ensure_group,

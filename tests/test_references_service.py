@@ -265,7 +265,7 @@ def test_redis_store_deletes_a_categorys_extras_with_it(own_redis):  # noqa: F81
 
     from descriptions import Category
     from service.catalog.store import CATEGORY_EXTRA_KINDS, RedisCategoryStore
-    from service.queue.streams import Keys
+    from service.core.keys import Keys
 
     async def scenario() -> tuple[list[bytes | None], list[bytes | None]]:
         redis = Redis.from_url(own_redis.url)
@@ -344,8 +344,8 @@ def test_queue_mode_references_reach_the_worker_survive_flushall_and_delete_rest
     import httpx
 
     from service.api.app import create_app
-    from service.backends.embedded import RedisBackend
-    from service.queue.streams import Keys
+    from service.backends.redis_queue import RedisBackend
+    from service.core.keys import Keys
     from tests.service_fixtures import ServerThread, wait_ready
 
     worker = worker_pool.start(own_redis.url)

@@ -16,10 +16,12 @@ import pytest
 from PIL import Image
 from redis.asyncio import Redis
 
-from service.backends.embedded import EmbeddedBackend, InspectJob
+from service.backends.base import InspectJob
+from service.backends.embedded import EmbeddedBackend
 from service.core.imaging import HeatmapSpec
+from service.core.keys import Keys
 from service.engine.pipeline import InspectionEngine
-from service.queue.streams import Job, Keys, Producer
+from service.queue.streams import Job, Producer
 from service.worker.loop import HEARTBEAT_PERIOD_S, Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
 

@@ -30,9 +30,10 @@ from redis.asyncio import Redis as AsyncRedis
 
 from descriptions import Category
 from service.api.app import create_app
-from service.backends.embedded import RedisBackend
+from service.backends.redis_queue import RedisBackend
 from service.catalog.store import RedisCategoryStore
-from service.queue.streams import Keys, Reply
+from service.core.keys import Keys
+from service.queue.streams import Reply
 from tests.service_fixtures import (  # noqa: F401
     REPO,
     RedisServer,

@@ -16,11 +16,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.auth import Authenticator, check_auth_config
 from service.api.errors import __doc__ as ERRORS_DOC
-from service.api.errors import error_body, install_error_handlers
+from service.api.errors import install_error_handlers
 from service.api.routes import categories, console, health, inspect, references
-from service.backends.embedded import Backend
+from service.backends.base import Backend
+from service.core.errors import error_body
+from service.core.security import Authenticator, check_auth_config
 from service.core.telemetry import Metrics
 from service.settings import FiloSettings
 

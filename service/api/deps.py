@@ -15,8 +15,8 @@ from service.core.telemetry import Metrics
 from service.settings import FiloSettings
 
 if TYPE_CHECKING:
-    from service.api.auth import Authenticator
-    from service.backends.embedded import Backend
+    from service.backends.base import Backend
+    from service.core.security import Authenticator
 
 
 def get_settings(request: Request) -> FiloSettings:

@@ -33,15 +33,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-log = logging.getLogger(__name__)
+from service.core.errors import ServiceError, error_body
 
-# ImageDecodeError.code -> HTTP status (see the table above)
-IMAGE_ERROR_STATUS = {
-    "not_an_image": 415,
-    "unsupported_image": 415,
-    "truncated_image": 422,
-    "decompression_bomb": 422,
-}
+log = logging.getLogger(__name__)
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -57,59 +51,6 @@ _STATUS_CODES = {
     503: "unavailable",
     504: "deadline_exceeded",
 }
-
-
-class ServiceError(Exception):
-    """An error with its HTTP status and stable code; raised anywhere below the routes."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: dict[str, str] | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        self.details = details or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.code, self.message, **self.details)
-
-
-class QueueFullError(ServiceError):
-    def __init__(self, message: str = "too many requests queued", retry_after_s: int = 1) -> None:
-        super().__init__(429, "queue_full", message, headers={"Retry-After": str(max(1, retry_after_s))})
-
-
-class DeadlineExceededError(ServiceError):
-    def __init__(self, message: str = "no answer within the request deadline") -> None:
-        super().__init__(504, "deadline_exceeded", message)
-
-
-class UnavailableError(ServiceError):
-    def __init__(self, code: str, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(503, code, message, headers={"Retry-After": str(max(1, retry_after_s))})
-
-
-class CategoryNotFoundError(ServiceError):
-    def __init__(self, name: str | None, known: list[str]) -> None:
-        what = "category is required" if not name else f"unknown category {name!r}"
-        super().__init__(
-            404,
-            "unknown_category",
-            f"{what}; known categories: {', '.join(sorted(known)) or '(none)'}",
-            details={"known_categories": sorted(known)},
-        )
-
-
-def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **details}}
 
 
 def error_response(err: ServiceError) -> JSONResponse:

@@ -21,13 +21,10 @@ can half-publish a catalog holding only the category just written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +33,7 @@ from redis.asyncio import Redis
 
 from descriptions import Category
 from service.catalog.references import EXTRA_KINDS
-from service.queue.streams import Keys
+from service.core.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -331,78 +328,3 @@ def unpack_cache_state(data: bytes) -> dict[str, bytes]:
     return {key: bytes(body[off:off + length]) for key, (off, length) in index.items()}
 
 
-def model_cache_key(model_info: dict) -> str:
-    """Caches are only valid for the model that built them: key them by its whole description."""
-    digest = hashlib.sha256(json.dumps(model_info, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{model_info.get('name', 'model')}-{digest}"
-
-
-def apply_categories(engine: Any, wanted: dict[str, Category], prepare: bool = True) -> list[str]:
-    """Make the engine's catalog equal `wanted`; with `prepare`, build every category's caches.
-
-    Runs on the engine's thread (the engine is single-threaded). Returns the names added or changed.
-    """
-    catalog = engine.catalog
-    for name in catalog.names():
-        if name not in wanted:
-            catalog.remove(name)
-    changed = []
-    for name, category in sorted(wanted.items()):
-        if name not in catalog or catalog.get(name) != category:
-            catalog.register(category)
-            changed.append(name)
-        if prepare:
-            engine.prepare_category(name)
-    return changed
-
-
-@dataclass
-class StartReport:
-    """What start-up did; /readyz shows it, and the tests assert a restart used the persisted cache."""
-
-    cache_source: str  # "persisted" (loaded from the store) or "built"
-    cache_entries_loaded: int
-    categories: int
-    categories_version: int
-    seconds: float
-
-
-Run = Callable[..., Awaitable[Any]]
-
-
-async def start_engine(engine: Any, store: CategoryStore, caches: CacheStore, run: Run) -> StartReport:
-    """Restore caches, seed and apply categories, warm up, persist caches; `run` calls onto the engine thread."""
-    t0 = time.monotonic()
-    await store.seed([engine.catalog.get(n) for n in engine.catalog.names()])
-    version = await store.version()
-    wanted = await store.all()
-    await run(apply_categories, engine, wanted, False)
-    key = model_cache_key(engine.model_info())
-    loaded = 0
-    blob = await caches.load(key)
-    if blob:
-        try:
-            loaded = int(await run(engine.load_cache_state, unpack_cache_state(blob)) or 0)
-        except Exception:  # a bad cache costs a rebuild, never the start
-            log.exception("persisted prompt cache %s unusable; rebuilding", key)
-    await run(apply_categories, engine, wanted, True)
-    if engine.catalog.names():  # nothing to warm up with when every category was deleted
-        await run(engine.warmup)
-    await _save_quietly(caches, key, pack_cache_state(await run(engine.cache_state)))
-    report = StartReport("persisted" if loaded else "built", loaded, len(wanted), version, time.monotonic() - t0)
-    log.info("engine ready: %s", report)
-    return report
-
-
-async def persist_caches(engine: Any, caches: CacheStore, run: Run) -> None:
-    """Save the engine's caches again (after a category was registered)."""
-    key = model_cache_key(engine.model_info())
-    await _save_quietly(caches, key, pack_cache_state(await run(engine.cache_state)))
-
-
-async def _save_quietly(caches: CacheStore, key: str, data: bytes) -> None:
-    """Persisting caches is an optimisation: a read-only disk costs the next start a rebuild, nothing more."""
-    try:
-        await caches.save(key, data)
-    except OSError as exc:
-        log.warning("could not persist the prompt cache %s (%s); the next start rebuilds it", key, exc)

@@ -71,9 +71,9 @@ def parse_document(raw: Any) -> tuple[list[Category], list[str]]:
 def _store(settings: FiloSettings) -> tuple[Any, Any]:
     """(store, closer) for the configured backend."""
     if settings.redis_url:
-        from service.backends.embedded import redis_client
         from service.catalog.store import RedisCategoryStore
-        from service.queue.streams import Keys
+        from service.core.keys import Keys
+        from service.core.redis_client import redis_client
 
         client = redis_client(settings.redis_url)
         return RedisCategoryStore(client, Keys.from_settings(settings)), client.aclose

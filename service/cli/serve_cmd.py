@@ -13,7 +13,7 @@ from service.settings import FiloSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from service.backends.embedded import Backend
+    from service.backends.base import Backend
 
 log = logging.getLogger("filo.serve")
 
@@ -72,8 +72,9 @@ async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_lev
 
 def main(args: argparse.Namespace) -> int:
     from service.api.app import create_app
-    from service.api.auth import AuthConfigError
-    from service.backends.embedded import EmbeddedBackend, RedisBackend
+    from service.backends.embedded import EmbeddedBackend
+    from service.backends.redis_queue import RedisBackend
+    from service.core.security import AuthConfigError
 
     setup_logging(args.log_level)
     settings = settings_from_args(args)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.api.errors import DeadlineExceededError, QueueFullError, UnavailableError
+from service.core.errors import DeadlineExceededError, QueueFullError, UnavailableError
 from service.core.retry_after import QueueWaitEstimate
 
 log = logging.getLogger(__name__)

@@ -65,7 +65,8 @@ class InspectionEngine:
         # (PIL and torch release the GIL while they resize and normalise).
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                 thread_name_prefix="filo-prepare")
-        self.references = EngineReferences(self)  # few-shot normal references (service/engine/references.py)
+        # few-shot normal references (service/engine/references.py): they see the model through one function
+        self.references = EngineReferences(self.info, self.catalog, self._encode_references, self.image_size)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -274,6 +275,15 @@ class InspectionEngine:
                 **self.references.threshold_fields(cat.name, memories[i]),
             ))
         return results
+
+    def _encode_references(self, images: Sequence[np.ndarray], category: Category) -> Any:
+        """Normal reference images through FiLo, zero-shot and without Grounding DINO: what a memory is built of."""
+        bank = self.model.prompt_bank(category.noun, category.descriptions)
+        self.model.precision = self.precision
+        reqs = [self.prepare(InspectRequest(image=im, category=category.name, grounding=False)) for im in images]
+        pixels = self._to_device(torch.stack([r.pixels for r in reqs]))
+        with torch.no_grad():
+            return self.model(pixels, [bank] * len(reqs), [None] * len(reqs))
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """The batch's pixels on the device; from pinned memory without blocking the host on CUDA (the

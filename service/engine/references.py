@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,9 +23,12 @@ from service.catalog.thresholds import ThresholdRecord, resolve
 from service.core.imaging import decode_image
 
 if TYPE_CHECKING:
-    from descriptions import Category
-    from service.engine.pipeline import InspectionEngine
+    from descriptions import Category, CategoryCatalog
+    from models.filo import FiLoOutput
     from service.settings import FiloSettings
+
+# one chunk of reference images through the model, zero-shot (the engine's own preprocessing and precision)
+Encode = Callable[[Sequence[np.ndarray], "Category"], "FiLoOutput"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +37,17 @@ MEMORY_DTYPE = torch.float16  # half the bytes of fp32; cosines of unit rows los
 
 
 class EngineReferences:
-    def __init__(self, engine: InspectionEngine):
-        self.engine = engine
+    """A process's few-shot state: each category's references, their patch memories (LRU) and thresholds.
+
+    It knows the model only through `encode` (and the model's description `info`, which keys its memories),
+    so the engine owns it without it owning the engine.
+    """
+
+    def __init__(self, info: dict[str, Any], catalog: CategoryCatalog, encode: Encode, image_size: int):
+        self.info = info
+        self.catalog = catalog
+        self.encode = encode
+        self.image_size = image_size
         self.max_patches = 16384
         self.match = mr.DEFAULT_MATCH
         self.radius = mr.DEFAULT_RADIUS
@@ -61,7 +73,7 @@ class EngineReferences:
         self.cache = MemoryCache(self._model_key(), int(settings.reference_memory_mb * 2**20))
 
     def _model_key(self) -> str:
-        return model_key(self.engine.info, {"max_patches": self.max_patches, "match": self.match,
+        return model_key(self.info, {"max_patches": self.max_patches, "match": self.match,
                                             "radius": self.radius, "weight": self.weight})
 
     # --- the reference sets ------------------------------------------------------------------------
@@ -96,7 +108,7 @@ class EngineReferences:
             if found is not None:
                 return found
             images = [decode_image(im.data, self.max_image_pixels) for im in refs.images]
-            memory = self.build(images, self.engine.catalog.get(category))
+            memory = self.build(images, self.catalog.get(category))
             self.cache.put(category, refs.digest, memory, memory.nbytes)
             log.info("category %s: reference memory of %d image(s) built, %d bytes", category, len(images),
                      memory.nbytes)
@@ -105,19 +117,9 @@ class EngineReferences:
     # --- building --------------------------------------------------------------------------------
     def build(self, images: Sequence[np.ndarray], category: Category) -> mr.ReferenceMemory:
         """A memory from decoded HxWx3 uint8 images, with leave-one-out scores of the references."""
-        from service.core.types import InspectRequest
-
-        eng = self.engine
-        model = eng.model
-        bank = model.prompt_bank(category.noun, category.descriptions)
         tokens, zs_maps, text = [], [], []
-        model.precision = eng.precision
         for s in range(0, len(images), self.batch_size):
-            reqs = [eng.prepare(InspectRequest(image=im, category=category.name, grounding=False))
-                    for im in images[s:s + self.batch_size]]
-            pixels = torch.stack([r.pixels for r in reqs]).to(eng.device)
-            with torch.no_grad():
-                out = model(pixels, [bank] * len(reqs), [None] * len(reqs))
+            out = self.encode(images[s:s + self.batch_size], category)
             tokens.append(mr.patch_tokens(out.stream))
             zs_maps.append(out.anomaly_map.float())
             text.append(out.text_probs[:, 1].float())
@@ -128,7 +130,7 @@ class EngineReferences:
                                      self.radius, self.weight, loo_distances=loo)
             if loo is not None:
                 memory.loo_scores = tuple(float(v) for v in mr.leave_one_out_scores(
-                    loo, torch.cat(zs_maps), torch.cat(text), memory, model.image_size))
+                    loo, torch.cat(zs_maps), torch.cat(text), memory, self.image_size))
         return memory
 
     # --- thresholds --------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ class EngineReferences:
         digest = refs.digest if refs and memory is not None else ""
         loo = memory.loo_scores if memory is not None else ()
         default = self.default_thresholds.get(category, self.default_threshold)
-        value, source = resolve(self.thresholds.get(category), digest, loo, default, self.engine.info.get("version"))
+        value, source = resolve(self.thresholds.get(category), digest, loo, default, self.info.get("version"))
         return {"threshold": value, "threshold_source": source}
 
     # --- inspection --------------------------------------------------------------------------------

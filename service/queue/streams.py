@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from service.core.imaging import Heatmap, dequantize_map, quantize_map
+from service.core.keys import Keys
 from service.core.types import AnomalyType, Box, InspectResult
 from service.settings import FiloSettings
 
@@ -60,49 +61,6 @@ return {id, depth + 1}
 ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED = "enqueued", "unknown_category", "queue_full", "not_seeded"
 NO_WORKERS = "no_workers"
 HEARTBEAT_WINDOW_MS = 10_000
-
-
-@dataclass
-class Keys:
-    """Every Redis key of one deployment, derived from the stream name so deployments can share a Redis."""
-
-    stream: str
-    group: str
-
-    @classmethod
-    def from_settings(cls, settings: FiloSettings) -> Keys:
-        return cls(settings.stream, settings.consumer_group)
-
-    def reply(self, request_id: str) -> str:
-        return f"{self.stream}:reply:{request_id}"
-
-    @property
-    def workers(self) -> str:
-        return f"{self.stream}:workers"
-
-    @property
-    def workers_applied(self) -> str:
-        """Hash: worker name -> the categories version it has applied (caches built)."""
-        return f"{self.stream}:workers:applied"
-
-    @property
-    def categories(self) -> str:
-        return f"{self.stream}:categories"
-
-    @property
-    def categories_deleted(self) -> str:
-        return f"{self.stream}:categories:deleted"
-
-    @property
-    def categories_version(self) -> str:
-        return f"{self.stream}:categories:version"
-
-    def cache(self, key: str) -> str:
-        return f"{self.stream}:cache:{key}"
-
-    def category_extra(self, name: str, kind: str) -> str:
-        """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/catalog/store.py)."""
-        return f"{self.stream}:category:{kind}:{name}"
 
 
 # --- payloads ------------------------------------------------------------------------------------------

@@ -48,33 +48,25 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from service.api.errors import IMAGE_ERROR_STATUS
-from service.backends.embedded import EngineFactory, default_engine_factory, error_from_slot, redis_client
 from service.catalog.references import apply_extras, publish_memory_bytes
-from service.catalog.store import (
-    CatalogSnapshot,
-    RedisCacheStore,
-    RedisCategoryStore,
-    StartReport,
-    apply_categories,
-    persist_caches,
-    start_engine,
-)
+from service.catalog.store import CatalogSnapshot, RedisCacheStore, RedisCategoryStore
 from service.core.batching import run_isolated
+from service.core.errors import IMAGE_ERROR_STATUS, error_from_slot
 from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
+from service.core.keys import Keys
+from service.core.redis_client import redis_client
 from service.core.telemetry import Metrics
 from service.core.types import InspectRequest, InspectResult
 from service.engine.device_images import decode_uploads, render, uses_device_path
-from service.queue.streams import (
-    Consumer,
-    Entry,
-    Keys,
-    Reply,
-    ensure_group,
-    error_dict,
-    result_to_dict,
-    server_time_ms,
+from service.engine.lifecycle import (
+    EngineFactory,
+    StartReport,
+    apply_categories,
+    default_engine_factory,
+    persist_caches,
+    start_engine,
 )
+from service.queue.streams import Consumer, Entry, Reply, ensure_group, error_dict, result_to_dict, server_time_ms
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)

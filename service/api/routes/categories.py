@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
+from service.api.category_extras import category_threshold
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import CategoryNotFoundError, ServiceError, validation_body
+from service.api.errors import validation_body
+from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
 from service.catalog.llm import LLMError, agenerate_descriptions, write_draft
 from service.catalog.store import default_state_dir
+from service.core.errors import CategoryNotFoundError, ServiceError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["categories"])
 
-NameParam = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 def _out(c: Category) -> CategoryOut:
@@ -37,7 +38,6 @@ async def list_categories(backend: BackendDep) -> CategoryList:
             dependencies=[Depends(require_api_key)])
 async def get_category(name: NameParam, backend: BackendDep, settings: SettingsDep) -> CategoryDetailOut:
     """The category, with its decision threshold, where that comes from, and its reference count."""
-    from service.api.routes.references import category_threshold
 
     found = {c.name: c for c in await backend.list_categories()}
     if name not in found:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from service.api.errors import ServiceError
 from service.console import STATIC_DIR
+from service.core.errors import ServiceError
 
 router = APIRouter(include_in_schema=False)
 

@@ -22,9 +22,10 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import IMAGE_ERROR_STATUS, ServiceError, validation_body
+from service.api.errors import validation_body
 from service.api.schemas import ERROR_RESPONSES, MAX_HEATMAP_SIDE, InspectJSON, InspectParams, InspectResponse
-from service.backends.embedded import InspectJob
+from service.backends.base import InspectJob
+from service.core.errors import IMAGE_ERROR_STATUS, ServiceError
 from service.core.imaging import (
     DEFAULT_HEATMAP_FORMAT,
     DEFAULT_HEATMAP_SIZE,

@@ -23,20 +23,19 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_admin_key, require_api_key
+from service.api.category_extras import load_refs, load_threshold
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
-from service.api.routes.categories import NameParam
+from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES
-from service.backends.embedded import InspectJob
+from service.backends.base import InspectJob
 from service.catalog.references import (
     REFERENCES_KIND,
     THRESHOLD_KIND,
-    FileExtras,
-    RedisExtras,
     ReferenceImage,
     ReferenceSet,
 )
 from service.catalog.thresholds import ThresholdRecord, f1_max_threshold
+from service.core.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
 from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,6 @@ _MULTIPART_LABELLED = {
 # --- storage: the same calls in both modes ----------------------------------------------------------------
 
 
-def _extras(backend: Any) -> FileExtras | RedisExtras:
-    return RedisExtras(backend.store) if backend.mode == "queue" else backend.extras
-
-
 async def _put(backend: Any, name: str, kind: str, data: bytes) -> dict[str, int | None]:
     """Store one extra and make it effective before answering: embedded mode applies it to the engine
     now (between batches); queue mode waits (up to `category_apply_timeout_s`) until every live worker
@@ -78,25 +73,9 @@ async def _require_category(backend: Any, name: str) -> None:
         raise CategoryNotFoundError(name, names)
 
 
-async def _load_refs(backend: Any, name: str) -> ReferenceSet:
-    raw = await _extras(backend).get(name, REFERENCES_KIND)
-    return ReferenceSet.from_json(raw) if raw else ReferenceSet()
-
-
-async def _load_threshold(backend: Any, name: str) -> ThresholdRecord | None:
-    raw = await _extras(backend).get(name, THRESHOLD_KIND)
-    return ThresholdRecord.from_json(raw) if raw else None
-
-
-async def _memory_bytes(backend: Any, name: str) -> int:
-    if backend.mode == "queue":
-        return await RedisExtras(backend.store).memory_bytes(name)
-    return backend.engine.references.memory_bytes(name) if backend.engine is not None else 0
-
-
 async def _refs_body(backend: Any, name: str, refs: ReferenceSet) -> dict[str, Any]:
     return {"category": name, "references": len(refs), "items": [im.item() for im in refs.images],
-            "memory_bytes": await _memory_bytes(backend, name) if len(refs) else 0}
+            "memory_bytes": await backend.reference_memory_bytes(name) if len(refs) else 0}
 
 
 async def _store_refs(backend: Any, name: str, refs: ReferenceSet) -> dict[str, int | None]:
@@ -139,7 +118,7 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
     parts = (await _read_parts(request, ("images",), settings.max_image_pixels))["images"]
     if not parts:
         raise ServiceError(422, "validation_error", "send one or more file parts named 'images'")
-    refs = await _load_refs(backend, name)
+    refs = await load_refs(backend, name)
     new = refs.added(ReferenceImage.from_bytes(data, img.shape[1], img.shape[0]) for data, img in parts)
     if len(new) > settings.reference_max_images:
         raise ServiceError(413, "too_many_references",
@@ -153,7 +132,7 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
 @router.get("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
 async def get_references(name: NameParam, backend: BackendDep) -> dict:
     await _require_category(backend, name)
-    return await _refs_body(backend, name, await _load_refs(backend, name))
+    return await _refs_body(backend, name, await load_refs(backend, name))
 
 
 @router.delete("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
@@ -168,7 +147,7 @@ async def delete_references(name: NameParam, backend: BackendDep, settings: Sett
 @router.delete("/{name}/references/{ref_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
 async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, settings: SettingsDep) -> dict:
     await _require_category(backend, name)
-    refs = await _load_refs(backend, name)
+    refs = await load_refs(backend, name)
     if ref_id not in refs.ids():
         raise ServiceError(404, "unknown_reference", f"category {name!r} has no reference {ref_id!r}",
                            details={"known": refs.ids()})
@@ -191,7 +170,7 @@ async def _score(backend: Any, settings: Any, name: str, data: bytes, image: Any
 
 async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, refs: ReferenceSet) -> None:
     """A references-rule threshold follows its references: re-read its value (what GET shows)."""
-    record = await _load_threshold(backend, name)
+    record = await load_threshold(backend, name)
     if record is None or record.source != "references":
         return
     value = None
@@ -215,7 +194,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     await _require_category(backend, name)
     parts = await _read_parts(request, ("good", "defective"), settings.max_image_pixels)
     good, bad = parts["good"], parts["defective"]
-    refs = await _load_refs(backend, name)
+    refs = await load_refs(backend, name)
     if not good and not bad:
         if len(refs) < 2:
             raise ServiceError(422, "not_enough_references",
@@ -224,7 +203,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
         record = ThresholdRecord("references", None, refs.digest)
         await _put(backend, name, THRESHOLD_KIND, record.to_json())
         await _refresh_reference_threshold(backend, settings, name, refs)
-        stored = await _load_threshold(backend, name)
+        stored = await load_threshold(backend, name)
         assert stored is not None
         return {"category": name, "threshold": stored.threshold, "threshold_source": "references",
                 "n_good": len(refs), "n_defective": 0, "references": len(refs)}
@@ -248,14 +227,3 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     return {"category": name, "threshold": threshold, "threshold_source": "labelled", "n_good": len(good),
             "n_defective": len(bad), "f1": f1, "references": len(refs), "scores": {
                 "good": scores[:len(good)], "defective": scores[len(good):]}}
-
-
-async def category_threshold(backend: Any, settings: Any, name: str) -> dict[str, Any]:
-    """GET /v1/categories/{name}'s extra fields: threshold, threshold_source, references."""
-    refs = await _load_refs(backend, name)
-    record = await _load_threshold(backend, name)
-    default = settings.thresholds.get(name, settings.default_threshold)
-    digest = refs.digest if len(refs) else ""
-    if record is not None and record.threshold is not None and record.references_digest == digest:
-        return {"threshold": record.threshold, "threshold_source": record.source, "references": len(refs)}
-    return {"threshold": default, "threshold_source": "default", "references": len(refs)}
