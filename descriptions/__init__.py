@@ -139,10 +139,6 @@ class CategoryCatalog:
         del self._by_name[name]
         return category
 
-    def fingerprint(self, name: str) -> str:
-        """Short content hash of a category's text: a cache key and a checkpoint's descriptions version."""
-        return category_fingerprint(self.get(name))
-
 
 def category_fingerprint(category: Category) -> str:
     payload = json.dumps([category.noun, list(category.descriptions)], ensure_ascii=False)

@@ -39,7 +39,6 @@ from service.core.imaging import decode_image
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_SIZES: dict[str, tuple[int, int]] = {"1MP": (866, 1155), "1.5MP": (1000, 1500), "5MP": (1944, 2592)}
-FORMATS = ("JPEG", "PNG")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

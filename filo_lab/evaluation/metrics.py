@@ -4,7 +4,8 @@ One public entry point, `evaluate(masks, maps, labels, scores)`, returns the sev
 FiLo paper reports per category. Their definitions follow the released FiLo test code:
 
 - AUROC = `sklearn.metrics.roc_auc_score`, AP = `average_precision_score`, F1-max = the largest
-  2PR/(P+R) over the points of `precision_recall_curve` (non-finite values ignored).
+  2PR/(P+R) over every cut between distinct scores (the points of `precision_recall_curve`); image
+  F1-max is `service.catalog.thresholds.f1_max_threshold`'s, the one home of that computation.
 - Pixel metrics pool every pixel of every image; masks are binarised with `> 0.5`.
 - AUPRO: PRO(t) is the mean, over every connected anomalous region of every image (8-connectivity,
   like `skimage.measure.label`'s default for 2-D), of the fraction of the region's pixels whose map
@@ -53,7 +54,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, roc_auc_score, roc_curve
+
+from service.catalog.thresholds import f1_max_threshold
 
 METRIC_KEYS = (
     "pixel_auroc",
@@ -218,20 +221,13 @@ def _image_metrics_and_curve(
     if y.min(initial=1) == y.max(initial=0):
         _warn("image labels hold a single class: image AUROC, AP and F1-max are NaN")
         return {key: math.nan for key in IMAGE_KEYS}, {"fpr": np.zeros(0), "tpr": np.zeros(0)}
-    precision, recall, _ = precision_recall_curve(y, s)
     fpr, tpr, _ = roc_curve(y, s)
     metrics = {
         "image_auroc": float(roc_auc_score(y, s)),
         "image_ap": float(average_precision_score(y, s)),
-        "image_f1max": _f1max(precision, recall),
+        "image_f1max": f1_max_threshold(s, y)[1],  # the service's calibration computes the same F1-max
     }
     return metrics, {"fpr": fpr, "tpr": tpr}
-
-
-def _f1max(precision: np.ndarray, recall: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    return float(np.max(f1[np.isfinite(f1)]))
 
 
 # ----------------------------------------------------------------------------- inputs

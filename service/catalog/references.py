@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.core.keys import content_digest
+
 REFERENCES_FORMAT = "filo-references/v1"
 
 
@@ -146,7 +148,7 @@ def model_key(info: dict[str, Any], memory_settings: dict[str, Any]) -> str:
     parts = {k: info.get(k) for k in ("version", "backbone", "clip_weights", "image_size", "tap_layout",
                                       "checkpoint_sha256")}
     parts.update(memory_settings)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_digest(parts)
 
 
 def reference_paths(paths: Iterable[str]) -> list[str]:

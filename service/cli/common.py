@@ -49,6 +49,10 @@ def settings_from_args(args: argparse.Namespace, **extra) -> FiloSettings:
         "device": args.device,
         "precision": args.precision,
         "image_size": args.image_size,
+        # the service commands' own flags (serve, worker)
+        "redis_url": getattr(args, "redis_url", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
         **extra,
     }
     return FiloSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -70,9 +74,12 @@ def split_names(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(level: str | bool = "info") -> None:
+    """One log format for every command; `level` is a level name, or True/False for --verbose."""
+    if isinstance(level, bool):
+        level = "debug" if level else "info"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )

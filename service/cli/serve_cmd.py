@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from service.cli.common import add_model_args, settings_from_args, setup_logging
 from service.settings import FiloSettings
 
 if TYPE_CHECKING:
@@ -18,27 +19,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("filo.serve")
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by serve and worker; each overrides its FILO_* setting when given."""
-    p.add_argument("--profile", choices=["production", "demo"], help="FILO_PROFILE")
+def add_service_flags(p: argparse.ArgumentParser) -> None:
+    """serve and worker: the model options every model command takes, plus the queue and the log level."""
+    add_model_args(p)
     p.add_argument("--redis-url", help="FILO_REDIS_URL")
-    p.add_argument("--checkpoint", help="FILO_CHECKPOINT")
-    p.add_argument("--device", help="FILO_DEVICE: auto, cpu, cuda, cuda:N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-
-def settings_from_args(args: argparse.Namespace, **extra: object) -> FiloSettings:
-    flags = {k: getattr(args, k, None) for k in ("profile", "redis_url", "checkpoint", "device", "host", "port")}
-    return FiloSettings(**{k: v for k, v in {**flags, **extra}.items() if v is not None})
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP API", description=__doc__)
-    add_common_flags(p)
+    add_service_flags(p)
     p.add_argument("--host", help="FILO_HOST")
     p.add_argument("--port", type=int, help="FILO_PORT")
     p.add_argument("--embedded", action="store_true",

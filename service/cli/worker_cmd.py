@@ -7,13 +7,14 @@ import asyncio
 import signal
 import sys
 
-from service.cli.serve_cmd import add_common_flags, settings_from_args, setup_logging
+from service.cli.common import settings_from_args, setup_logging
+from service.cli.serve_cmd import add_service_flags
 from service.settings import FiloSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("worker", help="run an inspection worker (needs Redis)", description=__doc__)
-    add_common_flags(p)
+    add_service_flags(p)
     p.add_argument("--metrics-host", help="FILO_WORKER_METRICS_HOST (default 0.0.0.0)")
     p.add_argument("--metrics-port", type=int, help="FILO_WORKER_METRICS_PORT (/healthz /readyz /metrics)")
     p.set_defaults(func=main)

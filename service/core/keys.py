@@ -6,7 +6,10 @@ API pods and workers of different versions (a rolling deploy mixes them), so the
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from service.settings import FiloSettings
 
@@ -52,3 +55,9 @@ class Keys:
     def category_extra(self, name: str, kind: str) -> str:
         """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/catalog/store.py)."""
         return f"{self.stream}:category:{kind}:{name}"
+
+
+def content_digest(value: Any) -> str:
+    """The one content hash behind every cache key (prompt caches, reference memories): 16 hex digits of the
+    SHA-256 of `value` as canonical JSON, so equal descriptions give equal keys in every process."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

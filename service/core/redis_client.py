@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 
 def redis_client(url: str, longest_block_s: float = 1.0, retries: int = 0) -> Redis:

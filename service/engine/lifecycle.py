@@ -7,8 +7,6 @@ and the catalog stores below it know nothing of engines.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +15,7 @@ from typing import Any
 
 from descriptions import Category
 from service.catalog.store import CacheStore, CategoryStore, pack_cache_state, unpack_cache_state
+from service.core.keys import content_digest
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,7 @@ def default_engine_factory(settings: FiloSettings) -> Any:
 
 def model_cache_key(model_info: dict) -> str:
     """Caches are only valid for the model that built them: key them by its whole description."""
-    digest = hashlib.sha256(json.dumps(model_info, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{model_info.get('name', 'model')}-{digest}"
+    return f"{model_info.get('name', 'model')}-{content_digest(model_info)}"
 
 
 def apply_categories(engine: Any, wanted: dict[str, Category], prepare: bool = True) -> list[str]:

@@ -121,10 +121,6 @@ class InspectionEngine:
         category = self.catalog.get(name)
         return self.model.prompt_bank(category.noun, category.descriptions)
 
-    def register_category(self, category: Category) -> None:
-        self.catalog.register(category)
-        self.prepare_category(category.name)
-
     def _cache_key(self, category: Category) -> str:
         return f"{self.info['backbone']}:{self.info['clip_weights']}:{category_fingerprint(category)}"
 
