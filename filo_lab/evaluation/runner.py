@@ -20,6 +20,7 @@ import math
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,19 +126,35 @@ def evaluate_dataset(
         raise ValueError("save_arrays needs an out_dir")
 
     shot_paths = {cat: draw_shots(root, layout, cat, shots, shot_seed) for cat in groups} if shots else {}
+    per_category, curves, examples, failures, kept, counts = _evaluate_groups(
+        engine, groups, names, shot_paths, batch_size, grounding, (mask_interpolation, mask_geometry),
+        examples_per_category, out if save_arrays else None, keep_arrays, progress, len(samples))
+    result = EvalResult(per_category, mean_metrics(per_category), counts, failures, time.perf_counter() - t0,
+                        arrays=kept if keep_arrays else None, shot_images=shot_paths)
+    if out is not None:
+        result.report = write_report(out, per_category, curves, examples[:MAX_EXAMPLE_ROWS] or None)
+        _write_info(out / "eval_info.json", engine, root, layout, split, grounding,
+                    f"{mask_interpolation}/{mask_geometry}", max_images, result)
+    return result
+
+
+def _evaluate_groups(engine: InspectionEngine, groups: dict[str, list[Sample]], names: dict[str, str],
+                     shot_paths: dict[str, list[str]], batch_size: int, grounding: bool, mask_mode: tuple[str, str],
+                     n_examples: int, arrays_dir: Path | None, keep_arrays: bool, progress: bool, total: int):
+    """Each category in turn (with its k-shot references, if any): its arrays, metrics, curves, examples."""
     per_category: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     examples: list[dict] = []
     failures: list[tuple[str, str]] = []
     kept: dict[str, CategoryArrays] = {}
     counts: dict[str, int] = {}
-    with tqdm(total=len(samples), desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=total, desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
         for cat, group in groups.items():
             bar.set_postfix_str(cat)
             with using_references(engine, names[cat], shot_paths.get(cat)):
                 arrays, cat_examples, cat_failures = _run_category(
-                    engine, names[cat], group, batch_size, grounding, (mask_interpolation, mask_geometry),
-                    examples_per_category, bar,
+                    engine, names[cat], group, batch_size, grounding, mask_mode,
+                    n_examples, bar,
                 )
             failures += cat_failures
             counts[cat] = len(arrays.labels)
@@ -149,25 +166,11 @@ def evaluate_dataset(
             per_category[cat] = metrics
             curves[cat] = cat_curves
             examples += cat_examples
-            if save_arrays:
-                _save_arrays(out / "arrays" / f"{slug(cat)}.npz", arrays)
+            if arrays_dir is not None:
+                _save_arrays(arrays_dir / "arrays" / f"{slug(cat)}.npz", arrays)
             if keep_arrays:
                 kept[cat] = arrays
-    result = EvalResult(
-        per_category=per_category,
-        mean=mean_metrics(per_category),
-        images=counts,
-        failures=failures,
-        seconds=time.perf_counter() - t0,
-        arrays=kept if keep_arrays else None,
-        shot_images=shot_paths,
-    )
-    if out is not None:
-        result.report = write_report(out, per_category, curves, examples[:MAX_EXAMPLE_ROWS] or None)
-        _write_info(out / "eval_info.json", engine, root, layout, split, grounding,
-                    f"{mask_interpolation}/{mask_geometry}",
-                    max_images, result)
-    return result
+    return per_category, curves, examples, failures, kept, counts
 
 
 def draw_shots(root: Path, layout: str, category: str, k: int, seed: int) -> list[str]:
@@ -200,10 +203,24 @@ def using_references(engine: InspectionEngine, name: str, paths: list[str] | Non
             engine.references.set(name, previous)
 
 
+def inspect_samples(engine: InspectionEngine, name: str, group: list[Sample], batch_size: int, grounding: bool,
+                    ) -> Iterator[tuple[int, Sample, np.ndarray, np.ndarray | None, Any]]:
+    """A category's images through the engine in batches: (index, sample, image, mask, InspectResult or
+    InspectError) per image, in order. The one batched inspection loop of the lab (eval and calibrate)."""
+    from service.core.types import InspectRequest
+
+    for start in range(0, len(group), batch_size):
+        chunk = group[start:start + batch_size]
+        loaded = [load_sample(s) for s in chunk]
+        reqs = [InspectRequest(image=img, category=name, grounding=grounding) for img, _ in loaded]
+        for k, (sample, (image, mask), res) in enumerate(zip(chunk, loaded, engine.inspect_batch(reqs), strict=True)):
+            yield start + k, sample, image, mask, res
+
+
 def _run_category(engine: InspectionEngine, name: str, group: list[Sample], batch_size: int, grounding: bool,
                   mask_mode: tuple[str, str], n_examples: int, bar) -> tuple[CategoryArrays, list[dict], list]:
     """Inspect one category's images in batches; returns its arrays, example rows and failures."""
-    from service.core.types import InspectError, InspectRequest
+    from service.core.types import InspectError
 
     size = engine.image_size
     maps, masks, labels, scores, paths = [], [], [], [], []
@@ -211,25 +228,21 @@ def _run_category(engine: InspectionEngine, name: str, group: list[Sample], batc
     failures: list[tuple[str, str]] = []
     mask_unknown = False
     want = _example_indices(group, n_examples)
-    for start in range(0, len(group), batch_size):
-        chunk = group[start:start + batch_size]
-        loaded = [load_sample(s) for s in chunk]
-        reqs = [InspectRequest(image=img, category=name, grounding=grounding) for img, _ in loaded]
-        for k, (sample, (image, mask), res) in enumerate(zip(chunk, loaded, engine.inspect_batch(reqs))):
-            bar.update(1)
-            if isinstance(res, InspectError):
-                failures.append((str(sample.image_path), res.message))
-                log.error("%s: %s", sample.image_path, res.message)
-                continue
-            frame_mask = None if mask is None else resize_crop_mask(mask, size, *mask_mode)
-            mask_unknown |= frame_mask is None
-            maps.append(np.asarray(res.anomaly_map, np.float32))
-            masks.append(frame_mask)
-            labels.append(sample.label)
-            scores.append(float(res.score))
-            paths.append(str(sample.image_path))
-            if start + k in want:
-                examples.append(_example(sample, image, frame_mask, res, size))
+    for index, sample, image, mask, res in inspect_samples(engine, name, group, batch_size, grounding):
+        bar.update(1)
+        if isinstance(res, InspectError):
+            failures.append((str(sample.image_path), res.message))
+            log.error("%s: %s", sample.image_path, res.message)
+            continue
+        frame_mask = None if mask is None else resize_crop_mask(mask, size, *mask_mode)
+        mask_unknown |= frame_mask is None
+        maps.append(np.asarray(res.anomaly_map, np.float32))
+        masks.append(frame_mask)
+        labels.append(sample.label)
+        scores.append(float(res.score))
+        paths.append(str(sample.image_path))
+        if index in want:
+            examples.append(_example(sample, image, frame_mask, res, size))
     arrays = CategoryArrays(
         masks=None if mask_unknown or not masks else np.stack(masks).astype(np.uint8),
         maps=np.stack(maps) if maps else np.zeros((0, size, size), np.float32),

@@ -47,11 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     from descriptions import DescriptionsError, UnknownCategoryError
-    from filo_lab.data import DatasetError, group_by_category, load_sample, read_dataset
+    from filo_lab.data import DatasetError, group_by_category, read_dataset
     from filo_lab.evaluation.runner import catalog_name, draw_shots, using_references
     from models.errors import CheckpointError, WeightsNotFoundError
     from service.catalog.thresholds import f1_max_threshold
-    from service.core.types import InspectError, InspectRequest
     from service.engine.pipeline import InspectionEngine
 
     grounding = args.grounding == "on"
@@ -72,19 +71,9 @@ def run(args: argparse.Namespace) -> int:
     failures = 0
     with tqdm(total=sum(len(g) for g in groups.values()), desc="calibrate", unit="img", file=sys.stderr) as bar:
         for cat, group in groups.items():
-            scores: dict[int, list[float]] = {0: [], 1: []}
             with using_references(engine, names[cat], shots.get(cat)):
-                for s in range(0, len(group), args.batch_size):
-                    chunk = group[s:s + args.batch_size]
-                    reqs = [InspectRequest(image=load_sample(x)[0], category=names[cat], grounding=grounding)
-                            for x in chunk]
-                    for sample, res in zip(chunk, engine.inspect_batch(reqs), strict=True):
-                        bar.update(1)
-                        if isinstance(res, InspectError):
-                            failures += 1
-                            print(f"filo calibrate: {sample.image_path}: {res.message}", file=sys.stderr)
-                            continue
-                        scores[sample.label].append(float(res.score))
+                scores, failed = _scores(engine, names[cat], group, args.batch_size, grounding, bar)
+            failures += failed
             if not scores[0] or not scores[1]:
                 print(f"filo calibrate: {cat}: needs good and defective images "
                       f"({len(scores[0])} and {len(scores[1])})", file=sys.stderr)
@@ -94,14 +83,35 @@ def run(args: argparse.Namespace) -> int:
             report[names[cat]] = {"threshold": t, "f1": f1, "n_good": len(scores[0]),
                                   "n_defective": len(scores[1]), "shots": args.shots,
                                   "scores": {"good": scores[0], "defective": scores[1]}}
+    _write_report(report, engine.model_info(), args.shots, args.out)
+    return 1 if failures else 0
+
+
+def _scores(engine, name: str, group: list, batch_size: int, grounding: bool, bar) -> tuple[dict[int, list[float]], int]:
+    """{label: scores} of one category's images (the lab's one batched loop), and how many failed."""
+    from filo_lab.evaluation.runner import inspect_samples
+    from service.core.types import InspectError
+
+    scores: dict[int, list[float]] = {0: [], 1: []}
+    failed = 0
+    for _, sample, _, _, res in inspect_samples(engine, name, group, batch_size, grounding):
+        bar.update(1)
+        if isinstance(res, InspectError):
+            failed += 1
+            print(f"filo calibrate: {sample.image_path}: {res.message}", file=sys.stderr)
+            continue
+        scores[sample.label].append(float(res.score))
+    return scores, failed
+
+
+def _write_report(report: dict[str, dict], model: dict, shots: int, out: Path | None) -> None:
+    """The table on stdout; with `out`, the thresholds JSON (and the FILO_THRESHOLDS line that uses it)."""
     print("| category | threshold | F1 | good | defective |\n|---|---:|---:|---:|---:|")
     for name, e in report.items():
         print(f"| {name} | {e['threshold']:.4f} | {100 * e['f1']:.1f} | {e['n_good']} | {e['n_defective']} |")
-    doc = {"model": engine.model_info(), "shots": args.shots, "categories": report,
+    doc = {"model": model, "shots": shots, "categories": report,
            "thresholds": {name: e["threshold"] for name, e in report.items()}}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-        print(f"thresholds written to {args.out} (FILO_THRESHOLDS='{json.dumps(doc['thresholds'])}')",
-              file=sys.stderr)
-    return 1 if failures else 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        print(f"thresholds written to {out} (FILO_THRESHOLDS='{json.dumps(doc['thresholds'])}')", file=sys.stderr)

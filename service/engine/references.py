@@ -21,18 +21,17 @@ from models import references as mr
 from service.catalog.references import MemoryCache, ReferenceSet, model_key
 from service.catalog.thresholds import ThresholdRecord, resolve
 from service.core.imaging import decode_image
+from service.settings import FiloSettings
 
 if TYPE_CHECKING:
     from descriptions import Category, CategoryCatalog
     from models.filo import FiLoOutput
-    from service.settings import FiloSettings
 
 # one chunk of reference images through the model, zero-shot (the engine's own preprocessing and precision)
 Encode = Callable[[Sequence[np.ndarray], "Category"], "FiLoOutput"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET_BYTES = 4096 * 2**20
 MEMORY_DTYPE = torch.float16  # half the bytes of fp32; cosines of unit rows lose nothing that matters
 
 
@@ -48,18 +47,10 @@ class EngineReferences:
         self.catalog = catalog
         self.encode = encode
         self.image_size = image_size
-        self.max_patches = 16384
-        self.match = mr.DEFAULT_MATCH
-        self.radius = mr.DEFAULT_RADIUS
-        self.weight = mr.DEFAULT_WEIGHT
-        self.max_image_pixels = 40_000_000
-        self.batch_size = 8
         self.sets: dict[str, ReferenceSet] = {}
         self.thresholds: dict[str, ThresholdRecord] = {}  # per category, from the catalog
-        self.default_thresholds: dict[str, float] = {}
-        self.default_threshold = 0.5
-        self.cache = MemoryCache(self._model_key(), DEFAULT_BUDGET_BYTES)
         self._lock = threading.RLock()
+        self.configure(FiloSettings())  # the defaults live in the settings alone; the engine passes its own
 
     def configure(self, settings: FiloSettings) -> None:
         self.max_patches = settings.reference_max_patches
