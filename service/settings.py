@@ -112,6 +112,32 @@ class FiloSettings(BaseSettings):
     state_dir: Path | None = Field(
         None, description="without Redis: where categories and prompt caches persist (default ~/.cache/filo-inspect)"
     )
+    # --- inspection records and the review loop (README "Inspection records") --------------------
+    records: bool = Field(True, description="keep a record of every inspection (a request may say record=false)")
+    records_url: str | None = Field(
+        None, description="SQLAlchemy URL of the records database (postgresql+psycopg://... in production); "
+        "default: a SQLite file records.db under state_dir",
+    )
+    records_keep: Literal["ng", "all", "none"] = Field(
+        "ng", description="which results keep their uploaded image and heatmap: NG ones, all, or none",
+    )
+    records_ok_sample: float = Field(0.01, ge=0, le=1, description="fraction of OK results whose artefacts are "
+                                     "kept too (with records_keep=ng)")
+    records_retention_days: float = Field(90.0, gt=0, description="records and artefacts older than this are purged")
+    records_purge_interval_s: float = Field(3600.0, gt=0, description="how often the purge runs by itself")
+    records_batch: int = Field(200, ge=1, le=10_000, description="records written per database transaction")
+    records_buffer_max: int = Field(
+        20_000, ge=1, description="records this process holds while its hand-off target is down; past it the "
+        "oldest are dropped (counted in filo_records_failed_total{reason=dropped})",
+    )
+    records_stream: str = Field("filo:records", description="queue mode: the Redis stream records travel through")
+    records_group: str = Field("filo-recorders", description="queue mode: consumer group of the record writers")
+    records_claim_idle_ms: int = Field(30_000, ge=100, description="queue mode: records pending this long at "
+                                       "another writer (a dead pod) are taken over")
+    reviewer_keys: list[str] = Field(
+        default_factory=list, description="keys that may judge inspection records (and inspect and read); "
+        "'name:secret' records the name, a bare key is recorded by a short hash",
+    )
     max_deliveries: int = Field(3, ge=1, description="a request delivered more often than this is failed as poison")
     llm_timeout_s: float = Field(60.0, gt=0, description="timeout of one chat-completions call")
 

@@ -16,9 +16,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.category_extras import ReviewMargins
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import install_error_handlers
-from service.api.routes import categories, console, health, inspect, references
+from service.api.routes import categories, console, health, inspect, inspections, learning, references
 from service.backends.base import Backend
 from service.core.errors import error_body
 from service.core.security import Authenticator, check_auth_config
@@ -138,10 +139,13 @@ def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
     app.state.backend = backend
     app.state.metrics = backend.metrics
     app.state.auth = Authenticator(settings)
+    app.state.review_margins = ReviewMargins()
     install_error_handlers(app)
     app.include_router(inspect.router)
     app.include_router(categories.router)
     app.include_router(references.router)
+    app.include_router(inspections.router)
+    app.include_router(learning.router)
     app.include_router(health.router)
     app.include_router(console.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)

@@ -8,6 +8,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.deps import AuthDep
+from service.core.security import Principal
 
 bearer_scheme = HTTPBearer(auto_error=False, description="API key (admin key for category writes)")
 
@@ -19,9 +20,18 @@ def _key(creds: HTTPAuthorizationCredentials | None) -> str | None:
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-def require_api_key(creds: Credentials, auth: AuthDep) -> None:
-    auth.check_inspect(_key(creds))
+def require_api_key(creds: Credentials, auth: AuthDep) -> Principal:
+    return auth.check_inspect(_key(creds))
 
 
-def require_admin_key(creds: Credentials, auth: AuthDep) -> None:
-    auth.check_admin(_key(creds))
+def require_reviewer_key(creds: Credentials, auth: AuthDep) -> Principal:
+    return auth.check_review(_key(creds))
+
+
+def require_admin_key(creds: Credentials, auth: AuthDep) -> Principal:
+    return auth.check_admin(_key(creds))
+
+
+Reader = Annotated[Principal, Depends(require_api_key)]
+Reviewer = Annotated[Principal, Depends(require_reviewer_key)]
+Admin = Annotated[Principal, Depends(require_admin_key)]

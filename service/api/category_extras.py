@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from service.backends.base import Backend
@@ -25,6 +26,29 @@ async def category_threshold(backend: Backend, settings: Any, name: str) -> dict
     record = await load_threshold(backend, name)
     default = settings.thresholds.get(name, settings.default_threshold)
     digest = refs.digest if len(refs) else ""
+    if record is not None and record.source == "manual" and record.threshold is not None:
+        return {"threshold": record.threshold, "threshold_source": "manual", "references": len(refs)}
     if record is not None and record.threshold is not None and record.references_digest == digest:
         return {"threshold": record.threshold, "threshold_source": record.source, "references": len(refs)}
     return {"threshold": default, "threshold_source": "default", "references": len(refs)}
+
+
+class ReviewMargins:
+    """Each category's review margin as the inspect route needs it: read from the catalog at most every
+    `ttl_s` per category (a change made through this process is seen at once, others' within `ttl_s`)."""
+
+    def __init__(self, ttl_s: float = 2.0) -> None:
+        self.ttl_s = ttl_s
+        self._seen: dict[str, tuple[float, float]] = {}
+
+    async def get(self, backend: Backend, name: str) -> float:
+        hit = self._seen.get(name)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        record = await load_threshold(backend, name)
+        margin = record.review_margin if record is not None else 0.0
+        self._seen[name] = (time.monotonic(), margin)
+        return margin
+
+    def forget(self, name: str) -> None:
+        self._seen.pop(name, None)

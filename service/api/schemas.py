@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.core.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
+from service.records.model import SOURCE_PATTERN
 
 HeatmapMode = Literal["jpeg", "png", "map", "none"]
 MAX_HEATMAP_SIDE = 8192
@@ -31,6 +32,11 @@ class InspectParams(BaseModel):
         description="'original' (the image's size), 'frame' (the model's square input frame) or the largest "
         f"long side in pixels (never enlarged; 16..{MAX_HEATMAP_SIDE})",
     )
+    source: str | None = Field(
+        None, pattern=SOURCE_PATTERN, description="where the image comes from (a line or camera name), kept with "
+        "the inspection record: up to 64 letters, digits and -_.:/",
+    )
+    record: bool = Field(True, description="keep a record of this inspection (GET /v1/inspections)")
 
     @field_validator("heatmap_size", mode="before")
     @classmethod
@@ -94,10 +100,14 @@ class InspectResponse(BaseModel):
     category: str
     score: float = Field(..., description="image anomaly score")
     is_anomalous: bool = Field(..., description="score >= threshold")
+    needs_review: bool = Field(
+        False, description="the score lies within the category's review margin of the threshold: the result "
+        "waits in the review queue for a person's judgement")
     threshold: float
-    threshold_source: Literal["default", "references", "labelled"] = Field(
+    threshold_source: Literal["default", "references", "labelled", "learned", "manual"] = Field(
         "default", description="where the threshold comes from: the configured default, the category's normal "
-        "references, or a calibration on labelled images (docs/few-shot.md)")
+        "references, a calibration on labelled images (docs/few-shot.md), one learned from reviewed records, or "
+        "set by hand")
     references: int = Field(0, description="normal reference images used for this image (0: zero-shot)")
     position: str | None = Field(None, description="one of the nine positions; null: all nine averaged")
     boxes: list[BoxOut]
@@ -146,7 +156,7 @@ class CategoryDetailOut(CategoryOut):
     """GET /v1/categories/{name}: the category with its decision threshold and references (docs/few-shot.md)."""
 
     threshold: float = Field(..., description="the category's decision threshold")
-    threshold_source: Literal["default", "references", "labelled"]
+    threshold_source: Literal["default", "references", "labelled", "learned", "manual"]
     references: int = Field(..., description="normal reference images the category holds")
 
 

@@ -14,6 +14,7 @@ from descriptions import Category
 from service.core.imaging import Heatmap, HeatmapSpec
 from service.core.telemetry import Metrics
 from service.core.types import InspectResult
+from service.records.recorder import Records
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Backend(Protocol):
     decodes_in_process: bool  # True: the route hands over decoded pixels; False: validated bytes only
     metrics: Metrics
     fatal: BaseException | None
+    records: Records | None  # inspection records (None: FILO_RECORDS=false)
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

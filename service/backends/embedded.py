@@ -39,6 +39,7 @@ from service.engine.lifecycle import (
     persist_caches,
     start_engine,
 )
+from service.records.recorder import Records, records_url
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class EmbeddedBackend:
         self.store = FileCategoryStore(state_dir / "categories.json")
         self.caches = DiskCacheStore(state_dir / "caches")
         self.extras = FileExtras(state_dir / "category-extras")
+        self.records = Records(settings, self.metrics, records_url(settings, state_dir)) if settings.records else None
         self.engine: Any = None
         self.report: StartReport | None = None
         self.fatal: BaseException | None = None
@@ -78,6 +80,8 @@ class EmbeddedBackend:
             on_batch=self._observe,
         )
         self._batcher.start()
+        if self.records is not None:
+            await self.records.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="filo-engine-load")
 
     async def _load(self) -> None:
@@ -98,6 +102,8 @@ class EmbeddedBackend:
             self._load_task.cancel()
         if self._batcher is not None:
             await self._batcher.stop()
+        if self.records is not None:
+            await self.records.stop()
 
     def _run_batch(self, requests: list[InspectRequest]) -> list[Any]:
         return self.engine.inspect_batch(requests)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,7 +16,7 @@ from redis.exceptions import RedisError
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
 from service.catalog.references import RedisExtras
-from service.catalog.store import CatalogNotPublishedError, RedisCategoryStore
+from service.catalog.store import CatalogNotPublishedError, RedisCategoryStore, default_state_dir
 from service.core.errors import (
     CategoryNotFoundError,
     DeadlineExceededError,
@@ -25,6 +28,7 @@ from service.core.keys import Keys
 from service.core.redis_client import redis_client
 from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
+from service.queue.records_stream import RecordConsumer, append_records
 from service.queue.streams import (
     NO_WORKERS,
     NOT_SEEDED,
@@ -35,6 +39,7 @@ from service.queue.streams import (
     ensure_group,
     result_from_dict,
 )
+from service.records.recorder import Records, records_url
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
@@ -59,14 +64,35 @@ class RedisBackend:
         self.producer = Producer(self.redis, settings)
         self.store = RedisCategoryStore(self.redis, self.keys)
         self.waits = QueueWaitEstimate()  # Retry-After of 429s
+        # records: appended to a Redis stream (durable hand-off), drained into the database by every API pod
+        self.records: Records | None = None
+        self._recorder: RecordConsumer | None = None
+        self._recorder_task: asyncio.Task | None = None
+        if settings.records:
+            stream = settings.records_stream
+            url = records_url(settings, settings.state_dir or default_state_dir())
+            self.records = Records(settings, self.metrics, url,
+                                   flush=lambda batch: append_records(self.redis, stream, batch))
+            self._recorder = RecordConsumer(self.redis, self.records, settings, self.metrics,
+                                            f"{socket.gethostname()}-{os.getpid()}")
 
     async def start(self) -> None:
         try:
             await ensure_group(self.redis, self.keys)
         except RedisError as exc:  # not fatal: /readyz says so, requests get 503 until Redis is back
             log.warning("Redis unreachable at start (%s); will keep trying per request", exc)
+        if self.records is not None and self._recorder is not None:
+            await self.records.start()
+            self._recorder_task = asyncio.get_running_loop().create_task(self._recorder.run(),
+                                                                         name="filo-records-writer")
 
     async def stop(self) -> None:
+        if self._recorder_task is not None:
+            self._recorder_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recorder_task
+        if self.records is not None:
+            await self.records.stop()
         await self.redis.aclose()
 
     async def readiness(self) -> Readiness:
@@ -185,5 +211,7 @@ class RedisBackend:
         try:
             self.metrics.queue_depth.set(await self.producer.depth())
             self.metrics.workers.set(await self.producer.workers_alive())
+            if self.records is not None and self._recorder is not None:
+                self.metrics.records_pending.set(len(self.records.buffer) + await self._recorder.pending())
         except RedisError:
             self.metrics.workers.set(0)

@@ -13,6 +13,9 @@ the embedded server decide `is_anomalous` the same way. Sources, in the response
   its memory, `models.references.leave_one_out_scores`): their maximum plus a margin of
   REFERENCE_MARGIN_SPREAD times their spread (max - min), at least REFERENCE_MARGIN_MIN. Recomputed
   whenever the references change, so it is never stale; needs at least 2 references.
+- `learned`: `labelled`, from the judgements inspectors gave the category's recorded results
+  (`POST /v1/categories/{name}/learn`); it holds under the same conditions as `labelled`.
+- `manual`: set by an admin by hand; holds until changed, whatever the references or the model.
 - `default`: `FILO_THRESHOLDS[category]` or `FILO_DEFAULT_THRESHOLD` (0.5).
 """
 
@@ -25,7 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-THRESHOLD_SOURCES = ("default", "references", "labelled")
+THRESHOLD_SOURCES = ("default", "references", "labelled", "learned", "manual")
+STORED_SOURCES = ("labelled", "references", "learned", "manual")  # what a ThresholdRecord may say
 REFERENCE_MARGIN_SPREAD = 0.5
 REFERENCE_MARGIN_MIN = 0.01
 
@@ -34,12 +38,13 @@ REFERENCE_MARGIN_MIN = 0.01
 class ThresholdRecord:
     """What the catalog stores: a labelled value with the reference digest it holds for, or the references rule."""
 
-    source: str  # "labelled" | "references"
+    source: str  # one of STORED_SOURCES
     threshold: float | None = None  # labelled only
     references_digest: str | None = None  # labelled: the references the scores were measured with ("" none)
     n_good: int = 0
     n_defective: int = 0
     model_version: str | None = None  # labelled: the model that produced the scores
+    review_margin: float = 0.0  # results within this of the threshold wait for a person's judgement
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -47,10 +52,11 @@ class ThresholdRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ThresholdRecord:
         doc = json.loads(raw)
-        if doc.get("source") not in ("labelled", "references"):
-            raise ValueError(f"threshold source must be labelled or references, not {doc.get('source')!r}")
+        if doc.get("source") not in STORED_SOURCES:
+            raise ValueError(f"threshold source must be one of {STORED_SOURCES}, not {doc.get('source')!r}")
         return cls(**{k: doc.get(k) for k in ("source", "threshold", "references_digest", "model_version")},
-                   n_good=int(doc.get("n_good", 0)), n_defective=int(doc.get("n_defective", 0)))
+                   n_good=int(doc.get("n_good", 0)), n_defective=int(doc.get("n_defective", 0)),
+                   review_margin=float(doc.get("review_margin") or 0.0))
 
 
 def f1_max_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
@@ -91,10 +97,13 @@ def reference_threshold(loo_scores: Sequence[float]) -> float | None:
 def resolve(record: ThresholdRecord | None, references_digest: str, loo_scores: Sequence[float],
             default: float, model_version: str | None = None) -> tuple[float, str]:
     """(threshold, source) for one inspection: the stored record where it still holds, else the default."""
-    if record is not None and record.source == "labelled" and record.threshold is not None \
+    if record is not None and record.source == "manual" and record.threshold is not None \
+            and math.isfinite(record.threshold):
+        return float(record.threshold), "manual"
+    if record is not None and record.source in ("labelled", "learned") and record.threshold is not None \
             and record.references_digest == references_digest and math.isfinite(record.threshold) \
             and record.model_version in (None, model_version):
-        return float(record.threshold), "labelled"
+        return float(record.threshold), record.source
     if record is not None and record.source == "references":
         value = reference_threshold(loo_scores)
         if value is not None:

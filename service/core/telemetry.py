@@ -47,6 +47,12 @@ class Metrics:
         self.workers = Gauge("filo_workers", "inspection workers alive (heartbeat within the last 10 s)",
                              registry=r)
         self.gpu_memory = Gauge("filo_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+        self.records_written = Counter("filo_records_written_total", "inspection records written to the database",
+                                       registry=r)
+        self.records_pending = Gauge("filo_records_pending", "inspection records accepted, not yet in the database "
+                                     "(this process's buffer; queue mode: plus the hand-off stream)", registry=r)
+        self.records_failed = Counter("filo_records_failed_total", "records whose write failed, by reason "
+                                      "(retried: kept and tried again; dropped: lost)", ["reason"], registry=r)
 
     def error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()

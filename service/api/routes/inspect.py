@@ -21,8 +21,10 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
+from service.api.category_extras import ReviewMargins
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import validation_body
+from service.api.recording import build_record, needs_review, record_heatmap_spec
 from service.api.schemas import ERROR_RESPONSES, MAX_HEATMAP_SIDE, InspectJSON, InspectParams, InspectResponse
 from service.backends.base import InspectJob
 from service.core.errors import IMAGE_ERROR_STATUS, ServiceError
@@ -52,6 +54,8 @@ _FORM_SCHEMA = {
                          "oneOf": [{"type": "string", "enum": ["original", "frame"]},
                                    {"type": "integer", "minimum": 16, "maximum": MAX_HEATMAP_SIDE}],
                          "default": DEFAULT_HEATMAP_SIZE},
+        "source": InspectParams.model_json_schema()["properties"]["source"],
+        "record": {"type": "boolean", "default": True, "description": "keep a record of this inspection"},
     },
 }
 
@@ -166,6 +170,8 @@ async def inspect(
     data, params = await _read_body(request)
     info, image = await _validate_image(data, settings.max_image_pixels, backend.decodes_in_process)
     png = _wants_png(request)
+    record = params.record and backend.records is not None
+    spec, client_heatmap = record_heatmap_spec(_heatmap_spec(params, png), settings, record)
     job = InspectJob(
         request_id=uuid.uuid4().hex,
         category=params.category,
@@ -173,36 +179,45 @@ async def inspect(
         image_bytes=data,
         top_k=params.top_k or settings.top_k,
         grounding=params.grounding,
-        heatmap=_heatmap_spec(params, png),
+        heatmap=spec,
         deadline=t0 + settings.request_timeout_s,
     )
     outcome = await backend.inspect(job)
     heat = outcome.heatmap
     headers = {"X-Request-Id": job.request_id}
-    if png:
-        if heat is None:
-            raise ServiceError(500, "inspection_failed", "the worker returned no heatmap")
-        return Response(heat.data, media_type=heat.media_type, headers=headers)
     result = outcome.result
     threshold, source = settings.thresholds.get(job.category, settings.default_threshold), "default"
     if result.threshold_source != "default" and result.threshold is not None:  # calibrated (issue 10)
         threshold, source = result.threshold, result.threshold_source
-    b64 = base64.b64encode(heat.data).decode() if heat is not None else None
+    margin = await _margins(request).get(backend, job.category)
+    shown = heat if client_heatmap else None
+    b64 = base64.b64encode(shown.data).decode() if shown is not None else None
     body = InspectResponse(
         request_id=job.request_id,
         category=job.category,
         score=result.score,
         is_anomalous=result.score >= threshold,
+        needs_review=needs_review(result.score, threshold, margin),
         threshold=threshold,
         threshold_source=source,
         references=result.references,
         position=result.position,
         boxes=[_box_out(b, info.width, info.height) for b in result.boxes],
         top_types=[{"description": t.description, "similarity": t.similarity} for t in result.top_types],
-        heatmap={**heat.meta(), "base64": b64} if heat is not None else None,
-        heatmap_png=b64 if heat is not None and params.heatmap == "png" else None,
+        heatmap={**shown.meta(), "base64": b64} if shown is not None else None,
+        heatmap_png=b64 if shown is not None and params.heatmap == "png" else None,
         model=outcome.model,
         timing_ms={"queue_wait": outcome.queue_wait_ms, "model": outcome.model_ms,
                    "total": (time.monotonic() - t0) * 1e3},
-    )
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+    ).model_dump(mode="json")
+    if record:  # after the answer is shaped, off its path: a buffer append (service/records/buffer.py)
+        backend.records.submit(build_record(body, params.source, data, info, heat, settings))
+    if png:
+        if heat is None:
+            raise ServiceError(500, "inspection_failed", "the worker returned no heatmap")
+        return Response(heat.data, media_type=heat.media_type, headers=headers)
+    return JSONResponse(body, headers=headers)
+
+
+def _margins(request: Request) -> ReviewMargins:
+    return request.app.state.review_margins

@@ -182,7 +182,7 @@ async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, r
             log.warning("category %s: could not read its references threshold back (%s)", name, exc.message)
             return
         value = result.threshold if result.threshold_source == "references" else None
-    updated = ThresholdRecord("references", value, refs.digest)
+    updated = ThresholdRecord("references", value, refs.digest, review_margin=record.review_margin)
     await _put(backend, name, THRESHOLD_KIND, updated.to_json())
 
 

@@ -1,0 +1,196 @@
+"""Inspection records: list, read, export, count and judge them (README "Inspection records").
+
+Reads need any key; judging needs a reviewer or admin key. The store is reached through the backend's
+`records` only; times are ISO-8601 (UTC when no offset is given).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.api.auth import Reader, Reviewer
+from service.api.deps import BackendDep
+from service.api.schemas import ERROR_RESPONSES
+from service.backends.base import Backend
+from service.core.errors import ServiceError
+from service.records.model import (
+    CSV_COLUMNS,
+    LABELS,
+    SOURCE_PATTERN,
+    Cursor,
+    InspectionRecord,
+    RecordQuery,
+    Review,
+    csv_row,
+    iso,
+    now_ms,
+    parse_time,
+)
+from service.records.recorder import Records
+
+router = APIRouter(prefix="/v1", tags=["records"])
+MAX_LIMIT = 500
+RecordId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class Filters(BaseModel):
+    """The filters every records read takes (list, export, stats)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: str | None = Field(None, min_length=1, max_length=128)
+    source: str | None = Field(None, pattern=SOURCE_PATTERN)
+    verdict: Literal["ok", "ng"] | None = None
+    reviewed: bool | None = None
+    needs_review: bool | None = None
+    since: str | None = Field(None, description="ISO-8601 time, inclusive (UTC without an offset)")
+    until: str | None = Field(None, description="ISO-8601 time, exclusive")
+
+    @field_validator("since", "until")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_time(v)
+            except ValueError:
+                raise ValueError("an ISO-8601 time such as 2026-12-04T08:00:00Z") from None
+        return v
+
+    def query(self) -> RecordQuery:
+        return RecordQuery(self.category, self.source, self.verdict, self.reviewed, self.needs_review,
+                           parse_time(self.since) if self.since else None,
+                           parse_time(self.until) if self.until else None)
+
+
+class Page(Filters):
+    limit: int = Field(50, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=200)
+
+
+class StatsFilters(Filters):
+    bucket: Literal["hour", "day"] = "hour"
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: Literal["defect", "good"] = Field(..., description=f"one of {LABELS}")
+    defect_type: str | None = Field(None, max_length=200, description="what the defect is (free text)")
+    note: str | None = Field(None, max_length=2000)
+
+
+class PageOut(BaseModel):
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def _records(backend: Backend) -> Records:
+    if backend.records is None:
+        raise ServiceError(404, "records_disabled", "inspection records are off on this server (FILO_RECORDS=false)")
+    return backend.records
+
+
+async def _record(backend: Backend, record_id: str) -> InspectionRecord:
+    found = await _records(backend).get(record_id)
+    if found is None:
+        raise ServiceError(404, "unknown_inspection", f"no inspection record {record_id!r} (unknown or purged)")
+    return found
+
+
+@router.get("/inspections", response_model=PageOut, responses=ERROR_RESPONSES,
+            summary="Inspection records, newest first (keyset pages)")
+async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
+    try:
+        cursor = Cursor.decode(page.cursor) if page.cursor else None
+    except ValueError:
+        raise ServiceError(422, "validation_error", "cursor is not one this server gave out",
+                           details={"fields": [{"field": "cursor", "message": "not a cursor"}]}) from None
+    items, nxt = await _records(backend).list(page.query(), page.limit, cursor)
+    return {"items": [r.out() for r in items], "next_cursor": nxt.encode() if nxt else None}
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading = + - @ (a formula) is neutralised with a quote."""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+@router.get("/inspections/export", responses={**ERROR_RESPONSES, 200: {"content": {"text/csv": {}}}},
+            response_class=Response, summary="The filtered records as CSV (streamed)")
+async def export_inspections(filters: Annotated[Filters, Query()], backend: BackendDep, _: Reader) -> Response:
+    records = _records(backend)
+    first = records.export(filters.query())
+    head = await anext(first)  # fails here (503) rather than mid-stream when the database is away
+
+    async def rows() -> AsyncIterator[str]:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(CSV_COLUMNS)
+        page: list[InspectionRecord] | None = head
+        while page is not None:
+            for record in page:
+                writer.writerow([_cell(v) for v in csv_row(record)])
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+            page = await anext(first, None)
+
+    return StreamingResponse(rows(), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": 'attachment; filename="inspections.csv"'})
+
+
+@router.get("/stats", responses=ERROR_RESPONSES, summary="Counts per time bucket and category")
+async def stats(filters: Annotated[StatsFilters, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
+    rows = await _records(backend).stats(filters.query(), filters.bucket)
+    return {"bucket": filters.bucket,
+            "items": [{"bucket_start": iso(r.pop("bucket_ms")), **r} for r in rows]}
+
+
+@router.get("/inspections/{record_id}", responses=ERROR_RESPONSES, summary="One inspection record")
+async def get_inspection(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
+    return (await _record(backend, record_id)).out()
+
+
+async def _artefact(backend: Backend, record_id: str, kind: str) -> Response:
+    art = await _records(backend).artefact(record_id, kind)
+    if art is None:
+        await _record(backend, record_id)  # 404 unknown_inspection first, when that is the reason
+        raise ServiceError(404, "artefact_not_kept", f"the {kind} of {record_id!r} was not kept (FILO_RECORDS_KEEP)")
+    return Response(art.data, media_type=art.media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/inspections/{record_id}/image", response_class=Response, responses=ERROR_RESPONSES,
+            summary="The uploaded image, where it was kept")
+async def get_image(record_id: RecordId, backend: BackendDep, _: Reader) -> Response:
+    return await _artefact(backend, record_id, "image")
+
+
+@router.get("/inspections/{record_id}/heatmap", response_class=Response, responses=ERROR_RESPONSES,
+            summary="The heatmap, where it was kept")
+async def get_heatmap(record_id: RecordId, backend: BackendDep, _: Reader) -> Response:
+    return await _artefact(backend, record_id, "heatmap")
+
+
+@router.post("/inspections/{record_id}/review", responses=ERROR_RESPONSES,
+             summary="Judge an inspection: defect or good (reviewer or admin key)")
+async def review(record_id: RecordId, body: ReviewIn, backend: BackendDep, who: Reviewer) -> dict[str, Any]:
+    judged = Review(body.label, body.defect_type or None, body.note or None, who.name, now_ms())
+    done = await _records(backend).review(record_id, judged)
+    if done is None:
+        raise ServiceError(404, "unknown_inspection", f"no inspection record {record_id!r} (unknown or purged)")
+    return done.out()
+
+
+@router.get("/inspections/{record_id}/reviews", responses=ERROR_RESPONSES,
+            summary="Every judgement of an inspection, oldest first")
+async def review_history(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
+    await _record(backend, record_id)
+    return {"items": [r.out() for r in await _records(backend).reviews(record_id)]}

@@ -1,0 +1,116 @@
+"""The durable hand-off of inspection records in queue mode: API pods append each record to a Redis
+stream; a consumer group of record writers (one per API pod) drains it into the records database.
+
+A record leaves the stream only after its transaction committed (XACK, then XDEL), so a database that is
+down leaves records waiting in Redis, not lost; a writer that died holding some is taken over after
+`records_claim_idle_ms`; and a record delivered twice is written once (the store is idempotent on the id).
+The stream holds only what is not yet written: its length is the `pending` figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.core.telemetry import Metrics
+from service.records.model import InspectionRecord
+from service.records.recorder import Records
+from service.settings import FiloSettings
+
+log = logging.getLogger(__name__)
+RETRY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
+READ_BLOCK_MS = 1000
+
+
+async def append_records(redis: Redis, stream: str, batch: list[InspectionRecord]) -> None:
+    """The producer side: one pipeline per batch (what `RecordBuffer` flushes into in queue mode)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for record in batch:
+            pipe.xadd(stream, record.to_wire())  # type: ignore[arg-type]
+        await pipe.execute()
+
+
+class RecordConsumer:
+    """Drains the records stream into the database, a batch per transaction."""
+
+    def __init__(self, redis: Redis, records: Records, settings: FiloSettings, metrics: Metrics, name: str) -> None:
+        self.redis = redis
+        self.records = records
+        self.stream = settings.records_stream
+        self.group = settings.records_group
+        self.batch = settings.records_batch
+        self.claim_idle_ms = settings.records_claim_idle_ms
+        self.metrics = metrics
+        self.name = name
+        self._failures = 0
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Own pending entries first (a failed write), then entries of dead writers, then new ones."""
+        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: "0"}, count=self.batch)
+        entries = [(i, f) for i, f in (resp[0][1] if resp else []) if f]  # f empty: deleted meanwhile
+        if entries:
+            return entries
+        claimed = await self.redis.xautoclaim(self.stream, self.group, self.name, self.claim_idle_ms,
+                                              start_id="0-0", count=self.batch)
+        entries = [(i, f) for i, f in claimed[1] if f]
+        if entries:
+            return entries
+        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: ">"}, count=self.batch,
+                                           block=READ_BLOCK_MS)
+        return resp[0][1] if resp else []
+
+    async def drain_once(self) -> int:
+        """Read, write and acknowledge one batch; returns how many entries were settled."""
+        entries = await self._read()
+        if not entries:
+            return 0
+        good: list[InspectionRecord] = []
+        for entry_id, fields in entries:
+            try:
+                good.append(InspectionRecord.from_wire(fields))
+            except (KeyError, TypeError, ValueError) as exc:  # never retried forever: counted and settled
+                log.error("records stream entry %r is unreadable, dropped: %s", entry_id, exc)
+                self.metrics.records_failed.labels(reason="unreadable").inc()
+        await self.records.write(good)
+        ids = [entry_id for entry_id, _ in entries]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+        return len(ids)
+
+    async def run(self) -> None:
+        await self._ensure_group_until_done()
+        while True:
+            try:
+                await self.drain_once()
+                self._failures = 0
+            except (SQLAlchemyError, RedisError, RuntimeError, OSError) as exc:
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    log.warning("records writer: %s (attempt %d); the records stay in the stream", exc,
+                                self._failures)
+                await asyncio.sleep(RETRY_PAUSE_S[min(self._failures, len(RETRY_PAUSE_S)) - 1])
+
+    async def _ensure_group_until_done(self) -> None:
+        while True:
+            try:
+                await self.ensure_group()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("records writer cannot reach Redis yet: %s", exc)
+                await asyncio.sleep(RETRY_PAUSE_S[-1])
+
+    async def pending(self) -> int:
+        return int(await self.redis.xlen(self.stream))

@@ -1,0 +1,178 @@
+"""The plain data of a record, shared by the API, the hand-off stream and the store (no SQLAlchemy here)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+SOURCE_PATTERN = r"^[A-Za-z0-9\-_.:/]{1,64}$"
+SOURCE_RE = re.compile(SOURCE_PATTERN)
+LABELS = ("defect", "good")
+Label = Literal["defect", "good"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    """UTC ISO-8601 with milliseconds: what every time in the records API looks like."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> int:
+    """ISO-8601 (a bare date or naive time is UTC) to epoch milliseconds; ValueError when it is not one."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass
+class Artefact:
+    kind: Literal["image", "heatmap"]
+    media_type: str
+    data: bytes
+
+
+@dataclass
+class Review:
+    label: Label
+    defect_type: str | None
+    note: str | None
+    reviewer: str
+    reviewed_ms: int
+
+    def out(self) -> dict[str, Any]:
+        return {"label": self.label, "defect_type": self.defect_type, "note": self.note,
+                "reviewer": self.reviewer, "reviewed_at": iso(self.reviewed_ms)}
+
+
+@dataclass
+class InspectionRecord:
+    """One answered inspection, as kept. `id` is the request id: writing it twice is writing it once."""
+
+    id: str
+    created_ms: int
+    category: str
+    score: float
+    is_anomalous: bool
+    needs_review: bool
+    threshold: float
+    threshold_source: str
+    references: int
+    position: str | None
+    boxes: list[dict[str, Any]]
+    top_types: list[dict[str, Any]]
+    model_version: str
+    timing_ms: dict[str, float]
+    source: str | None = None
+    artefacts: list[Artefact] = field(default_factory=list)  # what the keep policy chose to store
+    has_image: bool = False
+    has_heatmap: bool = False
+    review: Review | None = None
+
+    def out(self) -> dict[str, Any]:
+        """The JSON the records API answers."""
+        return {
+            "id": self.id, "created_at": iso(self.created_ms), "category": self.category, "source": self.source,
+            "score": self.score, "is_anomalous": self.is_anomalous, "needs_review": self.needs_review,
+            "threshold": self.threshold, "threshold_source": self.threshold_source, "references": self.references,
+            "position": self.position, "boxes": self.boxes, "top_types": self.top_types,
+            "model_version": self.model_version, "timing_ms": self.timing_ms,
+            "has_image": self.has_image, "has_heatmap": self.has_heatmap,
+            "review": self.review.out() if self.review else None,
+        }
+
+    def to_wire(self) -> dict[str, bytes]:
+        """Fields of one entry of the records hand-off stream: JSON metadata, artefacts as raw bytes."""
+        meta = asdict(self)
+        meta.pop("artefacts")
+        meta.pop("review")
+        wire: dict[str, bytes] = {"id": self.id.encode(), "meta": json.dumps(meta).encode()}
+        for art in self.artefacts:
+            wire[f"{art.kind}:type"] = art.media_type.encode()
+            wire[art.kind] = art.data
+        return wire
+
+    @classmethod
+    def from_wire(cls, fields: dict[bytes, bytes]) -> InspectionRecord:
+        meta = json.loads(fields[b"meta"])
+        arts = [Artefact(kind, fields[f"{kind}:type".encode()].decode(), fields[kind.encode()])  # type: ignore[arg-type]
+                for kind in ("image", "heatmap") if kind.encode() in fields]
+        return cls(**meta, artefacts=arts)
+
+
+@dataclass(frozen=True)
+class RecordQuery:
+    """The filters every records read shares (list, export, stats)."""
+
+    category: str | None = None
+    source: str | None = None
+    verdict: Literal["ok", "ng"] | None = None
+    reviewed: bool | None = None
+    needs_review: bool | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: the next page starts strictly after (older than) this record."""
+
+    created_ms: int
+    id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.created_ms}:{self.id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        ms, _, ident = raw.partition(":")
+        if not ident:
+            raise ValueError("not a cursor")
+        return cls(int(ms), ident)
+
+
+@dataclass
+class ThresholdChange:
+    """One change of a category's threshold, kept for good: who, when, from what, and what it was before."""
+
+    category: str
+    source: str  # manual | calibrated | learned | references | removed
+    threshold: float | None
+    previous: float | None
+    actor: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    at_ms: int = field(default_factory=now_ms)
+
+    def out(self) -> dict[str, Any]:
+        return {"at": iso(self.at_ms), "actor": self.actor, "source": self.source, "threshold": self.threshold,
+                "previous": self.previous, "detail": self.detail}
+
+
+CSV_COLUMNS = ("id", "created_at", "category", "source", "score", "is_anomalous", "needs_review", "threshold",
+               "threshold_source", "references", "position", "top_type", "boxes", "model_version",
+               "review_label", "review_defect_type", "review_note", "reviewer", "reviewed_at")
+
+
+def csv_row(record: InspectionRecord) -> list[Any]:
+    review = record.review
+    return [record.id, iso(record.created_ms), record.category, record.source or "", f"{record.score:.6f}",
+            record.is_anomalous, record.needs_review, f"{record.threshold:.6f}", record.threshold_source,
+            record.references, record.position or "",
+            record.top_types[0]["description"] if record.top_types else "", len(record.boxes), record.model_version,
+            review.label if review else "", (review.defect_type or "") if review else "",
+            (review.note or "") if review else "", review.reviewer if review else "",
+            iso(review.reviewed_ms) if review else ""]

@@ -1,0 +1,152 @@
+"""`Records`: what the backends give the routes for inspection records, over one store and one buffer.
+
+Writes go through the buffer (never on the request's path); reads run the store in a thread. A database
+that is down or not yet migrated answers reads with 503 `records_unavailable` and delays writes, never
+inspections. The purge of records past their retention runs here by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from service.core.errors import UnavailableError
+from service.core.telemetry import Metrics
+from service.records.buffer import Flush, RecordBuffer
+from service.records.db import default_url, migrate, open_engine
+from service.records.model import (
+    Artefact,
+    Cursor,
+    InspectionRecord,
+    RecordQuery,
+    Review,
+    ThresholdChange,
+)
+from service.records.store import RecordStore
+from service.settings import FiloSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MIGRATE_RETRY_S = 5.0
+
+
+def records_url(settings: FiloSettings, state_dir: Any) -> str:
+    return settings.records_url or default_url(state_dir)
+
+
+class Records:
+    def __init__(self, settings: FiloSettings, metrics: Metrics, url: str, flush: Flush | None = None) -> None:
+        self.settings = settings
+        self.store = RecordStore(open_engine(url))
+        self.ready = False
+        # embedded mode writes straight into the database; queue mode hands `flush` the Redis stream
+        self.buffer = RecordBuffer(flush or self.write, metrics, settings.records_batch,
+                                   settings.records_buffer_max)
+        self.metrics = metrics
+        self._tasks: list[asyncio.Task] = []
+
+    async def write(self, batch: list[InspectionRecord]) -> int:
+        """Into the database now (the buffer's target in embedded mode, the stream consumer's in queue mode);
+        raises while the database is down or not yet migrated, so the caller keeps the batch."""
+        if not self.ready:
+            raise RuntimeError("the records database is not migrated yet")
+        written = await asyncio.to_thread(self.store.insert_many, batch)
+        self.metrics.records_written.inc(written)
+        return written
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.buffer.start()
+        self._tasks = [loop.create_task(self._migrate_until_done(), name="filo-records-migrate"),
+                       loop.create_task(self._purge_forever(), name="filo-records-purge")]
+
+    async def _migrate_until_done(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(migrate, self.store.engine)
+                self.ready = True
+                return
+            except SQLAlchemyError as exc:
+                attempt += 1
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.warning("records database unavailable (attempt %d), retrying: %s", attempt, exc)
+                await asyncio.sleep(MIGRATE_RETRY_S)
+
+    async def _purge_forever(self) -> None:
+        retention_ms = int(self.settings.records_retention_days * 86_400_000)
+        while True:
+            if self.ready:
+                try:
+                    gone = await asyncio.to_thread(self.store.purge, retention_ms)
+                    if gone:
+                        log.info("purged %d records older than %.0f days", gone, self.settings.records_retention_days)
+                except SQLAlchemyError as exc:
+                    log.warning("records purge failed, next try in %.0f s: %s",
+                                self.settings.records_purge_interval_s, exc)
+            await asyncio.sleep(self.settings.records_purge_interval_s if self.ready else MIGRATE_RETRY_S)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.buffer.stop()
+        self.store.engine.dispose()
+
+    def submit(self, record: InspectionRecord) -> None:
+        self.buffer.submit(record)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.ready:
+            raise UnavailableError("records_unavailable", "the records database is not reachable yet", 5)
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except SQLAlchemyError as exc:
+            log.warning("records read failed: %s", exc)
+            raise UnavailableError("records_unavailable", "the records database is not reachable", 5) from None
+
+    async def list(self, query: RecordQuery, limit: int, cursor: Cursor | None
+                   ) -> tuple[list[InspectionRecord], Cursor | None]:
+        return await self._read(self.store.list, query, limit, cursor)
+
+    async def get(self, record_id: str) -> InspectionRecord | None:
+        return await self._read(self.store.get, record_id)
+
+    async def artefact(self, record_id: str, kind: str) -> Artefact | None:
+        return await self._read(self.store.artefact, record_id, kind)
+
+    async def review(self, record_id: str, review: Review) -> InspectionRecord | None:
+        return await self._read(self.store.review, record_id, review)
+
+    async def reviews(self, record_id: str) -> list[Review]:
+        return await self._read(self.store.reviews, record_id)
+
+    async def stats(self, query: RecordQuery, bucket: str) -> list[dict[str, Any]]:
+        return await self._read(self.store.stats, query, bucket)
+
+    async def reviewed(self, category: str) -> list[InspectionRecord]:
+        return await self._read(self.store.reviewed, category)
+
+    async def add_threshold_change(self, change: ThresholdChange) -> None:
+        await self._read(self.store.add_threshold_change, change)
+
+    async def threshold_history(self, category: str) -> list[ThresholdChange]:
+        return await self._read(self.store.threshold_history, category)
+
+    async def export(self, query: RecordQuery, page: int = 500) -> AsyncIterator[list[InspectionRecord]]:
+        """Pages of matching records, newest first; each page is one query in a thread."""
+        cursor: Cursor | None = None
+        while True:
+            items, cursor = await self._read(self.store.list, query, page, cursor)
+            yield items
+            if cursor is None:
+                return
+
+    async def purge_now(self) -> int:
+        return await self._read(self.store.purge, int(self.settings.records_retention_days * 86_400_000))
