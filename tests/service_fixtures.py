@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +66,8 @@ def demo_settings(**overrides: object) -> FiloSettings:
     """The demo profile, made fast for 2 CPU cores: small frame, no Grounding DINO unless asked."""
     base: dict[str, object] = {"profile": "demo", "image_size": 224, "grounding": False, "max_wait_ms": 5,
                                "request_timeout_s": 60.0}
+    if "state_dir" not in overrides and "records_url" not in overrides:  # never the user's ~/.cache
+        base["records_url"] = f"sqlite:///{tempfile.mkdtemp(prefix='filo-records-')}/records.db"
     base.update(overrides)
     return FiloSettings(**base)
 

@@ -82,7 +82,11 @@ class RecordConsumer:
             except (KeyError, TypeError, ValueError) as exc:  # never retried forever: counted and settled
                 log.error("records stream entry %r is unreadable, dropped: %s", entry_id, exc)
                 self.metrics.records_failed.labels(reason="unreadable").inc()
-        await self.records.write(good)
+        try:
+            await self.records.write(good)
+        except Exception:
+            self.metrics.records_failed.labels(reason="retried").inc(len(good))
+            raise
         ids = [entry_id for entry_id, _ in entries]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, self.group, *ids)
