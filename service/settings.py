@@ -134,6 +134,8 @@ class FiloSettings(BaseSettings):
     records_group: str = Field("filo-recorders", description="queue mode: consumer group of the record writers")
     records_claim_idle_ms: int = Field(30_000, ge=100, description="queue mode: records pending this long at "
                                        "another writer (a dead pod) are taken over")
+    catalog_sync_s: float = Field(2.0, gt=0, description="queue mode: how often each API pod compares the Redis "
+                                  "catalog with its durable copy in the records database (and heals Redis)")
     reviewer_keys: list[str] = Field(
         default_factory=list, description="keys that may judge inspection records (and inspect and read); "
         "'name:secret' records the name, a bare key is recorded by a short hash",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from service.backends.redis_queue import RedisBackend
 from service.catalog.store import CatalogNotPublishedError, CatalogSnapshot, RedisCategoryStore
 from service.cli import main
 from service.core.keys import Keys
+from tests.conftest import needs
 from tests.service_fixtures import (  # noqa: F401
     RedisServer,
     ServerThread,
@@ -122,6 +124,92 @@ def _inspect(base: str, category: str, timeout: float = 60) -> httpx.Response:
                       files={"image": ("x.png", png_bytes(60, 80), "image/png")}, timeout=timeout)
 
 
+def _metric(text: str, name: str) -> float:
+    """A sample's value; 0 when the labelled sample was never set."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _register_gasket(api: str) -> None:
+    """The custom category with two references and a threshold set by hand."""
+    put = httpx.put(f"{api}/v1/categories/gasket", json={"noun": GASKET.noun, "descriptions": list(GASKET.descriptions)},
+                    timeout=30)
+    assert put.status_code == 200, put.text
+    refs = [("images", (f"r{i}.png", png_bytes(64, 64, seed=40 + i), "image/png")) for i in range(2)]
+    assert httpx.put(f"{api}/v1/categories/gasket/references", files=refs, timeout=60).status_code == 200
+    r = httpx.put(f"{api}/v1/categories/gasket/threshold", json={"threshold": 0.42}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def _served_as_before(api: str) -> bool:
+    r = _inspect(api, "gasket", timeout=10)
+    if r.status_code != 200:
+        return False
+    body = r.json()
+    return (body["references"], body["threshold"], body["threshold_source"]) == (2, 0.42, "manual")
+
+
+def test_the_race_a_new_worker_on_an_emptied_redis_while_old_ones_pause(own_redis: RedisServer,  # noqa: F811
+                                                                        worker_pool: WorkerPool) -> None:  # noqa: F811
+    """Issue 16's race without the database: the paused worker's snapshot heals it, loudly."""
+    old = worker_pool.start(own_redis.url)
+    worker_pool.wait_ready(old)
+    settings = demo_settings(redis_url=own_redis.url, records=False)
+    with ServerThread(create_app(settings, RedisBackend(settings))) as api:
+        wait_ready(api.url, 30)
+        _register_gasket(api.url)
+        assert _served_as_before(api.url)
+        version = int(own_redis.client().get(KEYS.categories_version))
+        old.proc.send_signal(signal.SIGSTOP)
+        try:
+            own_redis.client().flushall()
+            new = worker_pool.start(own_redis.url)
+            worker_pool.wait_ready(new)
+            assert int(own_redis.client().get(KEYS.categories_version)) < version  # the bundled ones, anew
+            assert not own_redis.client().hexists(KEYS.categories, "gasket")
+        finally:
+            old.proc.send_signal(signal.SIGCONT)
+        t0 = time.monotonic()
+        wait_until(lambda: _served_as_before(api.url), 15, interval=0.5, what="gasket served again")
+        print(f"gasket served again {time.monotonic() - t0:.2f} s after the old worker resumed")
+        assert "CATALOG VERSION WENT BACKWARDS" in old.log()
+        assert _metric(httpx.get(f"{old.url}/metrics", timeout=10).text,
+                       "filo_catalog_version_regressions_total") == 1
+
+
+def test_the_database_brings_back_a_catalog_no_worker_remembers(own_redis: RedisServer,  # noqa: F811
+                                                                worker_pool: WorkerPool) -> None:  # noqa: F811
+    """Redis emptied while every worker rolled: only the records database still holds the custom category."""
+    from tests.postgres_server import postgres_bin, start_postgres
+
+    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
+    pg = start_postgres()
+    try:
+        old = worker_pool.start(own_redis.url)
+        worker_pool.wait_ready(old)
+        settings = demo_settings(redis_url=own_redis.url, records_url=pg.url, catalog_sync_s=0.5)
+        with ServerThread(create_app(settings, RedisBackend(settings))) as api:
+            wait_ready(api.url, 30)
+            _register_gasket(api.url)
+        old.proc.kill()  # every worker rolls ...
+        old.proc.wait(10)
+        own_redis.client().flushall()  # ... and Redis restarts without its volume
+        new = worker_pool.start(own_redis.url)
+        worker_pool.wait_ready(new)  # it published the bundled categories alone
+        assert not own_redis.client().hexists(KEYS.categories, "gasket")
+        with ServerThread(create_app(settings, RedisBackend(settings))) as api:
+            t0 = time.monotonic()
+            wait_until(lambda: _served_as_before(api.url), 15, interval=0.5, what="gasket served again")
+            print(f"gasket served again {time.monotonic() - t0:.2f} s after the API pod started")
+            metrics = httpx.get(f"{api.url}/metrics").text
+            assert _metric(metrics, "filo_catalog_version_regressions_total") == 1
+            assert _metric(metrics, 'filo_catalog_restores_total{source="database"}') == 1
+    finally:
+        pg.destroy()
+
+
 def test_flushall_heals_and_aof_restart_keeps_the_custom_category(tmp_path: Path, worker_pool: WorkerPool) -> None:  # noqa: F811
     server = start_persistent_redis(tmp_path / "")
     try:
@@ -163,7 +251,8 @@ def test_flushall_heals_and_aof_restart_keeps_the_custom_category(tmp_path: Path
             assert late["seconds"] <= settings.request_timeout_s + 2  # nobody waited past the deadline
             assert late["response"].status_code in (200, 503, 504), late["response"].text
             detail = httpx.get(f"{worker.url}/readyz", timeout=10).json()["detail"]
-            assert detail["catalog_republished"] == 1
+            from_db = _metric(httpx.get(f"{api.url}/metrics").text, 'filo_catalog_restores_total{source="database"}')
+            assert detail["catalog_republished"] + from_db == 1  # the worker's snapshot or the database: once
 
             # a restart from the append-only file: the custom category is still there, no re-publish needed
             server.stop()
@@ -172,6 +261,7 @@ def test_flushall_heals_and_aof_restart_keeps_the_custom_category(tmp_path: Path
             wait_ready(api.url, 30)
             after = _inspect(api.url, "gasket")
             assert after.status_code == 200, (after.text, worker.log()[-3000:])
-            assert httpx.get(f"{worker.url}/readyz", timeout=10).json()["detail"]["catalog_republished"] == 1
+            assert httpx.get(f"{worker.url}/readyz", timeout=10).json()["detail"]["catalog_republished"] \
+                == detail["catalog_republished"]
     finally:
         server.stop()

@@ -124,7 +124,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("service.api",),
     ("service.backends", "service.worker"),
     ("service.queue", "service.engine"),
-    ("service.catalog", "service.records"),
+    ("service.catalog",),
+    ("service.records",),
     ("service.core|service.settings|service.console",),
     ("models", "descriptions"),
 )

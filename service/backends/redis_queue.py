@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
+from service.catalog.durable import CatalogKeeper
 from service.catalog.references import RedisExtras
 from service.catalog.store import CatalogNotPublishedError, RedisCategoryStore, default_state_dir
 from service.core.errors import (
@@ -39,6 +41,7 @@ from service.queue.streams import (
     ensure_group,
     result_from_dict,
 )
+from service.records.catalog_archive import CatalogArchive
 from service.records.recorder import Records, records_url
 from service.settings import FiloSettings
 
@@ -68,6 +71,8 @@ class RedisBackend:
         self.records: Records | None = None
         self._recorder: RecordConsumer | None = None
         self._recorder_task: asyncio.Task | None = None
+        self._keeper: CatalogKeeper | None = None  # the catalog's durable copy in the records database
+        self._keeper_task: asyncio.Task | None = None
         if settings.records:
             stream = settings.records_stream
             url = records_url(settings, settings.state_dir or default_state_dir())
@@ -75,6 +80,8 @@ class RedisBackend:
                                    flush=lambda batch: append_records(self.redis, stream, batch))
             self._recorder = RecordConsumer(self.redis, self.records, settings, self.metrics,
                                             f"{socket.gethostname()}-{os.getpid()}")
+            self._keeper = CatalogKeeper(self.store, CatalogArchive(self.records.store.engine), self.metrics,
+                                         settings.catalog_sync_s)
 
     async def start(self) -> None:
         try:
@@ -85,12 +92,30 @@ class RedisBackend:
             await self.records.start()
             self._recorder_task = asyncio.get_running_loop().create_task(self._recorder.run(),
                                                                          name="filo-records-writer")
+            self._keeper_task = asyncio.get_running_loop().create_task(self._keep_catalog(), name="filo-catalog")
+
+    async def _keep_catalog(self) -> None:
+        assert self.records is not None and self._keeper is not None
+        while not self.records.ready:  # the database's tables come first
+            await asyncio.sleep(0.5)
+        await self._keeper.run()
+
+    async def _write_through(self) -> None:
+        """After a category write: its durable copy now (the keeper's loop retries when the database is away)."""
+        if self._keeper is None or self.records is None or not self.records.ready:
+            return
+        try:
+            await self._keeper.sync()
+        except (RedisError, SQLAlchemyError, OSError) as exc:
+            log.warning("category catalog not yet copied to the database (%s); retrying in the background", exc)
 
     async def stop(self) -> None:
-        if self._recorder_task is not None:
-            self._recorder_task.cancel()
+        for task in (self._recorder_task, self._keeper_task):
+            if task is None:
+                continue
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._recorder_task
+                await task
         if self.records is not None:
             await self.records.stop()
         await self.redis.aclose()
@@ -165,12 +190,16 @@ class RedisBackend:
         """Store it, then wait (up to `category_apply_timeout_s`) until every live worker has built its
         caches. Workers apply it before their next batch in any case; the wait lets the caller know
         the first request will not pay for it, and the answer says how many were ready."""
-        return await self._store_and_wait(self.store.put(category))
+        applied = await self._store_and_wait(self.store.put(category))
+        await self._write_through()
+        return applied
 
     async def put_extra(self, name: str, kind: str, data: bytes) -> CategoryApplied:
         """Store one per-category extra (references, threshold; it bumps the catalog version) and wait for
         the live workers to apply it, as `put_category` does."""
-        return await self._store_and_wait(self.store.put_extra(name, kind, data))
+        applied = await self._store_and_wait(self.store.put_extra(name, kind, data))
+        await self._write_through()
+        return applied
 
     async def get_extra(self, name: str, kind: str) -> bytes | None:
         return await RedisExtras(self.store).get(name, kind)
@@ -202,6 +231,7 @@ class RedisBackend:
             if name not in names:
                 raise CategoryNotFoundError(name, names)
             await self.store.delete(name)
+            await self._write_through()
         except CatalogNotPublishedError as exc:
             raise UnavailableError("not_ready", str(exc), retry_after_s=2) from None
         except RedisError as exc:

@@ -13,8 +13,11 @@ a key naming the model, in Redis or as a file, so a restarted pod skips rebuildi
 Healing: every worker keeps a `CatalogSnapshot` of what the store held when it last applied a
 version (categories, deleted names, per-category extras). If Redis comes back empty (a restart
 without persistence, FLUSHALL), the version key is gone; the first worker to notice `restore`s its
-snapshot in one atomic step (only while the key is still missing, so racing workers cannot clobber
-each other or a newer catalog), with the version moved past the old one, and re-saves its caches.
+snapshot in one atomic step (only while the published version is older than the snapshot's, so racing
+workers cannot clobber each other or a newer catalog), with the version moved past the old one, and
+re-saves its caches. A version that went backwards (a new worker published the bundled categories into
+the emptied Redis first) is healed the same way, loudly. The durable copy in the records database
+(`service/catalog/durable.py`) covers the case where no worker holds a snapshot any more.
 Writes (PUT/DELETE, `filo catalog import`) are refused while no catalog is published, so nothing
 can half-publish a catalog holding only the category just written.
 """
@@ -74,9 +77,15 @@ return {redis.call('INCR', KEYS[3]), existed}
 """
 
 _RESTORE_LUA = """
--- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version. ARGV: old version, n, n name/json pairs,
--- m, m deleted names, k, k key/value pairs of extras. Only while no catalog is published (returns 0).
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+-- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version, KEYS[4..] extras of the categories held now.
+-- ARGV: the snapshot's version, n, n name/json pairs, m, m deleted names, k, k key/value pairs of extras.
+-- Only while the published catalog is older than the snapshot (none published: 0); then it is replaced
+-- whole (a worker that seeded the bundled categories into an emptied Redis must not mix with it) and the
+-- version moves past both. Returns the new version, or 0 when the published catalog was not older.
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+if current >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+for j = 4, #KEYS do redis.call('DEL', KEYS[j]) end
 local i = 2
 local n = tonumber(ARGV[i])
 for j = 1, n do redis.call('HSET', KEYS[1], ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
@@ -188,7 +197,11 @@ class RedisCategoryStore:
         return CatalogSnapshot(int(version or 0), categories, {d.decode() for d in deleted}, extras)
 
     async def restore(self, snap: CatalogSnapshot) -> int:
-        """Publish `snap` if (and only if) no catalog is published; the new version, or 0 if one was."""
+        """Publish `snap` if (and only if) the published catalog is older (or there is none): Redis came back
+        empty, or a worker that started on an emptied Redis published the bundled categories alone as a new
+        version 1. The new version, or 0 when the published one was not older."""
+        held = [k.decode() for k in await self.redis.hkeys(self.keys.categories)]
+        stale = [self.keys.category_extra(n, k) for n in held for k in CATEGORY_EXTRA_KINDS]
         args: list[Any] = [snap.version, len(snap.categories)]
         for name, category in sorted(snap.categories.items()):
             args += [name, category.model_dump_json()]
@@ -197,7 +210,7 @@ class RedisCategoryStore:
         args.append(len(extras))
         for key, value in extras:
             args += [key, value]
-        return int(await self._restore(keys=self._catalog_keys, args=args))
+        return int(await self._restore(keys=self._catalog_keys + stale, args=args))
 
     async def seed(self, categories: list[Category]) -> int:
         args: list[str] = []

@@ -47,6 +47,11 @@ class Metrics:
         self.workers = Gauge("filo_workers", "inspection workers alive (heartbeat within the last 10 s)",
                              registry=r)
         self.gpu_memory = Gauge("filo_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+        self.catalog_regressions = Counter(
+            "filo_catalog_version_regressions_total", "times the category catalog's version in Redis went "
+            "backwards (Redis lost it and an older one was published); each is healed and logged", registry=r)
+        self.catalog_restores = Counter("filo_catalog_restores_total", "category catalogs re-published into Redis, "
+                                        "by where from (worker snapshot, database)", ["source"], registry=r)
         self.records_written = Counter("filo_records_written_total", "inspection records written to the database",
                                        registry=r)
         self.records_pending = Gauge("filo_records_pending", "inspection records accepted, not yet in the database "

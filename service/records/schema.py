@@ -84,3 +84,30 @@ threshold_changes = Table(
     Column("previous", Float),
     Column("detail", JSON, nullable=False),
 )
+
+
+# --- the catalog's durable home (issue 16): a mirror of the Redis catalog at its latest version ---------------
+catalog_state = Table(
+    "catalog_state", metadata,
+    Column("id", Integer, primary_key=True),  # one row
+    Column("version", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+catalog_categories = Table(
+    "catalog_categories", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("definition", Text, nullable=False),  # the Category JSON, as Redis holds it
+)
+
+catalog_deleted = Table(
+    "catalog_deleted", metadata,
+    Column("name", String(128), primary_key=True),
+)
+
+catalog_extras = Table(
+    "catalog_extras", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)

@@ -213,6 +213,13 @@ class Worker:
         if version == 0 and self._snapshot is not None:
             await self._republish()
             return
+        if 0 < version < self._categories_version and self._snapshot is not None:
+            self.metrics.catalog_regressions.inc()
+            log.error("CATALOG VERSION WENT BACKWARDS in Redis (%d, this worker applied %d): Redis lost the catalog "
+                      "and an older one was published; re-publishing the one applied here", version,
+                      self._categories_version)
+            await self._republish()
+            return
         snap = await self.store.snapshot()
         changed = await self._run(apply_categories, self.engine, snap.categories)
         await self._apply_references(self.engine, snap.extras)
@@ -234,6 +241,7 @@ class Worker:
         version = await self.store.restore(self._snapshot)
         if version:
             self.republished += 1
+            self.metrics.catalog_restores.labels(source="worker").inc()
             log.warning("Redis lost the category catalog; re-published %d categories from this worker "
                         "(version %d)", len(self._snapshot.categories), version)
             await persist_caches(self.engine, self.caches, self._run)

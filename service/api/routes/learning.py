@@ -98,7 +98,7 @@ async def thresholds(name: NameParam, backend: BackendDep, settings: SettingsDep
     await _require_category(backend, name)
     value, source = await _current(backend, settings, name)
     record = await load_threshold(backend, name)
-    history = await _records(backend).threshold_history(name)
+    history = await backend.records.threshold_history(name) if backend.records is not None else []
     return {"category": name,
             "current": {"threshold": value, "source": source,
                         "review_margin": record.review_margin if record else 0.0},
