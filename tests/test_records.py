@@ -348,3 +348,64 @@ def test_keep_policy_decides_the_artefacts() -> None:
     assert keeps_artefacts("ng", 0.01, False, draw=lambda: 0.005)
     assert not keeps_artefacts("ng", 0.01, False, draw=lambda: 0.5)
     assert keeps_artefacts("all", 0.0, False) and not keeps_artefacts("none", 1.0, True)
+
+
+def test_the_purge_runs_by_itself(tmp_path: Path) -> None:
+    import asyncio
+
+    from service.core.telemetry import Metrics
+    from service.records.recorder import Records
+
+    settings = demo_settings(records_retention_days=1.0, records_purge_interval_s=0.2)
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+
+    async def scenario() -> tuple[int, list[str]]:
+        records = Records(settings, Metrics(), url)
+        await records.start()
+        while not records.ready:
+            await asyncio.sleep(0.05)
+        day = 86_400_000
+        await records.write([_record(1, now_ms() - day - 60_000), _record(2, now_ms() - day + 60_000)])
+        for _ in range(50):  # up to 5 s
+            if records.store.count() == 1:
+                break
+            await asyncio.sleep(0.1)
+        left = [r.id for r in records.store.list(RecordQuery(), 10)[0]]
+        await records.stop()
+        return records.store.count(), left
+
+    count, left = asyncio.run(scenario())
+    assert (count, left) == (1, ["r0002"])  # past the retention gone; a minute younger than it kept
+
+
+def test_records_buffer_keeps_what_it_could_not_write_and_says_so() -> None:
+    import asyncio
+
+    from service.core.telemetry import Metrics
+    from service.records.buffer import RecordBuffer
+
+    written: list[str] = []
+    state = {"down": True}
+
+    async def flush(batch: list[InspectionRecord]) -> None:
+        if state["down"]:
+            raise ConnectionError("database away")
+        written.extend(r.id for r in batch)
+
+    async def scenario() -> tuple[float, float, float]:
+        metrics = Metrics()
+        buf = RecordBuffer(flush, metrics, batch=3, max_items=5)
+        for i in range(7):  # two more than it holds: the two oldest go, counted
+            buf.submit(_record(i, now_ms()))
+        assert not await buf.flush_once()
+        pending = metrics.records_pending._value.get()
+        state["down"] = False
+        while await buf.flush_once() and len(buf):
+            pass
+        dropped = metrics.records_failed.labels(reason="dropped")._value.get()
+        retried = metrics.records_failed.labels(reason="retried")._value.get()
+        return pending, dropped, retried
+
+    pending, dropped, retried = asyncio.run(scenario())
+    assert (pending, dropped, retried) == (5, 2, 3)
+    assert written == [f"r{i:04d}" for i in range(2, 7)]
