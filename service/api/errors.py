@@ -10,6 +10,8 @@ and statuses (documented in the OpenAPI description too):
 | 403 | forbidden | a valid inspection key used for an admin write |
 | 404 | unknown_category | category missing or not registered (lists the known ones) |
 | 404 | not_found | no such route |
+| 404 | unknown_inspection / artefact_not_kept | no such inspection record (or purged); its image or heatmap was not kept |
+| 404 | records_disabled | inspection records are off (`FILO_RECORDS=false`) |
 | 413 | body_too_large | body over `max_body_bytes` (checked while it streams in) |
 | 415 | unsupported_media_type | body neither multipart/form-data nor JSON |
 | 415 | not_an_image / unsupported_image | the bytes are no image we can decode |
@@ -18,6 +20,7 @@ and statuses (documented in the OpenAPI description too):
 | 422 | validation_error / invalid_base64 | bad parameters |
 | 429 | queue_full | too many requests queued; retry after `Retry-After` seconds |
 | 500 | inspection_failed / poison_request | the model failed on this request (alone) |
+| 503 | records_unavailable | the records database cannot be reached (inspections go on; records wait) |
 | 503 | not_ready / redis_unavailable / no_workers | still warming up, the queue cannot be reached, or no worker is alive to run it |
 | 504 | deadline_exceeded | no answer within `request_timeout_s` |
 """
