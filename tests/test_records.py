@@ -311,7 +311,11 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def test_learn_turns_judgements_into_references_a_threshold_and_suggestions(api) -> None:
-    client, _ = api
+    learn_loop(api[0])
+
+
+def learn_loop(client: httpx.Client) -> None:
+    """Judge four NG results (three false alarms, one defect), see the counts, learn: shared by both modes."""
     category = "carpet"
     client.put(f"/v1/categories/{category}/threshold", json={"threshold": 0.0}, headers=ADM)  # everything is NG
     goods = [_png(synthetic_image(120, 120, seed=500 + i)) for i in range(3)]
@@ -322,6 +326,8 @@ def test_learn_turns_judgements_into_references_a_threshold_and_suggestions(api)
     for rid in ids[:3]:
         client.post(f"/v1/inspections/{rid}/review", json={"label": "good"}, headers=REV)
     client.post(f"/v1/inspections/{ids[3]}/review", json={"label": "defect", "defect_type": "Burn mark"}, headers=REV)
+    counts = client.get(f"/v1/stats?category={category}&bucket=day", headers=AUTH).json()["items"]
+    assert [(c["ng"], c["reviewed"], c["false_alarms"], c["confirmed_defects"]) for c in counts] == [(4, 4, 3, 1)]
     plan = client.post(f"/v1/categories/{category}/learn?dry_run=true", headers=ADM)
     assert plan.status_code == 200, plan.text
     plan = plan.json()

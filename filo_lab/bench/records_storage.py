@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from tqdm import tqdm
 
 from service.records.db import migrate, open_engine
@@ -42,7 +42,7 @@ def fake_record(i: int, t0: int) -> InspectionRecord:
         timing_ms={"queue_wait": 3.2, "model": 41.0, "total": 52.5}, source=f"line-{i % 8}/cam-{i % 3}")
 
 
-def table_bytes(engine, sqlite_path: Path | None) -> int:  # noqa: ANN001
+def table_bytes(engine: Engine, sqlite_path: Path | None) -> int:
     if sqlite_path is not None:
         with engine.connect() as conn:
             conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
