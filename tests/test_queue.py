@@ -26,22 +26,17 @@ from service.core.keys import Keys
 from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
 from service.core.types import AnomalyType, Box, InspectResult
-from service.queue.streams import (
+from service.queue.consumer import Consumer
+from service.queue.producer import (
     ENQUEUED,
     HEARTBEAT_WINDOW_MS,
     NO_WORKERS,
     NOT_SEEDED,
     QUEUE_FULL,
     UNKNOWN_CATEGORY,
-    Consumer,
-    Entry,
-    Job,
     Producer,
-    Reply,
-    ensure_group,
-    result_from_dict,
-    result_to_dict,
 )
+from service.queue.protocol import Entry, Job, Reply, ensure_group, result_from_dict, result_to_dict
 from service.settings import FiloSettings
 from tests.service_fixtures import redis_server, redis_url  # noqa: F401
 

@@ -21,7 +21,8 @@ from service.backends.embedded import EmbeddedBackend
 from service.core.imaging import HeatmapSpec
 from service.core.keys import Keys
 from service.engine.pipeline import InspectionEngine
-from service.queue.streams import Job, Producer
+from service.queue.producer import Producer
+from service.queue.protocol import Job
 from service.worker.loop import HEARTBEAT_PERIOD_S, Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
 

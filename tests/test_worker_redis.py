@@ -33,7 +33,7 @@ from service.api.app import create_app
 from service.backends.redis_queue import RedisBackend
 from service.catalog.store import RedisCategoryStore
 from service.core.keys import Keys
-from service.queue.streams import Reply
+from service.queue.protocol import Reply
 from tests.service_fixtures import (  # noqa: F401
     REPO,
     RedisServer,

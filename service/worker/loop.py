@@ -4,7 +4,7 @@ Beside the loop, a heartbeat every 2 s (`filo_workers` on the API side counts th
 refuses work when none is live) for as long as the worker is idle or its batch has run for less
 than the request deadline: a batch stuck longer serves nobody, so its worker stops counting.
 
-One loop iteration (see service/queue/streams.py for the protocol):
+One loop iteration (see service/queue/protocol.py for the protocol):
 1. category sync: if the categories version in Redis moved, apply the difference to the engine and
    persist the caches;
 2. reclaim entries that another (dead) worker left pending longer than `claim_idle_ms`; each runs
@@ -66,7 +66,8 @@ from service.engine.lifecycle import (
     persist_caches,
     start_engine,
 )
-from service.queue.streams import Consumer, Entry, Reply, ensure_group, error_dict, result_to_dict, server_time_ms
+from service.queue.consumer import Consumer
+from service.queue.protocol import Entry, Reply, ensure_group, error_dict, result_to_dict, server_time_ms
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)

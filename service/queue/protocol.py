@@ -1,4 +1,9 @@
-"""Redis Streams protocol between API processes and inspection workers.
+"""Redis Streams protocol between API processes and inspection workers: what both sides share.
+
+The API side (enqueue, await the reply, count workers) is service/queue/producer.py, the worker side
+(read, claim, reply-and-acknowledge, heartbeat) service/queue/consumer.py; Redis key names are
+service/core/keys.py. This module holds the wire format: the stream entry (`Job` as written, `Entry`
+as read), the reply (`Reply`), the result summary it carries, and the group and clock helpers.
 
 Design (see also service/worker/loop.py):
 
@@ -26,7 +31,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,31 +41,6 @@ from redis.exceptions import ResponseError
 from service.core.imaging import Heatmap, dequantize_map, quantize_map
 from service.core.keys import Keys
 from service.core.types import AnomalyType, Box, InspectResult
-from service.settings import FiloSettings
-
-_ENQUEUE_LUA = """
--- KEYS[1] stream, KEYS[2] categories hash, KEYS[3] categories version (exists once seeded),
--- KEYS[4] worker heartbeats (zset, score = last beat in ms)
--- ARGV[1] max depth, ARGV[2] category, ARGV[3] heartbeat window in ms (0: do not require a live
--- worker), ARGV[4..] field/value pairs of the entry
-if redis.call('EXISTS', KEYS[3]) == 0 then return {-3, 0} end
-if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return {-1, 0} end
-local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[1]) then return {-2, depth} end
-local window = tonumber(ARGV[3])
-if window > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if redis.call('ZCOUNT', KEYS[4], now - window, '+inf') == 0 then return {-4, depth} end
-end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4, #ARGV))
-return {id, depth + 1}
-"""
-
-ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED = "enqueued", "unknown_category", "queue_full", "not_seeded"
-NO_WORKERS = "no_workers"
-HEARTBEAT_WINDOW_MS = 10_000
-
 
 # --- payloads ------------------------------------------------------------------------------------------
 
@@ -211,175 +190,7 @@ async def server_time_ms(redis: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-# --- API side -----------------------------------------------------------------------------------------
-
-
-class Producer:
-    """What an API process does with the stream: enqueue, wait for the reply, report depth and workers."""
-
-    def __init__(self, redis: Redis, settings: FiloSettings) -> None:
-        self.redis = redis
-        self.keys = Keys.from_settings(settings)
-        self.max_depth = settings.queue_max_depth
-        self.require_worker = settings.reject_without_workers
-        self.reply_ttl_s = int(settings.request_timeout_s) + 60
-        self._enqueue = redis.register_script(_ENQUEUE_LUA)
-
-    async def enqueue(self, job: Job) -> tuple[str, int]:
-        """Returns (outcome, depth): ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED or NO_WORKERS."""
-        fields = job.fields(self.keys.reply(job.request_id))
-        argv: list[Any] = [self.max_depth, job.category, HEARTBEAT_WINDOW_MS if self.require_worker else 0]
-        for k, v in fields.items():
-            argv += [k, v]
-        res = await self._enqueue(
-            keys=[self.keys.stream, self.keys.categories, self.keys.categories_version, self.keys.workers],
-            args=argv
-        )
-        code, depth = res[0], int(res[1])
-        if isinstance(code, bytes):
-            return ENQUEUED, depth
-        return {-1: UNKNOWN_CATEGORY, -2: QUEUE_FULL, -3: NOT_SEEDED, -4: NO_WORKERS}[int(code)], depth
-
-    async def wait_reply(self, request_id: str, timeout_s: float) -> Reply | None:
-        """Block until the reply arrives or `timeout_s` passes (None)."""
-        if timeout_s <= 0:
-            return None
-        key = self.keys.reply(request_id)
-        got = await self.redis.blpop([key], timeout=max(0.01, round(timeout_s, 3)))
-        if got is None:
-            return None
-        return Reply.decode(got[1])
-
-    async def depth(self) -> int:
-        return int(await self.redis.xlen(self.keys.stream))
-
-    async def workers_alive(self) -> int:
-        """Live workers; forgets workers silent for six windows (crashed ones never `leave`)."""
-        now = await server_time_ms(self.redis)
-        gone = await self.redis.zrangebyscore(self.keys.workers, 0, now - 6 * HEARTBEAT_WINDOW_MS)
-        if gone:
-            await self.redis.zrem(self.keys.workers, *gone)
-            await self.redis.hdel(self.keys.workers_applied, *gone)
-        return int(await self.redis.zcount(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf"))
-
-    async def workers_applied(self, version: int) -> tuple[int, int]:
-        """(live workers that have applied categories `version` or later, live workers)."""
-        now = await server_time_ms(self.redis)
-        live = await self.redis.zrangebyscore(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf")
-        if not live:
-            return 0, 0
-        applied = await self.redis.hmget(self.keys.workers_applied, live)
-        return sum(int(v or 0) >= version for v in applied), len(live)
-
-
-# --- worker side --------------------------------------------------------------------------------------
-
-
-class Consumer:
-    """What a worker does with the stream: read batches, reclaim, reply-and-acknowledge, heartbeat."""
-
-    def __init__(self, redis: Redis, settings: FiloSettings, name: str) -> None:
-        self.redis = redis
-        self.keys = Keys.from_settings(settings)
-        self.name = name
-        self.claim_idle_ms = settings.claim_idle_ms
-        self.reply_ttl_s = int(settings.request_timeout_s) + 60
-
-    async def read(self, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer: at most `count`, blocking up to `block_ms` for the first."""
-        try:
-            resp = await self.redis.xreadgroup(
-                self.keys.group, self.name, {self.keys.stream: ">"}, count=count, block=block_ms
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
-                raise
-            await ensure_group(self.redis, self.keys)  # the stream was deleted (FLUSHALL): start again
-            return []
-        entries: list[Entry] = []
-        for _stream, items in resp or []:
-            for entry_id, fields in items:
-                if fields:  # an entry deleted after delivery comes back empty
-                    entries.append(Entry.parse(entry_id, fields))
-        return entries
-
-    async def read_batch(self, max_n: int, max_wait_ms: int, idle_block_ms: int) -> list[Entry]:
-        """Up to `max_n` entries: block up to `idle_block_ms` for the first, then gather for `max_wait_ms`."""
-        batch = await self.read(max_n, idle_block_ms)
-        if not batch or len(batch) >= max_n or max_wait_ms <= 0:
-            return batch
-        until = time.monotonic() + max_wait_ms / 1000.0
-        while len(batch) < max_n:
-            left_ms = int((until - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            more = await self.read(max_n - len(batch), left_ms)
-            if not more:
-                break
-            batch += more
-        return batch
-
-    async def claim(self, count: int) -> list[Entry]:
-        """Take over entries other consumers left pending longer than `claim_idle_ms`."""
-        try:
-            resp = await self.redis.xautoclaim(
-                self.keys.stream, self.keys.group, self.name, self.claim_idle_ms, start_id="0-0", count=count
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            return []
-        claimed = [Entry.parse(eid, fields) for eid, fields in resp[1] if fields]
-        if not claimed:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for e in claimed:
-            pipe.xpending_range(self.keys.stream, self.keys.group, min=e.entry_id, max=e.entry_id, count=1)
-        for e, info in zip(claimed, await pipe.execute()):
-            e.deliveries = int(info[0]["times_delivered"]) if info else 1
-        return claimed
-
-    async def touch(self, entry_ids: list[str]) -> None:
-        """Reset the idle time of entries this consumer is still working on, so nobody reclaims them."""
-        if entry_ids:
-            await self.redis.xclaim(self.keys.stream, self.keys.group, self.name, 0, entry_ids, justid=True)
-
-    async def answer(self, entry: Entry, reply: Reply | bytes) -> None:
-        """Reply, set the reply's expiry, acknowledge and delete the entry: all or nothing.
-
-        Errors of single commands do not abort the others: after a FLUSHALL the group is gone, so XACK
-        fails, but the caller still gets its reply."""
-        pipe = self.redis.pipeline(transaction=True)
-        if entry.reply_key:
-            pipe.lpush(entry.reply_key, reply if isinstance(reply, bytes) else reply.encode())
-            pipe.expire(entry.reply_key, self.reply_ttl_s)
-        pipe.xack(self.keys.stream, self.keys.group, entry.entry_id)
-        pipe.xdel(self.keys.stream, entry.entry_id)
-        await pipe.execute(raise_on_error=False)
-
-    async def report_applied(self, version: int) -> None:
-        """Tell API processes this worker's caches are built for categories `version`."""
-        await self.redis.hset(self.keys.workers_applied, self.name, version)
-
-    async def heartbeat(self) -> int:
-        now = await server_time_ms(self.redis)
-        await self.redis.zadd(self.keys.workers, {self.name: now})
-        return now
-
-    async def leave(self) -> None:
-        """On a clean exit: drop the heartbeat, and the consumer if it holds nothing pending."""
-        await self.redis.zrem(self.keys.workers, self.name)
-        await self.redis.hdel(self.keys.workers_applied, self.name)
-        try:
-            info = await self.redis.xinfo_consumers(self.keys.stream, self.keys.group)
-        except ResponseError:
-            return
-        for c in info:
-            if c["name"] in (self.name, self.name.encode()) and int(c["pending"]) == 0:
-                await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
-
-
-# --- InspectResult <-> JSON (the map travels separately, as raw float32) -------------------------------
+# --- InspectResult <-> JSON (the map travels separately: see Reply) ------------------------------------
 
 
 def result_to_dict(result: InspectResult) -> dict[str, Any]:
