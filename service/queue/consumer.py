@@ -6,6 +6,7 @@ The wire format and the design are in service/queue/protocol.py.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -13,6 +14,52 @@ from redis.exceptions import ResponseError
 from service.core.keys import Keys
 from service.queue.protocol import Entry, Reply, ensure_group, server_time_ms
 from service.settings import FiloSettings
+
+_TAKE_OVER_LUA = """
+-- Take over the pending entries of workers whose heartbeat lapsed, then remove each such worker once it holds
+-- nothing. Atomic: of two workers running it at once, the first takes the entries, the second finds none left.
+-- KEYS[1] stream, KEYS[2] worker heartbeats (zset, score = last beat in ms), KEYS[3] applied versions (hash)
+-- ARGV[1] group, ARGV[2] this consumer, ARGV[3] heartbeat TTL in ms, ARGV[4] min idle in ms (XCLAIM's: an entry
+-- read or touched more recently stays where it is), ARGV[5] most entries to take
+-- Returns {workers removed, entries taken (as XCLAIM gives them), their delivery counts (this one included)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('(%d', now - tonumber(ARGV[3])))
+local left = tonumber(ARGV[5])
+local removed, entries, deliveries = {}, {}, {}
+for _, name in ipairs(lapsed) do
+  if left <= 0 then break end
+  if name ~= ARGV[2] then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', left, name)
+    if #pending > 0 then
+      local ids, times = {}, {}
+      for i, p in ipairs(pending) do ids[i] = p[1]; times[p[1]] = p[4] end
+      for _, e in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], unpack(ids))) do
+        if e then
+          entries[#entries + 1] = e
+          deliveries[#deliveries + 1] = times[e[1]] + 1
+          left = left - 1
+        end
+      end
+    end
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, name) == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+      redis.call('ZREM', KEYS[2], name)
+      redis.call('HDEL', KEYS[3], name)
+      removed[#removed + 1] = name
+    end
+  end
+end
+return {removed, entries, deliveries}
+"""
+
+
+@dataclass
+class TakeOver:
+    """One take-over round: the dead workers removed, and the requests taken from them."""
+
+    gone: list[str] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
 
 
 class Consumer:
@@ -24,6 +71,9 @@ class Consumer:
         self.name = name
         self.claim_idle_ms = settings.claim_idle_ms
         self.reply_ttl_s = int(settings.request_timeout_s) + 60
+        self.heartbeat_ttl_ms = settings.heartbeat_ttl_ms
+        self.take_over_idle_ms = settings.heartbeat_interval_ms
+        self._take_over = redis.register_script(_TAKE_OVER_LUA)
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer: at most `count`, blocking up to `block_ms` for the first."""
@@ -78,6 +128,29 @@ class Consumer:
         for e, info in zip(claimed, await pipe.execute()):
             e.deliveries = int(info[0]["times_delivered"]) if info else 1
         return claimed
+
+    async def take_over(self, count: int) -> TakeOver:
+        """Take over (at most `count`) requests held by workers whose heartbeat lapsed, at once instead of after
+        `claim_idle_ms`, and remove each such worker (consumer, heartbeat, applied version) once it holds nothing.
+
+        Only requests left alone for `heartbeat_interval_ms` move (XCLAIM's min-idle): a dead worker's have been
+        alone at least `heartbeat_ttl_ms - heartbeat_interval_ms`, while one a worker that is alive after all has
+        just read or touched stays with it. Should such a worker still answer one that moved, the request gets two
+        equivalent replies on its own list (keyed by its unique id): the API takes one, the other expires unread."""
+        keys = [self.keys.stream, self.keys.workers, self.keys.workers_applied]
+        args = [self.keys.group, self.name, self.heartbeat_ttl_ms, self.take_over_idle_ms, count]
+        try:
+            gone, taken, deliveries = await self._take_over(keys=keys, args=args)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return TakeOver()
+        entries = []
+        for (entry_id, flat), n in zip(taken, deliveries, strict=True):
+            if flat:  # an entry deleted after delivery comes back empty
+                entries.append(Entry.parse(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))))
+                entries[-1].deliveries = int(n)
+        return TakeOver([g.decode() for g in gone], entries)
 
     async def touch(self, entry_ids: list[str]) -> None:
         """Reset the idle time of entries this consumer is still working on, so nobody reclaims them."""

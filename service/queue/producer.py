@@ -34,7 +34,6 @@ return {id, depth + 1}
 
 ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED = "enqueued", "unknown_category", "queue_full", "not_seeded"
 NO_WORKERS = "no_workers"
-HEARTBEAT_WINDOW_MS = 10_000
 
 
 class Producer:
@@ -46,12 +45,13 @@ class Producer:
         self.max_depth = settings.queue_max_depth
         self.require_worker = settings.reject_without_workers
         self.reply_ttl_s = int(settings.request_timeout_s) + 60
+        self.heartbeat_ttl_ms = settings.heartbeat_ttl_ms  # a worker silent for longer is dead
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
 
     async def enqueue(self, job: Job) -> tuple[str, int]:
         """Returns (outcome, depth): ENQUEUED, UNKNOWN_CATEGORY, QUEUE_FULL, NOT_SEEDED or NO_WORKERS."""
         fields = job.fields(self.keys.reply(job.request_id))
-        argv: list[Any] = [self.max_depth, job.category, HEARTBEAT_WINDOW_MS if self.require_worker else 0]
+        argv: list[Any] = [self.max_depth, job.category, self.heartbeat_ttl_ms if self.require_worker else 0]
         for k, v in fields.items():
             argv += [k, v]
         res = await self._enqueue(
@@ -77,18 +77,19 @@ class Producer:
         return int(await self.redis.xlen(self.keys.stream))
 
     async def workers_alive(self) -> int:
-        """Live workers; forgets workers silent for six windows (crashed ones never `leave`)."""
+        """Live workers: a heartbeat within `heartbeat_ttl_ms`. Forgets workers silent for six TTLs (crashed ones
+        never `leave`; other workers normally remove them sooner, when they take over their requests)."""
         now = await server_time_ms(self.redis)
-        gone = await self.redis.zrangebyscore(self.keys.workers, 0, now - 6 * HEARTBEAT_WINDOW_MS)
+        gone = await self.redis.zrangebyscore(self.keys.workers, 0, now - 6 * self.heartbeat_ttl_ms)
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await self.redis.hdel(self.keys.workers_applied, *gone)
-        return int(await self.redis.zcount(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf"))
+        return int(await self.redis.zcount(self.keys.workers, now - self.heartbeat_ttl_ms, "+inf"))
 
     async def workers_applied(self, version: int) -> tuple[int, int]:
         """(live workers that have applied categories `version` or later, live workers)."""
         now = await server_time_ms(self.redis)
-        live = await self.redis.zrangebyscore(self.keys.workers, now - HEARTBEAT_WINDOW_MS, "+inf")
+        live = await self.redis.zrangebyscore(self.keys.workers, now - self.heartbeat_ttl_ms, "+inf")
         if not live:
             return 0, 0
         applied = await self.redis.hmget(self.keys.workers_applied, live)

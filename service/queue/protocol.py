@@ -17,14 +17,23 @@ Design (see also service/worker/loop.py):
   transaction, and the API BLPOPs that list. A list (unlike pub/sub) keeps the reply even if the
   API starts waiting after the worker answered, so no reply is lost; a reply nobody collects
   (the caller gave up) expires after `request_timeout_s + 60` s. A duplicate reply (an entry
-  reclaimed from a worker that was only slow) is harmless: the API takes the first.
+  reclaimed from a worker that was only slow) is harmless: both answer the same request, whose id
+  is unique (a fresh uuid4 per request), the API takes one and the other expires unread.
 * Deadlines use Redis' clock only: an entry's ID is the server's millisecond time at XADD, so
   `deadline = id_ms + timeout_ms` is compared with the server's TIME, never a pod's clock.
+* Heartbeats. Each worker writes the server's time into the zset `<stream>:workers` every
+  `heartbeat_interval_ms`; one whose entry is older than `heartbeat_ttl_ms` is dead. API pods count
+  only live workers (readiness, `filo_workers`, the enqueue script's no-worker refusal).
 * Claiming. Entries read but not acknowledged stay in the group's pending list. A worker that
-  dies leaves them there; other workers XAUTOCLAIM entries idle longer than `claim_idle_ms`.
-  A live worker with a long batch resets its entries' idle time (XCLAIM ... JUSTID) so they are
-  not stolen. Each delivery counts; an entry delivered more than `max_deliveries` times (it
-  keeps killing workers) is answered `poison_request` and acknowledged instead of being run.
+  dies leaves them there. The other workers look for lapsed heartbeats a few times per interval
+  and, in one Lua step (consumer.py), XCLAIM the dead consumer's pending entries (XPENDING for that
+  consumer) and, once it holds nothing, XGROUP DELCONSUMER it and drop its heartbeat: the step is
+  atomic, so of two survivors racing only one takes each entry, and XCLAIM's min-idle (one heartbeat
+  interval) leaves alone what a worker that is alive after all has just read. As the backstop,
+  workers XAUTOCLAIM any entry idle longer than `claim_idle_ms`. A live worker with a long batch
+  resets its entries' idle time (XCLAIM ... JUSTID) so they are not stolen. Each delivery counts;
+  an entry delivered more than `max_deliveries` times (it keeps killing workers) is answered
+  `poison_request` and acknowledged instead of being run.
 """
 
 from __future__ import annotations
