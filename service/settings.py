@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Profile = Literal["production", "demo"]
@@ -79,7 +79,21 @@ class FiloSettings(BaseSettings):
     category_apply_timeout_s: float = Field(
         10.0, ge=0, description="queue mode: how long a category PUT waits for live workers to build its caches"
     )
-    claim_idle_ms: int = Field(15_000, ge=100, description="pending requests idle this long are reclaimed")
+    claim_idle_ms: int = Field(
+        15_000, ge=100, description="queue mode: pending requests idle this long are reclaimed, whoever holds them "
+        "(the backstop: a dead worker's requests are taken over as soon as its heartbeat lapses)",
+    )
+    heartbeat_interval_ms: int = Field(
+        1000, ge=50, description="queue mode: how often a worker writes its heartbeat (from a task of its own, so a "
+        "long batch does not silence it); also how long a request must have been left alone before another worker "
+        "may take it over from a worker whose heartbeat lapsed",
+    )
+    heartbeat_ttl_ms: int = Field(
+        3000, ge=100, description="queue mode: a worker whose last heartbeat is older than this is dead: API pods stop "
+        "counting it (/readyz, filo_workers, the 503 no_workers check) and the other workers take over its pending "
+        "requests at once and remove it from the consumer group. At least twice heartbeat_interval_ms; give API "
+        "pods and workers the same value",
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     api_keys: list[str] = Field(default_factory=list)
@@ -149,6 +163,13 @@ class FiloSettings(BaseSettings):
         if v <= 0:
             raise ValueError("image_size must be positive")
         return v
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_a_late_beat(self) -> FiloSettings:
+        if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
+            raise ValueError(f"heartbeat_ttl_ms ({self.heartbeat_ttl_ms}) must be at least twice heartbeat_interval_ms "
+                             f"({self.heartbeat_interval_ms}): one late beat must not declare a worker dead")
+        return self
 
     @property
     def is_demo(self) -> bool:

@@ -32,7 +32,7 @@ from service.core.imaging import (
     render_heatmap,
 )
 from service.core.types import AnomalyType, Box, InspectResult
-from service.queue.streams import MAP_ERROR_BOUND, Reply, result_from_dict, result_to_dict
+from service.queue.protocol import MAP_ERROR_BOUND, Reply, result_from_dict, result_to_dict
 
 
 def smooth_map(size: int = 518, seed: int = 0) -> np.ndarray:

@@ -26,22 +26,16 @@ from service.core.keys import Keys
 from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
 from service.core.types import AnomalyType, Box, InspectResult
-from service.queue.streams import (
+from service.queue.consumer import Consumer, TakeOver
+from service.queue.producer import (
     ENQUEUED,
-    HEARTBEAT_WINDOW_MS,
     NO_WORKERS,
     NOT_SEEDED,
     QUEUE_FULL,
     UNKNOWN_CATEGORY,
-    Consumer,
-    Entry,
-    Job,
     Producer,
-    Reply,
-    ensure_group,
-    result_from_dict,
-    result_to_dict,
 )
+from service.queue.protocol import Entry, Job, Reply, ensure_group, result_from_dict, result_to_dict
 from service.settings import FiloSettings
 from tests.service_fixtures import redis_server, redis_url  # noqa: F401
 
@@ -242,8 +236,9 @@ def test_enqueue_requires_a_live_worker_unless_told_otherwise(redis_url: str) ->
         assert await strict.enqueue(_job("a")) == (NO_WORKERS, 0)
         assert await strict.depth() == 0  # refused, not queued
         seconds, micros = await r.time()  # a heartbeat older than the window does not count
+        ttl_ms = _settings(redis_url).heartbeat_ttl_ms
         await r.zadd(Keys.from_settings(_settings(redis_url)).workers,
-                     {"gone": int(seconds) * 1000 + int(micros) // 1000 - HEARTBEAT_WINDOW_MS - 1000})
+                     {"gone": int(seconds) * 1000 + int(micros) // 1000 - ttl_ms - 1000})
         assert (await strict.enqueue(_job("a")))[0] == NO_WORKERS
         await Consumer(r, _settings(redis_url), "w1").heartbeat()
         assert await strict.enqueue(_job("b")) == (ENQUEUED, 1)
@@ -277,6 +272,73 @@ def test_read_reply_ack_and_reclaim_with_delivery_counts(redis_url: str) -> None
         pending = await r.xpending(keys.stream, keys.group)
         assert pending["pending"] == 1
         assert await p.wait_reply("r2", 0.2) is None  # nothing yet: a timeout, not an error
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+async def _consumers(r: Redis, keys: Keys) -> set[str]:
+    return {c["name"].decode() for c in await r.xinfo_consumers(keys.stream, keys.group)}
+
+
+@pytest.mark.redis
+def test_a_lapsed_workers_requests_are_taken_over_once_and_it_leaves_the_group(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        r, _, keys = await _seeded(redis_url)
+        settings = _settings(redis_url, heartbeat_interval_ms=100, heartbeat_ttl_ms=300)
+        p = Producer(r, settings)
+        dead, a, b = (Consumer(r, settings, n) for n in ("dead", "a", "b"))
+        for c in (dead, a, b):
+            await c.heartbeat()
+        await dead.report_applied(1)
+        for i in range(3):
+            await p.enqueue(_job(f"r{i}"))
+        assert len(await dead.read_batch(8, 0, 100)) == 3
+        assert await a.take_over(8) == TakeOver()  # its heartbeat is live: nothing moves
+        await asyncio.sleep(0.35)  # `dead` stops beating, `a` and `b` go on
+        for c in (a, b):
+            await c.heartbeat()
+        assert await p.workers_alive() == 2
+        first, second = await asyncio.gather(a.take_over(2), b.take_over(2))  # two survivors at once
+        taken = [e for t in (first, second) for e in t.entries]
+        assert sorted(e.request_id for e in taken) == ["r0", "r1", "r2"]  # each taken once, none lost
+        assert {e.deliveries for e in taken} == {2}
+        assert first.gone + second.gone == ["dead"]  # removed once, by whoever took its last request
+        assert "dead" not in await _consumers(r, keys)
+        assert await r.zscore(keys.workers, "dead") is None and await r.hget(keys.workers_applied, "dead") is None
+        owners = {x["consumer"].decode() for x in await r.xpending_range(keys.stream, keys.group, "-", "+", 10)}
+        assert owners <= {"a", "b"}
+        for t, c in ((first, a), (second, b)):
+            for e in t.entries:
+                await c.answer(e, Reply(e.request_id, result={"score": 0.0}))
+        assert sorted([(await p.wait_reply(f"r{i}", 2)).request_id for i in range(3)]) == ["r0", "r1", "r2"]
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+def test_take_over_leaves_what_a_late_but_living_worker_just_read(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        r, _, keys = await _seeded(redis_url)
+        settings = _settings(redis_url, heartbeat_interval_ms=100, heartbeat_ttl_ms=300)
+        p, late, survivor = Producer(r, settings), Consumer(r, settings, "late"), Consumer(r, settings, "survivor")
+        await late.heartbeat()
+        await p.enqueue(_job("r0"))
+        await asyncio.sleep(0.35)  # `late` misses its beats ...
+        await survivor.heartbeat()
+        (entry,) = await late.read_batch(1, 0, 100)  # ... but is alive and has just read a request
+        assert await survivor.take_over(8) == TakeOver()  # not alone long enough: it stays, and so does `late`
+        assert await late.take_over(8) == TakeOver()  # nobody takes over from itself
+        assert "late" in await _consumers(r, keys)
+        await asyncio.sleep(0.15)  # left alone past a heartbeat interval: now it moves
+        await survivor.heartbeat()
+        moved = await survivor.take_over(8)
+        assert [e.request_id for e in moved.entries] == ["r0"] and moved.gone == ["late"]
+        await late.answer(entry, Reply("r0", result={"score": 1.0}))  # late answers after all ...
+        await survivor.answer(moved.entries[0], Reply("r0", result={"score": 1.0}))  # ... and so does the survivor
+        assert (await p.wait_reply("r0", 2)).result == {"score": 1.0}  # the API takes one
+        assert await p.depth() == 0 and (await r.xpending(keys.stream, keys.group))["pending"] == 0
         await r.aclose()
 
     asyncio.run(main())
@@ -332,7 +394,7 @@ def test_workers_report_the_categories_version_they_applied(redis_url: str) -> N
         assert await r.hget(keys.workers_applied, "w1") is None
         seconds, micros = await r.time()  # a crashed worker: silent for six windows, never left
         now = int(seconds) * 1000 + int(micros) // 1000
-        await r.zadd(keys.workers, {"crashed": now - 6 * HEARTBEAT_WINDOW_MS - 1000})
+        await r.zadd(keys.workers, {"crashed": now - 6 * settings.heartbeat_ttl_ms - 1000})
         await r.hset(keys.workers_applied, "crashed", 3)
         assert await p.workers_alive() == 1
         assert await r.hget(keys.workers_applied, "crashed") is None  # forgotten, not kept forever

@@ -129,7 +129,7 @@ def test_embedded_server_with_the_gpu_image_path_matches_the_cpu_path(monkeypatc
 @pytest.mark.redis
 def test_worker_with_the_gpu_image_path_answers_like_the_cpu_path(monkeypatch, redis_url):  # noqa: F811
     """One batched decode for the whole batch, PNG and a truncated JPEG handled on the CPU side."""
-    from service.queue.streams import Job
+    from service.queue.protocol import Job
     from tests.service_fixtures import demo_settings, png_bytes
     from tests.test_worker_pipeline import running_worker
 

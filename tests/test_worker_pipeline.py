@@ -21,8 +21,9 @@ from service.backends.embedded import EmbeddedBackend
 from service.core.imaging import HeatmapSpec
 from service.core.keys import Keys
 from service.engine.pipeline import InspectionEngine
-from service.queue.streams import Job, Producer
-from service.worker.loop import HEARTBEAT_PERIOD_S, Worker, should_beat
+from service.queue.producer import Producer
+from service.queue.protocol import Job
+from service.worker.loop import Worker, should_beat
 from tests.service_fixtures import demo_settings, png_bytes, redis_server, redis_url  # noqa: F401
 
 pytestmark = pytest.mark.redis
@@ -125,16 +126,17 @@ def test_heartbeat_rule() -> None:
 def test_worker_keeps_beating_through_a_long_batch(redis_url: str) -> None:  # noqa: F811
     """The API refuses work when no heartbeat is live, so a busy worker must not go quiet."""
     settings = demo_settings(redis_url=redis_url, max_batch_size=1)
+    period_s = settings.heartbeat_interval_ms / 1000
 
     async def main() -> list[float]:
-        async with running_worker(settings, "busy", batch_s=HEARTBEAT_PERIOD_S * 2.5) as (worker, _, producer):
+        async with running_worker(settings, "busy", batch_s=period_s * 2.5) as (worker, _, producer):
             assert (await producer.enqueue(Job("long", "bottle", png_bytes(), 60_000, 3)))[0] == "enqueued"
             while not (worker._batch_started and time.monotonic() - worker._batch_started > 0.2):
                 await asyncio.sleep(0.02)
             beats = []
             for _ in range(2):
                 beats.append(await producer.redis.zscore(Keys.from_settings(settings).workers, "busy"))
-                await asyncio.sleep(HEARTBEAT_PERIOD_S * 1.1)
+                await asyncio.sleep(period_s * 1.1)
             assert worker._batch_started is not None, "the batch ended before the second look"
             reply = await producer.wait_reply("long", 60)
             assert reply is not None and reply.error is None

@@ -32,13 +32,15 @@ from descriptions import Category
 from service.api.app import create_app
 from service.backends.redis_queue import RedisBackend
 from service.catalog.store import RedisCategoryStore
+from service.cli.loadtest_cmd import LoadReport, run_load
 from service.core.keys import Keys
-from service.queue.streams import Reply
+from service.queue.protocol import Reply
 from tests.service_fixtures import (  # noqa: F401
     REPO,
     RedisServer,
     ServerThread,
     WorkerPool,
+    WorkerProc,
     demo_settings,
     free_port,
     own_redis,
@@ -154,6 +156,80 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, worker_pool: Work
         responses = [f.result(timeout=180) for f in futures]
     assert [x.status_code for x in responses] == [200] * 6, [x.text for x in responses]
     assert "reclaimed" in rescuer.log()
+    assert r.xlen(STREAM) == 0 and r.xpending(STREAM, GROUP)["pending"] == 0
+
+
+# --- failover under load (issue 16 §2): one of two workers SIGKILLed while clients keep sending ---------------
+FAILOVER_LOAD = {"concurrency": 8, "duration_s": 12.0, "max_requests": 600}  # the load the README figures are for
+FAILOVER_HELD = 3  # the victim dies holding at least this many requests: more than 1% of the load, so p99 sees them
+FAILOVER_BOUNDS = {"p99_ms": 5000.0, "lost": 0, "drop_s": 5.0}  # p99, lost requests, dead worker out of /readyz
+
+
+def _load_in_background(url: str) -> tuple[threading.Thread, dict[str, LoadReport]]:
+    """`filo loadtest`'s client against `url` in a thread of its own; the report lands in the dict."""
+    out: dict[str, LoadReport] = {}
+    image = png_bytes(240, 320, seed=3)
+
+    def run() -> None:
+        out["report"] = asyncio.run(run_load(url, "bottle", image, timeout_s=30.0, **FAILOVER_LOAD))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _kill_while_holding(victim: WorkerProc, name: str, r: redis.Redis, within_s: float = 15.0) -> tuple[float, int]:
+    """SIGKILL `victim` (consumer `name`) while it holds FAILOVER_HELD pending entries or more: (monotonic time of
+    the kill, entries held)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        os.kill(victim.proc.pid, signal.SIGSTOP)  # freeze it, then look at what it holds
+        held = _pending_by_consumer(r).get(name, 0)
+        if held >= FAILOVER_HELD:
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            victim.proc.wait(10)
+            return killed_at, held
+        os.kill(victim.proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"never caught the victim holding {FAILOVER_HELD} pending entries")
+
+
+def _seconds_until_counted(api_url: str, workers: int, since: float, within_s: float = 20.0) -> float:
+    """Seconds from `since` until the API's /readyz counts `workers` live workers."""
+    deadline = since + within_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{api_url}/readyz", timeout=5).json()["detail"].get("workers") == workers:
+            return time.monotonic() - since
+        time.sleep(0.05)
+    raise AssertionError(f"/readyz still did not count {workers} worker(s) after {within_s} s")
+
+
+def test_failover_under_load_after_sigkill(redis_url: str, worker_pool: WorkerPool) -> None:  # noqa: F811
+    """Two workers under steady load, one SIGKILLed while it holds requests: the survivor takes its requests
+    over as soon as its heartbeat lapses (not after `claim_idle_ms`, left at its 15 s default here), nothing
+    is lost, and the API stops counting the dead worker within 5 s. Prints the figures the README quotes."""
+    env = {"FILO_MAX_BATCH_SIZE": "4"}
+    victim, survivor = worker_pool.start(redis_url, **env), worker_pool.start(redis_url, **env)
+    victim_name = worker_pool.wait_ready(victim)["detail"]["worker"]
+    worker_pool.wait_ready(survivor)
+    r = redis.Redis.from_url(redis_url)
+    with api_servers(redis_url, request_timeout_s=30.0) as (api,):
+        assert wait_ready(api.url)["detail"]["workers"] == 2
+        load, out = _load_in_background(api.url)
+        time.sleep(3.0)  # both workers busy first
+        killed_at, held = _kill_while_holding(victim, victim_name, r)
+        drop_s = _seconds_until_counted(api.url, 1, killed_at)
+        load.join(FAILOVER_LOAD["duration_s"] + 60)
+        assert not load.is_alive(), "the load did not stop by itself"
+    summary = out["report"].summary()
+    slowest_ms = round(max(out["report"].latencies_ms), 2)
+    figures = {"held_by_victim": held, "drop_s": round(drop_s, 2), "slowest_ms": slowest_ms, **summary}
+    print(f"\nfailover figures: {json.dumps(figures)}")
+    assert summary["lost"] == FAILOVER_BOUNDS["lost"] and summary["ok"] == summary["sent"], figures
+    assert summary["latency_ms"]["p99"] <= FAILOVER_BOUNDS["p99_ms"], figures
+    assert drop_s <= FAILOVER_BOUNDS["drop_s"], figures
+    assert "heartbeat lapsed" in survivor.log()  # taken over by heartbeat, not by the 15 s idle claim
     assert r.xlen(STREAM) == 0 and r.xpending(STREAM, GROUP)["pending"] == 0
 
 

@@ -33,7 +33,7 @@ class InspectJob:
     grounding: bool | None
     heatmap: HeatmapSpec
     deadline: float  # time.monotonic() by which an answer is due
-    want_map: bool = False  # also return the map itself (queue mode: compact, see service/queue/streams.py)
+    want_map: bool = False  # also return the map itself (queue mode: compact, see service/queue/protocol.py)
 
 
 @dataclass

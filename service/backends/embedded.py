@@ -3,7 +3,7 @@
 * `EmbeddedBackend` (`filo serve --embedded`): the engine lives in this process; an asyncio
   micro-batcher feeds it on one thread. Categories and caches persist under `state_dir`.
 * `RedisBackend` (`filo serve` with `redis_url`): requests go through a Redis stream to
-  `filo worker` processes (see service/queue/streams.py); categories and caches live in Redis.
+  `filo worker` processes (see service/queue/protocol.py); categories and caches live in Redis.
 
 Both answer `inspect` with an `InspectOutcome` or raise a `ServiceError` with its HTTP status.
 """

@@ -30,17 +30,9 @@ from service.core.keys import Keys
 from service.core.redis_client import redis_client
 from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
+from service.queue.producer import NO_WORKERS, NOT_SEEDED, QUEUE_FULL, UNKNOWN_CATEGORY, Producer
+from service.queue.protocol import Job, ensure_group, result_from_dict
 from service.queue.records_stream import RecordConsumer, append_records
-from service.queue.streams import (
-    NO_WORKERS,
-    NOT_SEEDED,
-    QUEUE_FULL,
-    UNKNOWN_CATEGORY,
-    Job,
-    Producer,
-    ensure_group,
-    result_from_dict,
-)
 from service.records.catalog_archive import CatalogArchive
 from service.records.recorder import Records, records_url
 from service.settings import FiloSettings

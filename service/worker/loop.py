@@ -1,14 +1,16 @@
 """`filo worker`: load the engine once, then turn stream entries into engine batches, forever.
 
-Beside the loop, a heartbeat every 2 s (`filo_workers` on the API side counts them, and the API
-refuses work when none is live) for as long as the worker is idle or its batch has run for less
-than the request deadline: a batch stuck longer serves nobody, so its worker stops counting.
+Beside the loop, a heartbeat every `heartbeat_interval_ms` (`filo_workers` on the API side counts them, and
+the API refuses work when none is live) for as long as the worker is idle or its batch has run for less
+than the request deadline: a batch stuck longer serves nobody, so its worker stops counting. A worker whose
+heartbeat is older than `heartbeat_ttl_ms` is dead to the others: they take its requests over at once.
 
-One loop iteration (see service/queue/streams.py for the protocol):
+One loop iteration (see service/queue/protocol.py for the protocol):
 1. category sync: if the categories version in Redis moved, apply the difference to the engine and
    persist the caches;
-2. reclaim entries that another (dead) worker left pending longer than `claim_idle_ms`; each runs
-   in a batch of its own, so an entry that kills workers only ever counts against itself;
+2. take over the entries of workers whose heartbeat lapsed (and remove those workers from the group), and,
+   as the backstop, any entry left pending longer than `claim_idle_ms`; each runs in a batch of its own,
+   so an entry that kills workers only ever counts against itself;
 3. read up to `max_batch_size` new entries (waiting at most `max_wait_ms` after the first);
 4. answer without running: malformed entries, entries delivered more than `max_deliveries` times
    (poison) and entries past their deadline; decode and prepare the rest in threads (while the
@@ -66,13 +68,13 @@ from service.engine.lifecycle import (
     persist_caches,
     start_engine,
 )
-from service.queue.streams import Consumer, Entry, Reply, ensure_group, error_dict, result_to_dict, server_time_ms
+from service.queue.consumer import Consumer
+from service.queue.protocol import Entry, Reply, ensure_group, error_dict, result_to_dict, server_time_ms
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
 
 IDLE_BLOCK_MS = 1000  # how long one XREADGROUP blocks when the stream is empty (bounds shutdown latency)
-HEARTBEAT_PERIOD_S = 2.0  # well inside the API's HEARTBEAT_WINDOW_MS (10 s)
 
 
 def should_beat(batch_started: float | None, now: float, deadline_s: float) -> bool:
@@ -111,6 +113,7 @@ class Worker:
         self._snapshot: CatalogSnapshot | None = None
         self._categories_version = -1
         self._last_claim = 0.0
+        self._last_take_over = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filo-engine")
         self._inflight: asyncio.Task | None = None  # the batch running on the engine thread
         self._batch_started: float | None = None  # monotonic start of the engine run in progress
@@ -176,7 +179,7 @@ class Worker:
             if should_beat(self._batch_started, time.monotonic(), self.settings.request_timeout_s):
                 with contextlib.suppress(RedisError):  # the loop reports and waits out Redis outages
                     await self.consumer.heartbeat()
-            await self._sleep(HEARTBEAT_PERIOD_S)
+            await self._sleep(self.settings.heartbeat_interval_ms / 1000)
 
     async def _loop(self) -> None:
         while not self.stopping.is_set():
@@ -195,16 +198,28 @@ class Worker:
     # --- one iteration ---------------------------------------------------------------------------------
     async def step(self) -> None:
         await self._sync_categories()
-        if time.monotonic() - self._last_claim >= min(1.0, self.settings.claim_idle_ms / 2000):
-            self._last_claim = time.monotonic()
-            for entry in await self.consumer.claim(self.settings.max_batch_size):
-                log.warning("reclaimed %s (request %s, delivery %d)", entry.entry_id, entry.request_id,
-                            entry.deliveries)
-                await self.process([entry])  # alone: a suspect must not take neighbours down with it
+        for entry in await self._rescue():
+            log.warning("reclaimed %s (request %s, delivery %d)", entry.entry_id, entry.request_id, entry.deliveries)
+            await self.process([entry])  # alone: a suspect must not take neighbours down with it
         batch = await self.consumer.read_batch(self.settings.max_batch_size, self.settings.max_wait_ms,
                                                IDLE_BLOCK_MS)
         if batch:
             await self.process(batch)
+
+    async def _rescue(self) -> list[Entry]:
+        """Entries other workers left pending: those of workers whose heartbeat lapsed at once (looked for a few
+        times per heartbeat interval), and, as the backstop, any entry idle longer than `claim_idle_ms`."""
+        now, rescued = time.monotonic(), []
+        if now - self._last_take_over >= self.settings.heartbeat_interval_ms / 4000:
+            self._last_take_over = now
+            taken = await self.consumer.take_over(self.settings.max_batch_size)
+            for name in taken.gone:
+                log.warning("worker %s: heartbeat lapsed; its requests taken over, removed from the group", name)
+            rescued += taken.entries
+        if now - self._last_claim >= min(1.0, self.settings.claim_idle_ms / 2000):
+            self._last_claim = now
+            rescued += await self.consumer.claim(self.settings.max_batch_size)
+        return rescued
 
     async def _sync_categories(self) -> None:
         version = await self.store.version()
