@@ -7,8 +7,8 @@ restart and new pod has them; each process builds its own patch memory from them
 
 Calibration inspects the labelled images through the ordinary inspection path (`backend.inspect`,
 so in queue mode the workers score them with the category's current references), then stores the
-F1-max cut; with no images it stores the references rule, which the engine evaluates from the
-references' leave-one-out scores.
+F1-max cut of `service.catalog.thresholds` (the labelled rule `filo calibrate` uses too); with no images
+it stores the references rule, which the engine evaluates from the references' leave-one-out scores.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from service.catalog.references import (
     ReferenceImage,
     ReferenceSet,
 )
-from service.catalog.thresholds import ThresholdRecord, f1_max_threshold
+from service.catalog.thresholds import LabelledScores, ThresholdRecord
 from service.core.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
 from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
 
@@ -210,20 +210,13 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     if not good or not bad:
         raise ServiceError(422, "validation_error", "labelled calibration needs at least one 'good' and one "
                            f"'defective' image (got {len(good)} and {len(bad)})")
-    scores, labels, versions = [], [], set()
-    for label, items in ((0, good), (1, bad)):
+    gathered = LabelledScores()
+    for defective, items in ((False, good), (True, bad)):
         for data, image in items:
             outcome = await _score(backend, settings, name, data, image)
-            scores.append(outcome.result.score)
-            labels.append(label)
-            versions.add(outcome.model.get("version"))
-    if len(versions) > 1:  # a rolling deploy answered with two models: the scores are not one scale
-        raise ServiceError(409, "model_changed", f"the images were scored by different models {sorted(versions)}; "
-                           "calibrate again once every worker runs the same one")
-    threshold, f1 = f1_max_threshold(scores, labels)
-    record = ThresholdRecord("labelled", threshold, refs.digest if len(refs) else "", len(good), len(bad),
-                             versions.pop())
+            gathered.add(outcome.result.score, defective, outcome.model.get("version"))
+    cal = gathered.threshold()  # the one labelled rule (service/catalog/thresholds.py); 409 on a model change
+    record = cal.record(refs.digest if len(refs) else "", gathered.model_version())
     await _put(backend, name, THRESHOLD_KIND, record.to_json())
-    return {"category": name, "threshold": threshold, "threshold_source": "labelled", "n_good": len(good),
-            "n_defective": len(bad), "f1": f1, "references": len(refs), "scores": {
-                "good": scores[:len(good)], "defective": scores[len(good):]}}
+    return {"category": name, "threshold": cal.threshold, "threshold_source": "labelled", "n_good": cal.n_good,
+            "n_defective": cal.n_defective, "f1": cal.f1, "references": len(refs), "scores": cal.scores()}
