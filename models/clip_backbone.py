@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from models.constants import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_WEIGHTS, DEFAULT_IMAGE_SIZE
 from models.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP_MODEL = "ViT-L-14-336"
-DEFAULT_CLIP_WEIGHTS = "openai"
-DEFAULT_IMAGE_SIZE = 518
 TINY_CLIP_MODEL = "FiLo-Tiny-CLIP"
 _TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "open_clip"
 _registered = False

@@ -17,15 +17,13 @@ import torch
 
 from models.checkpoint import apply_head_state, load_checkpoint
 from models.clip_backbone import (
-    DEFAULT_CLIP_MODEL,
-    DEFAULT_CLIP_WEIGHTS,
-    DEFAULT_IMAGE_SIZE,
     TINY_CLIP_MODEL,
     BackboneSpec,
     config_activation,
     create_clip,
     get_tokenizer,
 )
+from models.constants import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_WEIGHTS, DEFAULT_IMAGE_SIZE
 from models.errors import CheckpointError, WeightsNotFoundError
 from models.filo import FiLoModel
 from models.heads import FiLoHeads

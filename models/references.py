@@ -27,11 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from models import anomaly_maps as am
+from models.constants import DEFAULT_MATCH, DEFAULT_RADIUS, DEFAULT_WEIGHT, MATCH_MODES
 
-MATCH_MODES = ("position", "global")
-DEFAULT_MATCH = "position"
-DEFAULT_RADIUS = 0.12  # fraction of the patch grid's side: 4.4 cells of a 37 x 37 grid
-DEFAULT_WEIGHT = 0.75  # few-shot share of the fused map and score (measured, docs/few-shot.md)
 SCALE_QUANTILE = 0.99  # of the references' leave-one-out patch distances: squashes to 0.5
 FALLBACK_SCALE = 0.05  # one reference has no leave-one-out: a typical figure of the demo model
 _MAX_SIM_ELEMENTS = 1 << 26  # query rows x memory rows per similarity block (256 MB in fp32)

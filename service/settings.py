@@ -2,7 +2,9 @@
 
 Every process (CLI, API, worker) reads its configuration from `FiloSettings`: environment
 variables prefixed `FILO_` (lists and dicts as JSON), overridden by command-line flags. Keeping
-it in one place is what lets ops reason about a pod from its environment alone.
+it in one place is what lets ops reason about a pod from its environment alone. Every default is here;
+the values FiLo itself defines (its backbone, detector and few-shot matching) come from
+`models/constants.py` (no torch), so none is written twice.
 """
 
 from __future__ import annotations
@@ -12,6 +14,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.constants import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_WEIGHTS,
+    DEFAULT_GROUNDING_MODEL,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MATCH,
+    DEFAULT_RADIUS,
+    DEFAULT_WEIGHT,
+)
 
 Profile = Literal["production", "demo"]
 
@@ -29,11 +41,11 @@ class FiloSettings(BaseSettings):
         "trained", description="demo profile only: the bundled synthetic-data heads, or random ones (a baseline)"
     )
     clip_model: str = Field(
-        "ViT-L-14-336", description="open_clip model name; the default builds GELU, as the released FiLo code does "
+        DEFAULT_CLIP_MODEL, description="open_clip model name; the default builds GELU, as the released FiLo code does "
         "with the OpenAI weights (ViT-L-14-336-quickgelu is the other activation)",
     )
-    clip_weights: str = Field("openai", description="open_clip pretrained tag or local state-dict file")
-    image_size: int = Field(518, description="model input size (the position grid is resized to it)")
+    clip_weights: str = Field(DEFAULT_CLIP_WEIGHTS, description="open_clip pretrained tag or local state-dict file")
+    image_size: int = Field(DEFAULT_IMAGE_SIZE, description="model input size (the position grid is resized to it)")
     checkpoint: str | None = Field(None, description="FiLo checkpoint: official .pth or our .safetensors")
     tap_layout: Literal["released", "paper"] | None = Field(
         None, description="override the checkpoint's tap layout (default: what the checkpoint says)"
@@ -43,7 +55,7 @@ class FiloSettings(BaseSettings):
     )
     grounding: bool = Field(True, description="run Grounding DINO for position and box suppression")
     grounding_model: str = Field(
-        "IDEA-Research/grounding-dino-tiny", description="Hugging Face hub id or local directory"
+        DEFAULT_GROUNDING_MODEL, description="Hugging Face hub id or local directory"
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for the frozen backbones on GPU")
@@ -111,10 +123,12 @@ class FiloSettings(BaseSettings):
         4096.0, gt=0, description="all categories' patch memories on the device together (least recently used out)"
     )
     reference_match: Literal["position", "global"] = Field(
-        "position", description="patch matching: within reference_radius of the same position, or anywhere"
+        DEFAULT_MATCH, description="patch matching: within reference_radius of the same position, or anywhere"
     )
-    reference_radius: float = Field(0.12, gt=0, le=2, description="position match window, fraction of the grid side")
-    reference_weight: float = Field(0.75, ge=0, le=1, description="few-shot share of the fused map and score")
+    reference_radius: float = Field(
+        DEFAULT_RADIUS, gt=0, le=2, description="position match window, fraction of the grid side"
+    )
+    reference_weight: float = Field(DEFAULT_WEIGHT, ge=0, le=1, description="few-shot share of the fused map and score")
     top_k: int = Field(5, ge=1, le=100)
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     llm_model: str = "gpt-4o-mini"

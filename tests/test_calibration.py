@@ -9,11 +9,15 @@ import pytest
 
 from service.catalog.thresholds import (
     REFERENCE_MARGIN_MIN,
+    LabelledScores,
+    NotEnoughLabelled,
     ThresholdRecord,
     f1_max_threshold,
+    labelled_threshold,
     reference_threshold,
     resolve,
 )
+from service.core.errors import ServiceError
 
 
 def _brute_f1(scores, labels, t):
@@ -46,6 +50,38 @@ def test_f1_max_needs_a_defective_image():
         f1_max_threshold([0.1, 0.2], [0, 0])
     with pytest.raises(ValueError):
         f1_max_threshold([], [])
+
+
+def test_labelled_threshold_is_the_f1_max_cut_with_its_stats():
+    """The one labelled rule (the route, filo calibrate and reviewed results call it): scores and bool labels
+    in, the F1-max cut, its F1 and each class's scores (in the order given) out; the order does not matter."""
+    scores, labels = [0.7, 0.1, 0.3, 0.8, 0.2], [True, False, False, True, False]
+    cal = labelled_threshold(scores, labels)
+    assert (cal.threshold, cal.f1) == f1_max_threshold(scores, [1, 0, 0, 1, 0]) == (pytest.approx(0.5), 1.0)
+    assert (cal.n_good, cal.n_defective) == (3, 2)
+    assert cal.scores() == {"good": [0.1, 0.3, 0.2], "defective": [0.7, 0.8]}
+    grouped = labelled_threshold([0.1, 0.3, 0.2, 0.7, 0.8], [False] * 3 + [True] * 2)
+    assert (grouped.threshold, grouped.f1) == (cal.threshold, cal.f1)
+    assert cal.record("abc", "v1") == ThresholdRecord("labelled", cal.threshold, "abc", 3, 2, "v1")
+    with pytest.raises(NotEnoughLabelled) as exc:
+        labelled_threshold([0.1, 0.2], [False, False])
+    assert (exc.value.n_good, exc.value.n_defective) == (2, 0)
+    with pytest.raises(ValueError):
+        labelled_threshold([0.1], [False, True])
+
+
+def test_labelled_scores_gather_pairs_and_refuse_two_models():
+    gathered = LabelledScores()
+    for score, defective in ((0.2, False), (0.9, True), (0.1, False)):
+        gathered.add(score, defective, "v1")
+    assert gathered.threshold() == labelled_threshold([0.2, 0.9, 0.1], [False, True, False])
+    assert gathered.model_version() == "v1"
+    gathered.add(0.8, True, "v2")  # a rolling deploy answered with another model
+    with pytest.raises(ServiceError) as exc:
+        gathered.threshold()
+    assert (exc.value.status, exc.value.code) == (409, "model_changed")
+    with pytest.raises(NotEnoughLabelled):
+        LabelledScores().threshold()
 
 
 def test_reference_rule_is_max_plus_margin():

@@ -245,3 +245,33 @@ def test_the_layering_check_fails_on_a_violation_and_a_circle():
         "service.worker.loop:5 imports service.backends.embedded (sibling layer service.backends)",
     ]
     assert circles(graph) == [["service.catalog.references", "service.catalog.store"]]
+
+
+def test_the_settings_take_filos_defining_values_from_the_model_without_torch():
+    """Defaults are written once: the settings' model defaults are `models.constants` (which the model's own
+    modules use too), and importing the settings, as the torch-free API does, imports no torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from service.settings import FiloSettings\n"
+        "from models import constants as c\n"
+        "assert 'torch' not in sys.modules, 'the settings imported torch'\n"
+        "s = FiloSettings()\n"
+        "assert (s.clip_model, s.clip_weights, s.image_size, s.grounding_model) == (\n"
+        "    c.DEFAULT_CLIP_MODEL, c.DEFAULT_CLIP_WEIGHTS, c.DEFAULT_IMAGE_SIZE, c.DEFAULT_GROUNDING_MODEL)\n"
+        "assert (s.reference_match, s.reference_radius, s.reference_weight) == (\n"
+        "    c.DEFAULT_MATCH, c.DEFAULT_RADIUS, c.DEFAULT_WEIGHT)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FILO_")}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from models import clip_backbone, constants
+    from models import references as mr
+
+    assert clip_backbone.BackboneSpec() == clip_backbone.BackboneSpec(
+        constants.DEFAULT_CLIP_MODEL, constants.DEFAULT_CLIP_WEIGHTS, constants.DEFAULT_IMAGE_SIZE)
+    assert mr.ReferenceMemory([], 1, 1, 1.0).weight == constants.DEFAULT_WEIGHT

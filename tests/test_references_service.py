@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from models import anomaly_maps as am
-from service.catalog.references import MemoryCache, ReferenceImage, ReferenceSet, model_key
+from service.catalog.references import MemoryCache, ReferenceImage, ReferenceSet
 from service.catalog.thresholds import ThresholdRecord, reference_threshold
+from service.core.keys import cache_key, prompt_bank_key
 from service.core.types import InspectRequest, InspectResult
 from service.engine.pipeline import InspectionEngine
 from tests.conftest import synthetic_image
@@ -142,11 +143,48 @@ def test_memory_is_bounded_and_an_evicted_memory_is_rebuilt_identically(engine):
 def test_memory_cache_key_names_the_model_version_and_settings():
     info = {"version": "filo-demo-tiny-abc", "backbone": "b", "clip_weights": "w", "image_size": 518,
             "tap_layout": "released", "checkpoint_sha256": "1"}
-    base = model_key(info, {"match": "position"})
-    assert base == model_key(dict(info), {"match": "position"})
-    assert base != model_key({**info, "checkpoint_sha256": "2"}, {"match": "position"})
-    assert base != model_key({**info, "backbone": "other"}, {"match": "position"})
-    assert base != model_key(info, {"match": "global"})
+    base = cache_key(info, {"match": "position"})
+    assert base == cache_key(dict(info), {"match": "position"})
+    assert base != cache_key({**info, "checkpoint_sha256": "2"}, {"match": "position"})
+    assert base != cache_key({**info, "backbone": "other"}, {"match": "position"})
+    assert base != cache_key(info, {"match": "global"})
+
+
+def test_one_function_keys_both_caches_and_the_persisted_keys_keep_their_bytes(engine):
+    """The prompt cache (persisted, shared by pods of different versions) and the reference memories are keyed
+    by `cache_key`; the persisted forms are the bytes older pods write and read."""
+    from descriptions import Category
+
+    info = {"name": "filo-demo-tiny", "version": "filo-demo-tiny-abc", "backbone": "FiLo-Tiny-CLIP",
+            "clip_weights": "random", "image_size": 518}
+    assert cache_key(info) == "filo-demo-tiny-cf0ca82aa8853963"
+    assert cache_key({"version": "v1"}) == "model-f6586708ae189188"
+    gear = Category(name="gear", noun="gear", descriptions=("chipped tooth", "rust spot \u00b0"))
+    assert prompt_bank_key(info, gear) == "FiLo-Tiny-CLIP:random:98762897f01f7008"
+    a, b = ReferenceImage.from_bytes(b"one", 3, 4), ReferenceImage.from_bytes(b"two", 5, 6)
+    assert (a.id, b.id, ReferenceSet((a, b)).digest) == ("7692c3ad3540bb80", "3fc4ccfe745870e2", "3045b5b896c3f852")
+    refs = engine.references
+    settings = {"max_patches": refs.max_patches, "match": refs.match, "radius": refs.radius, "weight": refs.weight}
+    assert refs.cache.model_key == cache_key(engine.model_info(), settings)
+    assert refs.cache.model_key.startswith(f"{engine.model_info()['name']}-")  # one format for both
+
+
+def test_the_engine_configures_its_references_once(monkeypatch):
+    """from_settings hands its settings to the references at construction: one configure, with those settings."""
+    from service.engine.references import EngineReferences
+
+    calls = []
+    configure = EngineReferences.configure
+
+    def counted(self, settings):
+        calls.append(settings)
+        configure(self, settings)
+
+    monkeypatch.setattr(EngineReferences, "configure", counted)
+    settings = demo_settings(reference_weight=0.5, reference_memory_mb=64)
+    engine = InspectionEngine.from_settings(settings)
+    assert calls == [settings]
+    assert engine.references.weight == 0.5 and engine.references.cache.budget_bytes == 64 * 2**20
 
 
 def test_reference_set_ids_dedupe_remove_and_json_round_trip():

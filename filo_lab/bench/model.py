@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from descriptions import CategoryCatalog
-from models.clip_backbone import DEFAULT_CLIP_MODEL, TINY_CLIP_MODEL
+from models.clip_backbone import TINY_CLIP_MODEL
+from models.constants import DEFAULT_CLIP_MODEL
 from models.factory import ModelSpec, build_model
 from service.core.types import InspectRequest, InspectResult
 from service.engine.pipeline import InspectionEngine

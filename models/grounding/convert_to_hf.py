@@ -420,17 +420,35 @@ def convert_state_dict(
     caller must write the config with ``decoder_bbox_embed_share=False``.
     """
     conversion = Conversion(naming=naming, share_decoder_box_head=share_decoder_box_head)
-    if naming == "mmdet":
-        source = mmdet_to_original(state_dict, constants, conversion)
-        if share_decoder_box_head and decoder_heads_differ(source, constants):
-            conversion.share_decoder_box_head = False
-            conversion.notes.append(
-                "the checkpoint's per-layer decoder box heads differ (MMDetection trains them independently): "
-                "the model is written with decoder_bbox_embed_share=false"
-            )
-    else:
-        source = dict(state_dict)
+    source = _in_original_names(state_dict, naming, constants, conversion)
+    _drop_on_purpose(source, constants, conversion)
+    one_module = naming == "original" and share_decoder_box_head
+    _resolve_box_head(source, expected, constants, conversion, one_module=one_module)
+    _map_by_rules(source, expected, constants, conversion)
+    _fill_without_source(expected, conversion)
+    _check_against_target(expected, naming, constants, conversion)
+    return conversion
 
+
+def _in_original_names(
+    state_dict: Mapping[str, torch.Tensor], naming: str, constants: Mapping[str, int], conversion: Conversion
+) -> dict[str, torch.Tensor]:
+    """The checkpoint under the original implementation's names (a copy); for MMDetection, whose per-layer
+    decoder box heads are trained independently, head sharing is switched off where they differ."""
+    if naming != "mmdet":
+        return dict(state_dict)
+    source = mmdet_to_original(state_dict, constants, conversion)
+    if conversion.share_decoder_box_head and decoder_heads_differ(source, constants):
+        conversion.share_decoder_box_head = False
+        conversion.notes.append(
+            "the checkpoint's per-layer decoder box heads differ (MMDetection trains them independently): "
+            "the model is written with decoder_bbox_embed_share=false"
+        )
+    return source
+
+
+def _drop_on_purpose(source: dict[str, torch.Tensor], constants: Mapping[str, int], conversion: Conversion) -> None:
+    """Remove the keys ``rules.DROPPED`` names (each with the reason it is safe) from ``source``."""
     drops = [(Template(p, constants), reason) for p, reason in rules.DROPPED]
     for key in list(source):
         reason = next((r for t, r in drops if t.match(key) is not None), None)
@@ -438,8 +456,15 @@ def convert_state_dict(
             source.pop(key)
             conversion.dropped.append((key, reason))
 
-    _resolve_box_head(source, expected, constants, conversion, one_module=naming == "original" and share_decoder_box_head)
 
+def _map_by_rules(
+    source: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    constants: Mapping[str, int],
+    conversion: Conversion,
+) -> None:
+    """Every remaining key through its ``rules.ORIGINAL_TO_HF`` rule into ``conversion.tensors``; a key without
+    a rule or a target in the model is unused, one whose tensor the rule cannot split is mismatched."""
     compiled = compile_rules(rules.ORIGINAL_TO_HF, constants)
     for key, tensor in source.items():
         found = first_match(compiled, key)
@@ -459,12 +484,20 @@ def convert_state_dict(
         for target, piece in zip(target_keys, pieces, strict=True):
             conversion.tensors[target] = piece
 
+
+def _fill_without_source(expected: Mapping[str, torch.Size], conversion: Conversion) -> None:
+    """The target weights ``rules.FILLED_WITHOUT_SOURCE`` fills (ones or zeros) where nothing mapped onto them."""
     for pattern, fill, reason in rules.FILLED_WITHOUT_SOURCE:
         if pattern in expected and pattern not in conversion.tensors:
             maker = torch.ones if fill == "ones" else torch.zeros
             conversion.tensors[pattern] = maker(expected[pattern])
             conversion.filled.append((pattern, reason))
 
+
+def _check_against_target(
+    expected: Mapping[str, torch.Size], naming: str, constants: Mapping[str, int], conversion: Conversion
+) -> None:
+    """Every weight of the target model filled, and with its shape: the rest is missing or mismatched."""
     for target, shape in expected.items():
         if target not in conversion.tensors:
             conversion.missing.append((source_name_for(target, naming, constants), target))
@@ -473,7 +506,6 @@ def convert_state_dict(
                 f"{source_name_for(target, naming, constants)} -> {target}: checkpoint "
                 f"{tuple(conversion.tensors[target].shape)} vs model {tuple(shape)}"
             )
-    return conversion
 
 
 def source_name_for(target: str, naming: str, constants: Mapping[str, int]) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.constants import DEFAULT_GROUNDING_MODEL
 from models.errors import WeightsNotFoundError
 from models.grounding.hqloc import (
     RELEASED_FRAME,
@@ -29,7 +30,9 @@ from models.standin import STANDIN_BANNER, STANDIN_KEY
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ID = "IDEA-Research/grounding-dino-tiny"
+# Grounding DINO's image processor at FiLo's scale (`make_image_processor`; the engine's GPU path mirrors it)
+PROCESSOR_SHORTEST_EDGE = RELEASED_FRAME
+PROCESSOR_LONGEST_EDGE = 1333
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY_CONFIG = CONFIG_DIR / "grounding-dino-tiny.json"
 TINY_VOCAB = CONFIG_DIR / "bert-tiny-vocab.txt"
@@ -62,14 +65,14 @@ def _missing_weights_message(name_or_dir: str, cache_dir: str | None, reason: st
     return (
         f"Grounding DINO weights {name_or_dir!r} are not available: {reason}\n"
         f"{looked}\n"
-        f"Fetch them on a machine with internet access with `hf download {DEFAULT_MODEL_ID}` "
-        f"(older clients: `huggingface-cli download {DEFAULT_MODEL_ID}`) and copy the cache over, "
+        f"Fetch them on a machine with internet access with `hf download {DEFAULT_GROUNDING_MODEL}` "
+        f"(older clients: `huggingface-cli download {DEFAULT_GROUNDING_MODEL}`) and copy the cache over, "
         "or pass a local directory holding config.json, the weights and the tokenizer files. "
         "FiLo Inspect never runs with random grounding weights."
     )
 
 
-def make_image_processor(shortest_edge: int = RELEASED_FRAME, longest_edge: int = 1333):
+def make_image_processor(shortest_edge: int = PROCESSOR_SHORTEST_EDGE, longest_edge: int = PROCESSOR_LONGEST_EDGE):
     """Grounding DINO's image processor at FiLo's scale: shorter side 518 (longest <= 1333), ImageNet mean/std.
 
     Built here rather than read from the hub, whose preprocessor_config says shortest edge 800.
@@ -144,7 +147,7 @@ class GroundingDetector:
     @classmethod
     def from_pretrained(
         cls,
-        name_or_dir: str = DEFAULT_MODEL_ID,
+        name_or_dir: str = DEFAULT_GROUNDING_MODEL,
         device: str | torch.device = "cpu",
         local_files_only: bool | None = None,
         cache_dir: str | None = None,

@@ -8,6 +8,7 @@ from typing import Any
 from service.backends.base import Backend
 from service.catalog.references import REFERENCES_KIND, THRESHOLD_KIND, ReferenceSet
 from service.catalog.thresholds import ThresholdRecord
+from service.records.model import ThresholdChange
 
 
 async def load_refs(backend: Backend, name: str) -> ReferenceSet:
@@ -31,6 +32,37 @@ async def category_threshold(backend: Backend, settings: Any, name: str) -> dict
     if record is not None and record.threshold is not None and record.references_digest == digest:
         return {"threshold": record.threshold, "threshold_source": record.source, "references": len(refs)}
     return {"threshold": default, "threshold_source": "default", "references": len(refs)}
+
+
+async def current_threshold(backend: Backend, settings: Any, name: str) -> tuple[float, str]:
+    """(value, source) the category's GET shows now."""
+    now = await category_threshold(backend, settings, name)
+    return float(now["threshold"]), str(now["threshold_source"])
+
+
+async def note_threshold_change(backend: Backend, settings: Any, name: str, before: tuple[float, str], actor: str,
+                                change: str, detail: dict[str, Any]) -> None:
+    """Keep a change of the category's threshold in its history (who, when, from what, the value before);
+    nothing when the value and its source stayed as they were."""
+    after = await current_threshold(backend, settings, name)
+    if after == before or backend.records is None:
+        return
+    if after[1] == "default" and before[1] != "default":
+        change = "removed"  # e.g. a labelled threshold that no longer holds once its references changed
+    await backend.records.add_threshold_change(ThresholdChange(name, change, after[0], before[0], actor,
+                                                               {"source": after[1], **detail}))
+
+
+async def store_threshold(backend: Backend, settings: Any, name: str, record: ThresholdRecord, actor: str,
+                          change: str, detail: dict[str, Any], keep_margin: bool = True) -> None:
+    """Store a category's threshold record and keep the change in its history. Every threshold write goes
+    through here: by hand, calibrated, learned. The review band outlives a recalibration (`keep_margin`)."""
+    before = await current_threshold(backend, settings, name)
+    old = await load_threshold(backend, name)
+    if keep_margin and old is not None and old.review_margin and not record.review_margin:
+        record = ThresholdRecord(**{**record.__dict__, "review_margin": old.review_margin})
+    await backend.put_extra(name, THRESHOLD_KIND, record.to_json())
+    await note_threshold_change(backend, settings, name, before, actor, change, detail)
 
 
 class ReviewMargins:

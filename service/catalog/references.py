@@ -7,23 +7,22 @@ Two layers, kept apart on purpose:
   catalog (Redis in queue mode, `state_dir` in embedded mode; see service/catalog/store.py), so
   every worker, restart and new pod has it. It is serialised as one JSON document per category.
 - `MemoryCache`: the device-side patch memories (models/references.py) each process builds from
-  those images with its own model. Keyed by the model version (backbone, weights, checkpoint, image
-  size, tap layout and the memory settings) and the reference set's digest, so a memory built by
-  another model or from other images is never used; bounded in total bytes, least recently used
-  first out (an evicted memory is rebuilt from the images on its next use).
+  those images with its own model. Keyed by `service.core.keys.cache_key` of the model's description
+  and the memory settings, and per category by the reference set's digest, so a memory built by
+  another model, with other settings or from other images is never used; bounded in total bytes,
+  least recently used first out (an evicted memory is rebuilt from the images on its next use).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.core.keys import content_digest
+from service.core.keys import short_digest
 
 REFERENCES_FORMAT = "filo-references/v1"
 
@@ -48,7 +47,7 @@ class ReferenceImage:
 
 def image_id(data: bytes) -> str:
     """A content id: the same file registered twice is one reference."""
-    return hashlib.sha256(data).hexdigest()[:16]
+    return short_digest(data)
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class ReferenceSet:
     @property
     def digest(self) -> str:
         """Names this exact set: a memory built from another set is another cache entry."""
-        return hashlib.sha256(",".join(im.id for im in self.images).encode()).hexdigest()[:16]
+        return short_digest(",".join(im.id for im in self.images).encode())
 
     def ids(self) -> list[str]:
         return [im.id for im in self.images]
@@ -109,7 +108,7 @@ class MemoryCache:
     category unusable, and the per-category coreset budget already bounds it.
     """
 
-    model_key: str
+    model_key: str  # service.core.keys.cache_key(model_info, memory settings)
     budget_bytes: int
     _entries: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     evictions: int = 0
@@ -141,14 +140,6 @@ class MemoryCache:
 
     def categories(self) -> list[str]:
         return list(self._entries)
-
-
-def model_key(info: dict[str, Any], memory_settings: dict[str, Any]) -> str:
-    """What a memory depends on besides its images: the model (version hashes the checkpoint) and settings."""
-    parts = {k: info.get(k) for k in ("version", "backbone", "clip_weights", "image_size", "tap_layout",
-                                      "checkpoint_sha256")}
-    parts.update(memory_settings)
-    return content_digest(parts)
 
 
 def reference_paths(paths: Iterable[str]) -> list[str]:

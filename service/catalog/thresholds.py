@@ -17,6 +17,10 @@ the embedded server decide `is_anomalous` the same way. Sources, in the response
   (`POST /v1/categories/{name}/learn`); it holds under the same conditions as `labelled`.
 - `manual`: set by an admin by hand; holds until changed, whatever the references or the model.
 - `default`: `FILO_THRESHOLDS[category]` or `FILO_DEFAULT_THRESHOLD` (0.5).
+
+Labelled calibration has one home here, whoever scores the images: `LabelledScores` gathers (score, label)
+pairs (`POST /v1/categories/{name}/calibrate` scores through the backend, `filo calibrate` through the
+engine) and `labelled_threshold(scores, labels)`, the pure rule, turns them into the F1-max cut and its stats.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+
+from service.core.errors import ServiceError
 
 THRESHOLD_SOURCES = ("default", "references", "labelled", "learned", "manual")
 STORED_SOURCES = ("labelled", "references", "learned", "manual")  # what a ThresholdRecord may say
@@ -84,6 +91,85 @@ def f1_max_threshold(scores: Sequence[float], labels: Sequence[int]) -> tuple[fl
     k = int(np.argmax(f1))
     below = s[k + 1] if k + 1 < len(s) else s[k] - max(REFERENCE_MARGIN_MIN, 1e-6)
     return float((s[k] + below) / 2), float(f1[k])
+
+
+class NotEnoughLabelled(ValueError):
+    """A labelled threshold needs at least one good and one defective score."""
+
+    def __init__(self, n_good: int, n_defective: int) -> None:
+        super().__init__(f"a labelled threshold needs good and defective scores ({n_good} and {n_defective})")
+        self.n_good = n_good
+        self.n_defective = n_defective
+
+
+@dataclass(frozen=True)
+class LabelledThreshold:
+    """The F1-max cut over labelled scores, with what it was measured on (each class's scores, in order)."""
+
+    threshold: float
+    f1: float
+    good: tuple[float, ...]
+    defective: tuple[float, ...]
+
+    @property
+    def n_good(self) -> int:
+        return len(self.good)
+
+    @property
+    def n_defective(self) -> int:
+        return len(self.defective)
+
+    def scores(self) -> dict[str, list[float]]:
+        return {"good": list(self.good), "defective": list(self.defective)}
+
+    def record(self, references_digest: str, model_version: str | None) -> ThresholdRecord:
+        """What the catalog stores: valid for these references and this model only."""
+        return ThresholdRecord("labelled", self.threshold, references_digest, self.n_good, self.n_defective,
+                               model_version)
+
+
+def labelled_threshold(scores: list[float], labels: list[bool]) -> LabelledThreshold:
+    """The F1-max threshold of labelled scores (`labels[i]`: image i is defective) and its stats.
+
+    Pure: the service's calibration, `filo calibrate` and a recalibration from human-reviewed results all
+    come here. Raises NotEnoughLabelled without both a good and a defective score.
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    good = tuple(float(s) for s, defective in zip(scores, labels, strict=True) if not defective)
+    bad = tuple(float(s) for s, defective in zip(scores, labels, strict=True) if defective)
+    if not good or not bad:
+        raise NotEnoughLabelled(len(good), len(bad))
+    threshold, f1 = f1_max_threshold(scores, [int(bool(y)) for y in labels])
+    return LabelledThreshold(threshold, f1, good, bad)
+
+
+@dataclass
+class LabelledScores:
+    """Labelled scores as they are gathered, from whatever scored the images, with the models that did."""
+
+    scores: list[float] = field(default_factory=list)
+    labels: list[bool] = field(default_factory=list)
+    model_versions: set[Any] = field(default_factory=set)
+
+    def add(self, score: float, defective: bool, model_version: Any = None) -> None:
+        self.scores.append(float(score))
+        self.labels.append(bool(defective))
+        self.model_versions.add(model_version)
+
+    def model_version(self) -> Any:
+        """The one model that scored every image; 409 `model_changed` where a rolling deploy answered with two
+        (their scores are not one scale)."""
+        if len(self.model_versions) > 1:
+            versions = sorted(self.model_versions, key=str)
+            raise ServiceError(409, "model_changed", f"the images were scored by different models {versions}; "
+                               "calibrate again once every worker runs the same one")
+        return next(iter(self.model_versions), None)
+
+    def threshold(self) -> LabelledThreshold:
+        """`labelled_threshold` of what was gathered; raises NotEnoughLabelled, or ServiceError (model_changed)."""
+        self.model_version()
+        return labelled_threshold(self.scores, self.labels)
 
 
 def reference_threshold(loo_scores: Sequence[float]) -> float | None:

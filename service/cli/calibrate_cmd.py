@@ -2,7 +2,8 @@
 
 Every image of the chosen split goes through the inspection engine (as `filo eval` does); per
 category the cut `score >= threshold` with the highest F1 between its good and defective images is
-chosen (what APRIL-GAN's authors recommend for a deployed detector). With `--shots K` the scores are
+chosen (what APRIL-GAN's authors recommend for a deployed detector), by the labelled rule the service's
+`POST /v1/categories/{name}/calibrate` uses too (`service.catalog.thresholds`). With `--shots K` the scores are
 those of K-shot inspection (K normal references drawn from the category's good training images), so
 the thresholds fit a service whose categories hold references. OUT (JSON) holds the thresholds in
 `thresholds`, ready for FILO_THRESHOLDS, and per category the scores they were chosen from.
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -25,6 +27,9 @@ from service.cli.common import (
     split_names,
     with_dataset_descriptions,
 )
+
+if TYPE_CHECKING:
+    from service.catalog.thresholds import LabelledScores
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from filo_lab.data import DatasetError, group_by_category, read_dataset
     from filo_lab.evaluation.runner import catalog_name, draw_shots, using_references
     from models.errors import CheckpointError, WeightsNotFoundError
-    from service.catalog.thresholds import f1_max_threshold
+    from service.catalog.thresholds import NotEnoughLabelled
     from service.engine.pipeline import InspectionEngine
 
     grounding = args.grounding == "on"
@@ -72,27 +77,28 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=sum(len(g) for g in groups.values()), desc="calibrate", unit="img", file=sys.stderr) as bar:
         for cat, group in groups.items():
             with using_references(engine, names[cat], shots.get(cat)):
-                scores, failed = _scores(engine, names[cat], group, args.batch_size, grounding, bar)
+                gathered, failed = _scores(engine, names[cat], group, args.batch_size, grounding, bar)
             failures += failed
-            if not scores[0] or not scores[1]:
+            try:
+                cal = gathered.threshold()  # the service's labelled rule (service/catalog/thresholds.py)
+            except NotEnoughLabelled as exc:
                 print(f"filo calibrate: {cat}: needs good and defective images "
-                      f"({len(scores[0])} and {len(scores[1])})", file=sys.stderr)
+                      f"({exc.n_good} and {exc.n_defective})", file=sys.stderr)
                 failures += 1
                 continue
-            t, f1 = f1_max_threshold(scores[0] + scores[1], [0] * len(scores[0]) + [1] * len(scores[1]))
-            report[names[cat]] = {"threshold": t, "f1": f1, "n_good": len(scores[0]),
-                                  "n_defective": len(scores[1]), "shots": args.shots,
-                                  "scores": {"good": scores[0], "defective": scores[1]}}
+            report[names[cat]] = {"threshold": cal.threshold, "f1": cal.f1, "n_good": cal.n_good,
+                                  "n_defective": cal.n_defective, "shots": args.shots, "scores": cal.scores()}
     _write_report(report, engine.model_info(), args.shots, args.out)
     return 1 if failures else 0
 
 
-def _scores(engine, name: str, group: list, batch_size: int, grounding: bool, bar) -> tuple[dict[int, list[float]], int]:
-    """{label: scores} of one category's images (the lab's one batched loop), and how many failed."""
+def _scores(engine, name: str, group: list, batch_size: int, grounding: bool, bar) -> tuple[LabelledScores, int]:
+    """The labelled scores of one category's images (the lab's one batched loop), and how many failed."""
     from filo_lab.evaluation.runner import inspect_samples
+    from service.catalog.thresholds import LabelledScores
     from service.core.types import InspectError
 
-    scores: dict[int, list[float]] = {0: [], 1: []}
+    gathered = LabelledScores()
     failed = 0
     for _, sample, _, _, res in inspect_samples(engine, name, group, batch_size, grounding):
         bar.update(1)
@@ -100,8 +106,8 @@ def _scores(engine, name: str, group: list, batch_size: int, grounding: bool, ba
             failed += 1
             print(f"filo calibrate: {sample.image_path}: {res.message}", file=sys.stderr)
             continue
-        scores[sample.label].append(float(res.score))
-    return scores, failed
+        gathered.add(float(res.score), sample.label == 1)
+    return gathered, failed
 
 
 def _write_report(report: dict[str, dict], model: dict, shots: int, out: Path | None) -> None:

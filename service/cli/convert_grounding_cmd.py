@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT_BASE = "IDEA-Research/grounding-dino-tiny"
+from models.constants import DEFAULT_GROUNDING_MODEL
+
 SHOW = 20  # keys named in a refusal
 
 
@@ -30,8 +31,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="the .pth file (e.g. grounding_train_on_mvtec.pth)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write (must not exist)")
-    p.add_argument("--base", default=DEFAULT_BASE,
-                   help=f"hub id or local directory giving config, tokenizer, image processor ({DEFAULT_BASE})")
+    p.add_argument("--base", default=DEFAULT_GROUNDING_MODEL,
+                   help="hub id or local directory giving config, tokenizer, image processor "
+                   f"({DEFAULT_GROUNDING_MODEL})")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.set_defaults(func=run)
 
@@ -81,34 +83,59 @@ def _load_base(base: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from models.grounding import convert_to_hf as gc
-
     out: Path = args.out
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         return _refuse(f"{out} exists and is not empty (pass --overwrite to replace it)")
-
-    _say(f"reading {args.checkpoint} (torch.load, weights_only=True)")
     try:
-        loaded, stubbed = gc.load_checkpoint(args.checkpoint)
+        state_dict, naming = _read_checkpoint(args.checkpoint)
+        config, processor = _read_base(args.base)
+        model, conversion = _convert(state_dict, naming, config)
+    except _Refused as exc:
+        return _refuse(str(exc))
+    compared = _write_verified(model, processor, conversion, out)
+    print(f"wrote {out}: {compared} tensors, reloaded and identical; use it with --grounding-model {out}")
+    return 0
+
+
+class _Refused(Exception):
+    """A step refused; its message says why (nothing was written)."""
+
+
+def _read_checkpoint(path: str):
+    """(state dict, naming) of the checkpoint file; its layout is printed. Refuses an unreadable file."""
+    from models.grounding import convert_to_hf as gc
+
+    _say(f"reading {path} (torch.load, weights_only=True)")
+    try:
+        loaded, stubbed = gc.load_checkpoint(path)
         container, state_dict = gc.unwrap(loaded)
         naming = gc.detect_naming(state_dict)
     except gc.CheckpointError as exc:
-        return _refuse(str(exc))
+        raise _Refused(str(exc)) from exc
     print(gc.describe_layout(container, naming))
     if stubbed:
         print(f"ignored non-tensor objects stored beside the weights: {', '.join(stubbed[:6])}")
+    return state_dict, naming
 
-    _say(f"reading --base {args.base} (config, tokenizer, image processor)")
+
+def _read_base(base: str):
+    """(config, processor) of --base, or a refusal saying how to make it available."""
+    _say(f"reading --base {base} (config, tokenizer, image processor)")
     try:
-        config, processor = _load_base(args.base)
+        return _load_base(base)
     except (OSError, ValueError) as exc:
-        return _refuse(
-            f"--base {args.base} is not available: {type(exc).__name__}: {exc}\n"
+        raise _Refused(
+            f"--base {base} is not available: {type(exc).__name__}: {exc}\n"
             "Pass a local directory holding config.json, the tokenizer and the image-processor config "
-            "(e.g. IDEA-Research/grounding-dino-tiny fetched with `hf download` on a machine with internet)."
-        )
+            f"(e.g. {DEFAULT_GROUNDING_MODEL} fetched with `hf download` on a machine with internet)."
+        ) from exc
+
+
+def _convert(state_dict, naming: str, config):
+    """(model holding the converted weights, conversion); the conversion is reported, and refused unless complete."""
+    import torch
+
+    from models.grounding import convert_to_hf as gc
 
     _say("building the target model")
     with torch.random.fork_rng(devices=[]):
@@ -119,13 +146,19 @@ def run(args: argparse.Namespace) -> int:
     )
     _report(conversion)
     if not conversion.ok:
-        return _refuse(_refusal_text(conversion))
-
+        raise _Refused(_refusal_text(conversion))
     if not conversion.share_decoder_box_head and config.decoder_bbox_embed_share:
         config.decoder_bbox_embed_share = False
         with torch.random.fork_rng(devices=[]):
             model = gc.build_model(config)
     gc.load_converted(model, conversion.tensors)
+    return model, conversion
+
+
+def _write_verified(model, processor, conversion, out: Path) -> int:
+    """Write the model and processor beside `out`, reload and compare them, then move them to `out` (replacing
+    it); returns how many tensors compared equal. Nothing is left behind when a step fails."""
+    from models.grounding import convert_to_hf as gc
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -144,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"wrote {out}: {compared} tensors, reloaded and identical; use it with --grounding-model {out}")
-    return 0
+    return compared
 
 
 def _report(conversion) -> None:

@@ -55,6 +55,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.io import encode_jpeg as _tv_encode_jpeg
 
 from models.frame import FrameGeometry, center_crop_offsets, resized_size
+from models.grounding.detector import PROCESSOR_LONGEST_EDGE, PROCESSOR_SHORTEST_EDGE
 from service.core.imaging import ImageDecodeError, probe_image
 
 Device = str | torch.device
@@ -136,7 +137,8 @@ def clip_input(image: torch.Tensor, size: int) -> torch.Tensor:
     return pixels.div(255.0).sub_(mean).div_(std)
 
 
-def grounding_size(height: int, width: int, shortest_edge: int = 518, longest_edge: int = 1333) -> tuple[int, int]:
+def grounding_size(height: int, width: int, shortest_edge: int = PROCESSOR_SHORTEST_EDGE,
+                   longest_edge: int = PROCESSOR_LONGEST_EDGE) -> tuple[int, int]:
     """(h, w) Grounding DINO's image processor resizes an image to.
 
     transformers' `get_size_with_aspect_ratio` step for step (including its truncations, and leaving
@@ -155,7 +157,8 @@ def grounding_size(height: int, width: int, shortest_edge: int = 518, longest_ed
     return size, (int(raw_size * width / height) if raw_size is not None else int(size * width / height))
 
 
-def grounding_input(image: torch.Tensor, shortest_edge: int = 518, longest_edge: int = 1333) -> torch.Tensor:
+def grounding_input(image: torch.Tensor, shortest_edge: int = PROCESSOR_SHORTEST_EDGE,
+                    longest_edge: int = PROCESSOR_LONGEST_EDGE) -> torch.Tensor:
     """(1, 3, h, w) float32 Grounding DINO input of an HxWx3 uint8 image, as its image processor makes it:
     bilinear antialiased resize to `grounding_size`, 8-bit rounding, ImageNet mean/std on 0..255."""
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

@@ -1,5 +1,6 @@
 """An engine's start-up and its caches: restore what persisted, apply the catalog, warm up, persist again; and
-the factory that builds an engine from the settings (torch is imported only when it is called).
+the factory that builds an engine from the settings (torch is imported only when it is called). The persisted
+prompt cache is named by `service.core.keys.cache_key`, the one function that keys the caches.
 
 The functions take the engine as it is (its catalog, caches and warm-up), so that this module needs no torch
 and the catalog stores below it know nothing of engines.
@@ -15,7 +16,7 @@ from typing import Any
 
 from descriptions import Category
 from service.catalog.store import CacheStore, CategoryStore, pack_cache_state, unpack_cache_state
-from service.core.keys import content_digest
+from service.core.keys import cache_key
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,6 @@ def default_engine_factory(settings: FiloSettings) -> Any:
         raise RuntimeError(f"running the model needs the 'model' extra (pip install 'filo-inspect[model]'): {exc}") from exc
 
     return InspectionEngine.from_settings(settings)
-
-
-def model_cache_key(model_info: dict) -> str:
-    """Caches are only valid for the model that built them: key them by its whole description."""
-    return f"{model_info.get('name', 'model')}-{content_digest(model_info)}"
 
 
 def apply_categories(engine: Any, wanted: dict[str, Category], prepare: bool = True) -> list[str]:
@@ -77,7 +73,7 @@ async def start_engine(engine: Any, store: CategoryStore, caches: CacheStore, ru
     version = await store.version()
     wanted = await store.all()
     await run(apply_categories, engine, wanted, False)
-    key = model_cache_key(engine.model_info())
+    key = cache_key(engine.model_info())
     loaded = 0
     blob = await caches.load(key)
     if blob:
@@ -96,7 +92,7 @@ async def start_engine(engine: Any, store: CategoryStore, caches: CacheStore, ru
 
 async def persist_caches(engine: Any, caches: CacheStore, run: Run) -> None:
     """Save the engine's caches again (after a category was registered)."""
-    key = model_cache_key(engine.model_info())
+    key = cache_key(engine.model_info())
     await _save_quietly(caches, key, pack_cache_state(await run(engine.cache_state)))
 
 

@@ -22,13 +22,14 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from descriptions import Category, CategoryCatalog, UnknownCategoryError, category_fingerprint
+from descriptions import Category, CategoryCatalog, UnknownCategoryError
 from models import anomaly_maps as am
 from models.clip_backbone import make_preprocess
 from models.factory import ModelSpec, build_model, demo_spec
 from models.filo import FiLoModel
 from models.frame import FrameGeometry
 from models.prompts import POSITIONS, PromptBank
+from service.core.keys import prompt_bank_key
 from service.core.types import AnomalyType, Box, InspectError, InspectRequest, InspectResult
 from service.engine import gpu_imaging
 from service.engine.references import EngineReferences
@@ -47,7 +48,7 @@ class _Localisation:
 class InspectionEngine:
     def __init__(self, model: FiLoModel, model_info: dict[str, Any], catalog: CategoryCatalog,
                  device: str, detector: Any | None = None, grounding_default: bool = True,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", settings: FiloSettings | None = None):
         self.model = model
         self.info = model_info
         self.catalog = catalog
@@ -65,8 +66,10 @@ class InspectionEngine:
         # (PIL and torch release the GIL while they resize and normalise).
         self._prepare_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                 thread_name_prefix="filo-prepare")
-        # few-shot normal references (service/engine/references.py): they see the model through one function
-        self.references = EngineReferences(self.info, self.catalog, self._encode_references, self.image_size)
+        # few-shot normal references (service/engine/references.py): they see the model through one function;
+        # configured once, from `settings` (the process's own; FiloSettings() where none is given)
+        self.references = EngineReferences(self.info, self.catalog, self._encode_references, self.image_size,
+                                           settings)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -94,12 +97,11 @@ class InspectionEngine:
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
             if detector.standin and not info.get("standin"):
                 info.update(standin=True, version="standin-" + info["version"])
-        engine = cls(model, info, catalog, device, detector, settings.grounding, settings.precision)
+        engine = cls(model, info, catalog, device, detector, settings.grounding, settings.precision, settings)
         engine.warmup_batch_size = warmup_batch_size(settings, device)
         engine.pin_memory = settings.pin_memory
         if settings.compile:
             engine.compile()
-        engine.references.configure(settings)
         return engine
 
     def compile(self) -> None:
@@ -121,11 +123,8 @@ class InspectionEngine:
         category = self.catalog.get(name)
         return self.model.prompt_bank(category.noun, category.descriptions)
 
-    def _cache_key(self, category: Category) -> str:
-        return f"{self.info['backbone']}:{self.info['clip_weights']}:{category_fingerprint(category)}"
-
     def cache_state(self) -> dict[str, bytes]:
-        """Every prepared category's prompt bank, serialised (safetensors) under a content key."""
+        """Every prepared category's prompt bank, serialised (safetensors) under its `prompt_bank_key`."""
         state = {}
         banks = self.model.cached_banks()
         for name in self.catalog.names():
@@ -133,7 +132,7 @@ class InspectionEngine:
             bank = banks.get((category.noun, tuple(category.descriptions)))
             if bank is not None:
                 tensors = {k: v.detach().cpu().contiguous() for k, v in bank.as_tensors().items()}
-                state[self._cache_key(category)] = st_save(tensors)
+                state[prompt_bank_key(self.info, category)] = st_save(tensors)
         return state
 
     def load_cache_state(self, state: dict[str, bytes]) -> int:
@@ -141,7 +140,7 @@ class InspectionEngine:
         loaded: set[str] = set()
         for name in self.catalog.names():
             category = self.catalog.get(name)
-            key = self._cache_key(category)
+            key = prompt_bank_key(self.info, category)
             if key in state and key not in loaded:
                 bank = PromptBank.from_tensors(st_load(state[key]))
                 self.model.put_prompt_bank(category.noun, category.descriptions, bank)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from models import references as mr
-from service.catalog.references import MemoryCache, ReferenceSet, model_key
+from service.catalog.references import MemoryCache, ReferenceSet
 from service.catalog.thresholds import ThresholdRecord, resolve
 from service.core.imaging import decode_image
+from service.core.keys import cache_key
 from service.settings import FiloSettings
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ class EngineReferences:
     so the engine owns it without it owning the engine.
     """
 
-    def __init__(self, info: dict[str, Any], catalog: CategoryCatalog, encode: Encode, image_size: int):
+    def __init__(self, info: dict[str, Any], catalog: CategoryCatalog, encode: Encode, image_size: int,
+                 settings: FiloSettings | None = None):
         self.info = info
         self.catalog = catalog
         self.encode = encode
@@ -50,9 +52,10 @@ class EngineReferences:
         self.sets: dict[str, ReferenceSet] = {}
         self.thresholds: dict[str, ThresholdRecord] = {}  # per category, from the catalog
         self._lock = threading.RLock()
-        self.configure(FiloSettings())  # the defaults live in the settings alone; the engine passes its own
+        self.configure(settings if settings is not None else FiloSettings())  # defaults: the settings' alone
 
     def configure(self, settings: FiloSettings) -> None:
+        """Take the few-shot settings; a new memory cache (keyed by them) starts empty. Called once, at start."""
         self.max_patches = settings.reference_max_patches
         self.match = settings.reference_match
         self.radius = settings.reference_radius
@@ -61,11 +64,9 @@ class EngineReferences:
         self.batch_size = settings.max_batch_size
         self.default_thresholds = dict(settings.thresholds)
         self.default_threshold = settings.default_threshold
-        self.cache = MemoryCache(self._model_key(), int(settings.reference_memory_mb * 2**20))
-
-    def _model_key(self) -> str:
-        return model_key(self.info, {"max_patches": self.max_patches, "match": self.match,
-                                            "radius": self.radius, "weight": self.weight})
+        memory_settings = {"max_patches": self.max_patches, "match": self.match, "radius": self.radius,
+                           "weight": self.weight}
+        self.cache = MemoryCache(cache_key(self.info, memory_settings), int(settings.reference_memory_mb * 2**20))
 
     # --- the reference sets ------------------------------------------------------------------------
     def set(self, category: str, refs: ReferenceSet) -> mr.ReferenceMemory | None:

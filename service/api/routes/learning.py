@@ -12,6 +12,7 @@ they are not added silently.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Annotated, Any
 
 import anyio
@@ -19,17 +20,23 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import Admin, Reader
-from service.api.category_extras import category_threshold, load_refs, load_threshold
+from service.api.category_extras import (
+    current_threshold,
+    load_refs,
+    load_threshold,
+    note_threshold_change,
+    store_threshold,
+)
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
 from service.api.routes.references import _refresh_reference_threshold, _require_category, _score, _store_refs
 from service.api.schemas import ERROR_RESPONSES
 from service.backends.base import Backend
-from service.catalog.references import THRESHOLD_KIND, ReferenceImage, ReferenceSet
-from service.catalog.thresholds import ThresholdRecord, f1_max_threshold
+from service.catalog.references import ReferenceImage, ReferenceSet
+from service.catalog.thresholds import LabelledScores, NotEnoughLabelled, ThresholdRecord
 from service.core.errors import ServiceError
 from service.core.imaging import ImageDecodeError, decode_image
-from service.records.model import InspectionRecord, ThresholdChange
+from service.records.model import InspectionRecord
 from service.records.recorder import Records
 from service.settings import FiloSettings
 
@@ -51,22 +58,6 @@ def _records(backend: Backend) -> Records:
     return backend.records
 
 
-async def _current(backend: Backend, settings: FiloSettings, name: str) -> tuple[float, str]:
-    now = await category_threshold(backend, settings, name)
-    return float(now["threshold"]), str(now["threshold_source"])
-
-
-async def store_threshold(backend: Backend, settings: FiloSettings, name: str, record: ThresholdRecord,
-                          actor: str, change: str, detail: dict[str, Any]) -> None:
-    """Store a category's threshold record and keep the change in its history (who, when, from what,
-    the value before). Every threshold write of the review loop goes through here."""
-    before, _ = await _current(backend, settings, name)
-    await backend.put_extra(name, THRESHOLD_KIND, record.to_json())
-    after, _ = await _current(backend, settings, name)
-    if backend.records is not None:
-        await backend.records.add_threshold_change(ThresholdChange(name, change, after, before, actor, detail))
-
-
 @router.put("/{name}/threshold", responses=ERROR_RESPONSES, summary="Set the threshold and review band by hand")
 async def put_threshold(name: NameParam, body: ThresholdIn, request: Request, backend: BackendDep,
                         settings: SettingsDep, who: Admin) -> dict[str, Any]:
@@ -82,7 +73,8 @@ async def put_threshold(name: NameParam, body: ThresholdIn, request: Request, ba
         refs = await load_refs(backend, name)
         record, change = ThresholdRecord("references", None, refs.digest, review_margin=margin), "removed"
     await store_threshold(backend, settings, name, record, who.name, change,
-                          {"review_margin": margin, "requested": body.model_dump(exclude_unset=True)})
+                          {"review_margin": margin, "requested": body.model_dump(exclude_unset=True)},
+                          keep_margin=False)
     if record.source == "references":
         await _refresh_reference_threshold(backend, settings, name, await load_refs(backend, name))
     _forget_margin(request, name)
@@ -96,7 +88,7 @@ def _forget_margin(request: Request, name: str) -> None:
 @router.get("/{name}/thresholds", responses=ERROR_RESPONSES, summary="The threshold now and every change to it")
 async def thresholds(name: NameParam, backend: BackendDep, settings: SettingsDep, _: Reader) -> dict[str, Any]:
     await _require_category(backend, name)
-    value, source = await _current(backend, settings, name)
+    value, source = await current_threshold(backend, settings, name)
     record = await load_threshold(backend, name)
     history = await backend.records.threshold_history(name) if backend.records is not None else []
     return {"category": name,
@@ -148,22 +140,45 @@ async def _new_references(records: Records, reviewed: list[InspectionRecord], re
 
 
 async def _rescored(backend: Backend, settings: FiloSettings, name: str, reviewed: list[InspectionRecord],
-                    dry_run: bool) -> tuple[list[float], list[int], set[str], str]:
-    """(scores, labels, model versions, how): kept images scored now, or in a dry run the recorded scores."""
-    records = _records(backend)
+                    dry_run: bool) -> tuple[LabelledScores, str]:
+    """The judged scores: the kept images scored now (the references may just have changed the scale), or in a
+    dry run, which scores nothing, the recorded ones."""
+    gathered = LabelledScores()
     if dry_run:
-        return ([r.score for r in reviewed], [int(r.review.label == "defect") for r in reviewed if r.review],
-                {r.model_version for r in reviewed}, "recorded scores (a dry run scores nothing)")
-    scores, labels, versions = [], [], set()
+        for r in reviewed:
+            if r.review is not None:
+                gathered.add(r.score, r.review.label == "defect", r.model_version)
+        return gathered, "recorded scores (a dry run scores nothing)"
+    records = _records(backend)
     for r in reviewed:
         kept = await _kept_image(records, r, settings.max_image_pixels)
         if kept is None or r.review is None:
             continue
         outcome = await _score(backend, settings, name, kept[0], kept[1])
-        scores.append(outcome.result.score)
-        labels.append(int(r.review.label == "defect"))
-        versions.add(str(outcome.model.get("version")))
-    return scores, labels, versions, "kept images scored again with the current references"
+        gathered.add(outcome.result.score, r.review.label == "defect", str(outcome.model.get("version")))
+    return gathered, "kept images scored again with the current references"
+
+
+async def _learn_threshold(backend: Backend, settings: FiloSettings, name: str, reviewed: list[InspectionRecord],
+                           refs: ReferenceSet, actor: str, dry_run: bool, notes: list[str]) -> dict[str, Any] | None:
+    """The labelled rule on the judged scores (service/catalog/thresholds.py), stored as `learned`."""
+    before, _ = await current_threshold(backend, settings, name)
+    gathered, how = await _rescored(backend, settings, name, reviewed, dry_run)
+    try:
+        cal = gathered.threshold()
+    except NotEnoughLabelled:
+        notes.append("the threshold needs reviewed results of both kinds (with images kept): left as it is")
+        return None
+    except ServiceError:  # model_changed: the scores are not one scale
+        notes.append(f"reviewed results come from several models {sorted(gathered.model_versions, key=str)}: "
+                     "threshold left as it is")
+        return None
+    if not dry_run:
+        record = replace(cal.record(refs.digest if len(refs) else "", gathered.model_version()), source="learned")
+        await store_threshold(backend, settings, name, record, actor, "learned",
+                              {"n_good": cal.n_good, "n_defective": cal.n_defective, "f1": cal.f1})
+    return {"before": before, "after": cal.threshold, "source": "learned", "f1": cal.f1, "how": how,
+            "n_good": cal.n_good, "n_defective": cal.n_defective}
 
 
 @router.post("/{name}/learn", responses=ERROR_RESPONSES,
@@ -180,27 +195,13 @@ async def learn(name: NameParam, request: Request, backend: BackendDep, settings
     new_refs = await _new_references(records, reviewed, refs, settings, notes)
     added = len(new_refs) - len(refs)
     if added and not dry_run:
+        before = await current_threshold(backend, settings, name)
         await _store_refs(backend, name, new_refs)
         await _refresh_reference_threshold(backend, settings, name, new_refs)
-    before, _ = await _current(backend, settings, name)
-    scores, labels, versions, how = await _rescored(backend, settings, name, reviewed, dry_run)
-    threshold_out = None
-    if 1 in labels and 0 in labels and len(versions) == 1:
-        value, f1 = f1_max_threshold(scores, labels)
-        threshold_out = {"before": before, "after": value, "source": "learned", "f1": f1, "how": how,
-                         "n_good": labels.count(0), "n_defective": labels.count(1)}
-        if not dry_run:
-            record = ThresholdRecord("learned", value, new_refs.digest if len(new_refs) else "", labels.count(0),
-                                     labels.count(1), versions.pop(),
-                                     review_margin=(await load_threshold(backend, name) or ThresholdRecord(
-                                         "references")).review_margin)
-            await store_threshold(backend, settings, name, record, who.name, "learned",
-                                  {"n_good": labels.count(0), "n_defective": labels.count(1), "f1": f1})
-    elif len(versions) > 1:
-        notes.append(f"reviewed results come from several models {sorted(versions)}: threshold left as it is")
-    else:
-        notes.append("the threshold needs reviewed results of both kinds (with images kept): left as it is")
+        await note_threshold_change(backend, settings, name, before, who.name, "references",
+                                    {"references": len(new_refs), "by": "learn"})
+    threshold = await _learn_threshold(backend, settings, name, reviewed, new_refs, who.name, dry_run, notes)
     _forget_margin(request, name)
     return {"category": name, "dry_run": dry_run, "reviewed": len(reviewed), "references_added": added,
-            "references": len(new_refs), "threshold": threshold_out,
+            "references": len(new_refs), "threshold": threshold,
             "suggested_descriptions": _suggestions(reviewed, category.descriptions), "notes": notes}

@@ -7,8 +7,8 @@ restart and new pod has them; each process builds its own patch memory from them
 
 Calibration inspects the labelled images through the ordinary inspection path (`backend.inspect`,
 so in queue mode the workers score them with the category's current references), then stores the
-F1-max cut; with no images it stores the references rule, which the engine evaluates from the
-references' leave-one-out scores.
+F1-max cut of `service.catalog.thresholds` (the labelled rule `filo calibrate` uses too); with no images
+it stores the references rule, which the engine evaluates from the references' leave-one-out scores.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
-from service.api.auth import require_admin_key, require_api_key
-from service.api.category_extras import load_refs, load_threshold
+from service.api.auth import Admin, require_api_key
+from service.api.category_extras import (
+    current_threshold,
+    load_refs,
+    load_threshold,
+    note_threshold_change,
+    store_threshold,
+)
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES
@@ -34,7 +40,7 @@ from service.catalog.references import (
     ReferenceImage,
     ReferenceSet,
 )
-from service.catalog.thresholds import ThresholdRecord, f1_max_threshold
+from service.catalog.thresholds import LabelledScores, ThresholdRecord
 from service.core.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
 from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
 
@@ -82,6 +88,17 @@ async def _store_refs(backend: Any, name: str, refs: ReferenceSet) -> dict[str, 
     return await _put(backend, name, REFERENCES_KIND, refs.to_json())
 
 
+async def _replace_refs(backend: Any, settings: Any, name: str, refs: ReferenceSet, actor: str
+                        ) -> dict[str, int | None]:
+    """Store a category's new reference set; its threshold follows (the references rule is measured again, a
+    labelled threshold lapses), and a change of the threshold is kept in its history."""
+    before = await current_threshold(backend, settings, name)
+    applied = await _store_refs(backend, name, refs)
+    await _refresh_reference_threshold(backend, settings, name, refs)
+    await note_threshold_change(backend, settings, name, before, actor, "references", {"references": len(refs)})
+    return applied
+
+
 async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
     """The file parts named in `fields`, each fully decoded (a broken file refuses the whole request)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -110,9 +127,9 @@ async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int
 # --- references -------------------------------------------------------------------------------------------
 
 
-@router.put("/{name}/references", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_IMAGES,
-            dependencies=[Depends(require_admin_key)])
-async def put_references(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep) -> dict:
+@router.put("/{name}/references", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_IMAGES)
+async def put_references(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep,
+                         who: Admin) -> dict:
     """Add normal reference images (file parts named `images`); answers what the category now holds."""
     await _require_category(backend, name)
     parts = (await _read_parts(request, ("images",), settings.max_image_pixels))["images"]
@@ -124,8 +141,7 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
         raise ServiceError(413, "too_many_references",
                            f"category {name!r} would hold {len(new)} references; the maximum is "
                            f"{settings.reference_max_images} (FILO_REFERENCE_MAX_IMAGES); nothing was stored")
-    applied = await _store_refs(backend, name, new)
-    await _refresh_reference_threshold(backend, settings, name, new)
+    applied = await _replace_refs(backend, settings, name, new, who.name)
     return {**await _refs_body(backend, name, new), **applied}
 
 
@@ -135,25 +151,24 @@ async def get_references(name: NameParam, backend: BackendDep) -> dict:
     return await _refs_body(backend, name, await load_refs(backend, name))
 
 
-@router.delete("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
-async def delete_references(name: NameParam, backend: BackendDep, settings: SettingsDep) -> dict:
+@router.delete("/{name}/references", responses=ERROR_RESPONSES)
+async def delete_references(name: NameParam, backend: BackendDep, settings: SettingsDep, who: Admin) -> dict:
     """Remove every reference: the category is zero-shot again (exactly)."""
     await _require_category(backend, name)
-    await _store_refs(backend, name, ReferenceSet())
-    await _refresh_reference_threshold(backend, settings, name, ReferenceSet())
+    await _replace_refs(backend, settings, name, ReferenceSet(), who.name)
     return await _refs_body(backend, name, ReferenceSet())
 
 
-@router.delete("/{name}/references/{ref_id}", responses=ERROR_RESPONSES, dependencies=[Depends(require_admin_key)])
-async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, settings: SettingsDep) -> dict:
+@router.delete("/{name}/references/{ref_id}", responses=ERROR_RESPONSES)
+async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, settings: SettingsDep,
+                           who: Admin) -> dict:
     await _require_category(backend, name)
     refs = await load_refs(backend, name)
     if ref_id not in refs.ids():
         raise ServiceError(404, "unknown_reference", f"category {name!r} has no reference {ref_id!r}",
                            details={"known": refs.ids()})
     left = refs.without(ref_id)
-    await _store_refs(backend, name, left)
-    await _refresh_reference_threshold(backend, settings, name, left)
+    await _replace_refs(backend, settings, name, left, who.name)
     return await _refs_body(backend, name, left)
 
 
@@ -186,9 +201,9 @@ async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, r
     await _put(backend, name, THRESHOLD_KIND, updated.to_json())
 
 
-@router.post("/{name}/calibrate", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_LABELLED,
-             dependencies=[Depends(require_admin_key)])
-async def calibrate(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep) -> dict:
+@router.post("/{name}/calibrate", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_LABELLED)
+async def calibrate(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep,
+                    who: Admin) -> dict:
     """Set the category's threshold: F1-max on labelled images (`good` and `defective` file parts), or,
     with no images, from its normal references (needs at least 2; docs/few-shot.md gives the rule)."""
     await _require_category(backend, name)
@@ -199,10 +214,15 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
         if len(refs) < 2:
             raise ServiceError(422, "not_enough_references",
                                f"calibrating from references needs at least 2; category {name!r} holds {len(refs)}. "
-                               "Send labelled images (parts 'good' and 'defective') instead, or add references")
-        record = ThresholdRecord("references", None, refs.digest)
+                               "Send labelled images (parts 'good' and 'defective') instead, add references, or judge recorded "
+                               f"inspections (POST /v1/inspections/{{id}}/review) and POST /v1/categories/{name}/learn")
+        before = await current_threshold(backend, settings, name)
+        old = await load_threshold(backend, name)
+        record = ThresholdRecord("references", None, refs.digest, review_margin=old.review_margin if old else 0.0)
         await _put(backend, name, THRESHOLD_KIND, record.to_json())
         await _refresh_reference_threshold(backend, settings, name, refs)
+        await note_threshold_change(backend, settings, name, before, who.name, "calibrated",
+                                    {"rule": "references", "references": len(refs)})
         stored = await load_threshold(backend, name)
         assert stored is not None
         return {"category": name, "threshold": stored.threshold, "threshold_source": "references",
@@ -210,20 +230,14 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     if not good or not bad:
         raise ServiceError(422, "validation_error", "labelled calibration needs at least one 'good' and one "
                            f"'defective' image (got {len(good)} and {len(bad)})")
-    scores, labels, versions = [], [], set()
-    for label, items in ((0, good), (1, bad)):
+    gathered = LabelledScores()
+    for defective, items in ((False, good), (True, bad)):
         for data, image in items:
             outcome = await _score(backend, settings, name, data, image)
-            scores.append(outcome.result.score)
-            labels.append(label)
-            versions.add(outcome.model.get("version"))
-    if len(versions) > 1:  # a rolling deploy answered with two models: the scores are not one scale
-        raise ServiceError(409, "model_changed", f"the images were scored by different models {sorted(versions)}; "
-                           "calibrate again once every worker runs the same one")
-    threshold, f1 = f1_max_threshold(scores, labels)
-    record = ThresholdRecord("labelled", threshold, refs.digest if len(refs) else "", len(good), len(bad),
-                             versions.pop())
-    await _put(backend, name, THRESHOLD_KIND, record.to_json())
-    return {"category": name, "threshold": threshold, "threshold_source": "labelled", "n_good": len(good),
-            "n_defective": len(bad), "f1": f1, "references": len(refs), "scores": {
-                "good": scores[:len(good)], "defective": scores[len(good):]}}
+            gathered.add(outcome.result.score, defective, outcome.model.get("version"))
+    cal = gathered.threshold()  # the one labelled rule (service/catalog/thresholds.py); 409 on a model change
+    record = cal.record(refs.digest if len(refs) else "", gathered.model_version())
+    await store_threshold(backend, settings, name, record, who.name, "calibrated",
+                          {"rule": "labelled", "n_good": cal.n_good, "n_defective": cal.n_defective, "f1": cal.f1})
+    return {"category": name, "threshold": cal.threshold, "threshold_source": "labelled", "n_good": cal.n_good,
+            "n_defective": cal.n_defective, "f1": cal.f1, "references": len(refs), "scores": cal.scores()}
