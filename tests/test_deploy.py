@@ -9,12 +9,14 @@ What checks what (nothing here needs a network, a Docker engine or a cluster):
 - k8s CRDs (KEDA ScaledObject, Prometheus Operator ServiceMonitor): `jsonschema` against the
   hand-written schemas in k8s/schemas/.
 - k8s wiring that no schema sees: selectors, named ports, probes, ConfigMap/Secret references,
-  autoscaler targets, pod hardening.
+  autoscaler targets, pod hardening, the stateful pieces (Redis, PostgreSQL) on volumes of their
+  own, and who may reach them.
 - docker-compose*.yml: the Compose specification schema vendored by check-jsonschema
   (`vendor.compose-spec`), through its Python package and its CLI; the demo override is also
   merged into the base file the way Compose does (`!reset`, `!override`) and checked again.
 - The environment contract: every variable given to the API or the workers is one the app
-  documents, and every FILO_* one is a field of service/settings.py's FiloSettings.
+  documents, every FILO_* one is a field of service/settings.py's FiloSettings, and what each
+  pod gets parses as FiloSettings.
 - deploy/prometheus, deploy/grafana: parsed; scrape targets and ports agree with the compose
   services; every dashboard query uses only the metrics the app exports (and parses as PromQL
   when the optional `promql_parser` package is installed).
@@ -30,13 +32,16 @@ import ast
 import copy
 import fnmatch
 import importlib.resources
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -81,10 +86,19 @@ APP_ENV = {
     "FILO_CORS_ORIGINS",
     "FILO_REJECT_WITHOUT_WORKERS",
     "FILO_WORKER_METRICS_PORT",
+    "FILO_RECORDS",
+    "FILO_RECORDS_URL",
+    "FILO_RECORDS_KEEP",
+    "FILO_RECORDS_OK_SAMPLE",
+    "FILO_RECORDS_RETENTION_DAYS",
+    "FILO_REVIEWER_KEYS",
     "HF_HOME",
     "HF_HUB_OFFLINE",
 }
-SECRET_ENV = {"FILO_API_KEYS", "FILO_ADMIN_KEY"}
+# FILO_RECORDS_URL carries the database password.
+SECRET_ENV = {"FILO_API_KEYS", "FILO_ADMIN_KEY", "FILO_REVIEWER_KEYS", "FILO_RECORDS_URL"}
+# The inspection records are the API's: the workers never open the database.
+RECORDS_ENV = {n for n in APP_ENV if n.startswith("FILO_RECORDS")}
 # What the images themselves may set: interpreter/pip behaviour, paths, the CUDA requirement.
 IMAGE_ENV = {
     "PYTHONUNBUFFERED",
@@ -98,9 +112,13 @@ IMAGE_ENV = {
     "NVIDIA_REQUIRE_CUDA",
 }
 
-API_PORT, WORKER_PORT, REDIS_PORT = 8000, 9100, 6379
+API_PORT, WORKER_PORT, REDIS_PORT, POSTGRES_PORT = 8000, 9100, 6379, 5432
 STREAM, GROUP = "filo:requests", "filo-workers"
 APP_UID = 10001
+# The official images run as their own users (uid 999: `redis`, `postgres`); ours as APP_UID.
+IMAGE_UID = {"filo-redis": 999, "filo-postgres": 999}
+# postgres:17's data volume and default PGDATA (the 18 image moves it: revisit on a major upgrade).
+POSTGRES_MAJOR, POSTGRES_DATA = 17, "/var/lib/postgresql/data"
 
 HISTOGRAMS = {
     "filo_http_request_duration_seconds",
@@ -203,6 +221,19 @@ def selects(selector: dict, labels: dict) -> bool:
     return True
 
 
+def exact_tag(image: str) -> bool:
+    """Is `image` pinned to one release? x.y.z, or x.y for PostgreSQL (whose releases are numbered
+    major.minor), with an optional variant suffix (-alpine, -bookworm); never a floating major."""
+    name, _, tag = image.rpartition(":")
+    version = r"\d+\.\d+" if name.rsplit("/", 1)[-1] == "postgres" else r"\d+\.\d+\.\d+"
+    return re.fullmatch(rf"v?{version}(-[a-z0-9.]+)?", tag) is not None
+
+
+def env_of(workload: dict) -> dict[str, dict]:
+    """The first container's `env` entries by name."""
+    return {e["name"]: e for e in containers(workload)[0].get("env", [])}
+
+
 def hadolint_binary() -> str | None:
     return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
@@ -212,6 +243,8 @@ def hadolint_binary() -> str | None:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_k8s_manifests_are_valid_for_kubernetes(version: str) -> None:
+    kinds = {d["kind"] for _, d in all_manifests() if not is_crd(d)}
+    assert {"Deployment", "StatefulSet", "Service", "NetworkPolicy", "ConfigMap"} <= kinds
     failures = [
         f"{p.name} {d['kind']}/{d['metadata']['name']}: {err}"
         for p, d in all_manifests()
@@ -246,6 +279,26 @@ def test_broken_k8s_manifest_is_rejected(mutate, expected: str) -> None:
     assert k8s_errors(deploy, latest_version()) is None
     mutate(deploy)
     err = k8s_errors(deploy, latest_version())
+    assert err is not None and (expected in err or "required" in err or "not of type" in err), err
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda s: s["spec"]["volumeClaimTemplates"][0]["spec"].update(accessMode=["ReadWriteOnce"]), "accessMode"),
+        (lambda s: s["spec"].update(serviceName=5432), "serviceName"),
+        (lambda s: containers(s)[0]["readinessProbe"]["exec"].update(command="pg_isready"), "command"),
+        (lambda s: containers(s)[0]["volumeMounts"][0].pop("mountPath"), "mountPath"),
+        (lambda s: s["spec"].pop("selector"), "selector"),
+    ],
+    ids=["claim-unknown-field", "service-name-not-string", "probe-command-not-list", "mount-no-path", "no-selector"],
+)
+def test_broken_statefulset_is_rejected(mutate, expected: str, version: str) -> None:
+    sts = copy.deepcopy(by_kind("StatefulSet")["filo-postgres"])
+    assert k8s_errors(sts, version) is None
+    mutate(sts)
+    err = k8s_errors(sts, version)
     assert err is not None and (expected in err or "required" in err or "not of type" in err), err
 
 
@@ -397,6 +450,8 @@ def test_container_ports_and_probes() -> None:
     assert pod_spec(d["filo-worker"])["terminationGracePeriodSeconds"] >= 60
     redis = containers(by_kind("StatefulSet")["filo-redis"])[0]
     assert redis["ports"][0]["containerPort"] == REDIS_PORT
+    postgres = containers(by_kind("StatefulSet")["filo-postgres"])[0]
+    assert {p["name"]: p["containerPort"] for p in postgres["ports"]} == {"postgres": POSTGRES_PORT}
 
 
 def test_redis_persists_the_catalog_on_a_volume_of_its_own() -> None:
@@ -414,6 +469,88 @@ def test_redis_persists_the_catalog_on_a_volume_of_its_own() -> None:
     assert mounts[claim["metadata"]["name"]] == flags["--dir"] == "/data"
     assert not any("emptyDir" in v for v in pod_spec(sts).get("volumes", []))  # nothing persisted in the pod
     assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+
+
+def test_postgres_keeps_the_records_on_a_volume_of_its_own() -> None:
+    """The records database lives on the StatefulSet's PVC: PGDATA is a directory inside the claim's
+    mount, nothing in the pod shadows it, and the claim outlives the StatefulSet."""
+    assert "filo-postgres" not in by_kind("Deployment")
+    sts = by_kind("StatefulSet")["filo-postgres"]
+    spec, (c,) = sts["spec"], containers(sts)
+    assert spec["replicas"] == 1
+    governing = by_kind("Service")[spec["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service is headless"
+    assert selects({"matchLabels": governing["spec"]["selector"]}, spec["template"]["metadata"]["labels"])
+    name, tag = c["image"].rsplit(":", 1)
+    assert name == "postgres" and int(tag.split(".")[0]) == POSTGRES_MAJOR, c["image"]
+    env = env_of(sts)
+    pgdata = PurePosixPath(env["PGDATA"]["value"])
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    (data,) = [m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    # PGDATA one level inside the volume: a fresh filesystem's root holds lost+found, which initdb refuses
+    assert data["mountPath"] == str(pgdata.parent) == POSTGRES_DATA
+    assert not data.get("readOnly") and "subPath" not in data
+    for m in c["volumeMounts"]:
+        if m is not data:  # an emptyDir at or above PGDATA would lose the database with the pod
+            assert not pgdata.is_relative_to(m["mountPath"]), m
+    assert data["name"] not in {v["name"] for v in pod_spec(sts).get("volumes", [])}
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    # The password only from the Secret; user and database are what the probes and the URL name.
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "filo-secrets",
+        "key": "POSTGRES_PASSWORD",
+    }
+    user, db = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        cmd = c[probe]["exec"]["command"]
+        # over TCP: the entrypoint's first-run initialisation serves the socket only
+        assert cmd[0] == "pg_isready" and "--host=127.0.0.1" in cmd and f"--port={POSTGRES_PORT}" in cmd, probe
+        assert f"--username={user}" in cmd and f"--dbname={db}" in cmd, probe
+    # SIGTERM is PostgreSQL's smart shutdown, which waits for the API's pooled connections until
+    # SIGKILL: the preStop hook shuts down fast, within the grace period.
+    stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert stop[:2] == ["pg_ctl", "stop"] and "--mode=fast" in stop
+    (timeout,) = [int(a.split("=")[1]) for a in stop if a.startswith("--timeout=")]
+    assert timeout < pod_spec(sts)["terminationGracePeriodSeconds"]
+
+
+def test_postgres_takes_every_api_pool_at_the_autoscalers_maximum() -> None:
+    source = (ROOT / "service" / "records" / "db.py").read_text()
+    pool = re.search(r"pool_size=(\d+), max_overflow=(\d+)", source)
+    assert pool, "service/records/db.py: the PostgreSQL pool is no longer sized where this test reads it"
+    per_pod = int(pool[1]) + int(pool[2])
+    args = containers(by_kind("StatefulSet")["filo-postgres"])[0]["args"]
+    assert set(args[::2]) == {"-c"}
+    settings = dict(a.split("=", 1) for a in args[1::2])
+    api = by_kind("Deployment")["filo-api"]
+    pods = by_kind("HorizontalPodAutoscaler")["filo-api"]["spec"]["maxReplicas"]
+    pods += api["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    reserved = 3  # superuser_reserved_connections: psql for the operator
+    assert int(settings["max_connections"]) >= pods * per_pod + reserved
+
+
+def test_postgres_pod_is_hardened() -> None:
+    """Pod Security `restricted` and a read-only root: only the volume, the socket directory, /tmp
+    and /dev/shm are writable."""
+    sts = by_kind("StatefulSet")["filo-postgres"]
+    spec, (c,) = pod_spec(sts), containers(sts)
+    sc = spec["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == 999  # `postgres` in the official image
+    csc = c["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"] == {"drop": ["ALL"]} and "privileged" not in csc
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    for path in ("/var/run/postgresql", "/tmp", "/dev/shm"):
+        assert "emptyDir" in volumes[mounts[path]], path
+        assert volumes[mounts[path]]["emptyDir"]["sizeLimit"], path
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert set(mounts) == {POSTGRES_DATA, "/var/run/postgresql", "/tmp", "/dev/shm"}
+    assert c["resources"]["limits"]["memory"] and "nvidia.com/gpu" not in c["resources"]["limits"]
 
 
 def test_worker_gets_a_gpu_and_the_models_read_only() -> None:
@@ -438,18 +575,15 @@ def test_pods_are_hardened() -> None:
         assert spec["enableServiceLinks"] is False, name
         sc = spec["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["seccompProfile"]["type"] == "RuntimeDefault", name
-        if name != "filo-redis":
-            assert sc["runAsUser"] == sc["runAsGroup"] == APP_UID, name
+        # fsGroup: volumes writable for the image's own user, nothing chowned as root
+        assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == IMAGE_UID.get(name, APP_UID), name
         for c in spec["containers"]:
             csc = c["securityContext"]
             assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True, name
             assert csc["capabilities"]["drop"] == ["ALL"], name
             assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"], name
             assert c["resources"]["limits"]["memory"], name
-            tag = c["image"].rsplit(":", 1)[-1]
-            assert re.fullmatch(r"v?\d+\.\d+\.\d+(-[a-z0-9.]+)?", tag), (
-                f"{name}: image {c['image']} not pinned"
-            )
+            assert exact_tag(c["image"]), f"{name}: image {c['image']} not pinned"
         if name != "filo-redis":
             tmp = [m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == "/tmp"]
             assert tmp, f"{name}: read-only root needs a writable /tmp"
@@ -499,10 +633,13 @@ def test_pdbs_network_policy_and_service_monitors_select_something() -> None:
     pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
     for name, pdb in by_kind("PodDisruptionBudget").items():
         assert [n for n, lab in pod_labels.items() if selects(pdb["spec"]["selector"], lab)] == [name]
-    (policy,) = by_kind("NetworkPolicy").values()
-    assert [n for n, lab in pod_labels.items() if selects(policy["spec"]["podSelector"], lab)] == [
-        "filo-redis"
-    ]
+    policies = by_kind("NetworkPolicy")
+    guarded = {
+        name: [n for n, lab in pod_labels.items() if selects(p["spec"]["podSelector"], lab)]
+        for name, p in policies.items()
+    }
+    assert guarded == {"filo-redis": ["filo-redis"], "filo-postgres": ["filo-postgres"]}
+    policy = policies["filo-redis"]
     allowed = [
         n
         for n, lab in pod_labels.items()
@@ -521,6 +658,92 @@ def test_pdbs_network_policy_and_service_monitors_select_something() -> None:
         assert endpoint["port"] in {p["name"] for p in hits[0]["spec"]["ports"]}
 
 
+def admitted(policy: dict, pod_labels: dict[str, dict]) -> set[str] | None:
+    """The workloads whose pods a NetworkPolicy's ingress rules let in; None when it admits more than
+    pods of this namespace (a rule without `from`, a namespaceSelector, an ipBlock)."""
+    found: set[str] = set()
+    for rule in policy["spec"].get("ingress", []):
+        if not rule.get("from"):
+            return None
+        for peer in rule["from"]:
+            if set(peer) != {"podSelector"}:
+                return None
+            sel = peer["podSelector"]  # an empty selector selects every pod in the namespace
+            found |= {n for n, lab in pod_labels.items() if not sel or selects(sel, lab)}
+    return found
+
+
+def postgres_policy_check(policies: dict[str, dict]) -> None:
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in workloads().items()}
+    sts = by_kind("StatefulSet")["filo-postgres"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    (name,) = [n for n, p in policies.items() if selects(p["spec"]["podSelector"], labels)]
+    policy = policies[name]["spec"]
+    assert "Ingress" in policy["policyTypes"]
+    assert admitted(policies[name], pod_labels) == {"filo-api"}
+    for rule in policy["ingress"]:
+        assert rule["ports"] == [{"protocol": "TCP", "port": POSTGRES_PORT}]
+
+
+def test_only_the_api_reaches_postgres() -> None:
+    """The records database admits the API pods on 5432 and nothing else: not the workers (they have
+    no business there), not another namespace, not an IP range."""
+    postgres_policy_check(by_kind("NetworkPolicy"))
+    svc = by_kind("Service")["filo-postgres"]
+    assert [p["port"] for p in svc["spec"]["ports"]] == [POSTGRES_PORT]
+
+
+def _peer(policy: dict) -> dict:
+    return policy["spec"]["ingress"][0]["from"][0]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda p: _peer(p)["podSelector"]["matchLabels"].update({"app.kubernetes.io/component": "worker"}),
+        lambda p: _peer(p)["podSelector"].update(
+            matchExpressions=[{"key": "app.kubernetes.io/component", "operator": "Exists"}]
+        )
+        or _peer(p)["podSelector"].pop("matchLabels"),
+        lambda p: _peer(p).update(namespaceSelector={}),
+        lambda p: p["spec"]["ingress"][0].pop("from"),
+        lambda p: _peer(p).update(podSelector={}),
+        lambda p: p["spec"]["ingress"][0]["ports"][0].update(port=5433),
+    ],
+    ids=["worker-instead", "any-component", "any-namespace", "any-source", "every-pod", "wrong-port"],
+)
+def test_postgres_policy_check_rejects_a_wider_policy(mutate) -> None:
+    policies = copy.deepcopy(by_kind("NetworkPolicy"))
+    postgres_policy_check(policies)
+    mutate(policies["filo-postgres"])
+    with pytest.raises(AssertionError):
+        postgres_policy_check(policies)
+
+
+def test_the_api_gets_the_records_database_from_the_secret_and_the_workers_none() -> None:
+    (secret,) = load_docs(K8S / "secret.example.yaml")
+    api_env = env_of(by_kind("Deployment")["filo-api"])
+    url_env = api_env["FILO_RECORDS_URL"]
+    # required: without it each pod would keep a SQLite file of its own on an emptyDir
+    assert "value" not in url_env
+    assert url_env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "FILO_RECORDS_URL"}
+    # the example URL points at the Service, the port, the role and the database postgres.yaml creates
+    sts = by_kind("StatefulSet")["filo-postgres"]
+    pg_env = env_of(sts)
+    url = urlsplit(secret["stringData"]["FILO_RECORDS_URL"])
+    assert url.scheme == "postgresql+psycopg", "psycopg 3, the driver the API image installs"
+    svc = by_kind("Service")[url.hostname.split(".")[0]]
+    assert selects({"matchLabels": svc["spec"]["selector"]}, sts["spec"]["template"]["metadata"]["labels"])
+    assert url.port == svc["spec"]["ports"][0]["port"] == POSTGRES_PORT
+    assert url.username == pg_env["POSTGRES_USER"]["value"] and url.path == "/" + pg_env["POSTGRES_DB"]["value"]
+    assert url.password == secret["stringData"]["POSTGRES_PASSWORD"]
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    names = k8s_env_names()
+    assert names["filo-api"] >= RECORDS_ENV and "FILO_REVIEWER_KEYS" in names["filo-api"]
+    worker_db = {n for n in names["filo-worker"] if n.startswith(("FILO_RECORDS", "FILO_REVIEWER", "POSTGRES"))}
+    assert not worker_db, f"workers never open the records database: {sorted(worker_db)}"
+
+
 def test_config_and_secret_references_resolve() -> None:
     configmaps = by_kind("ConfigMap")
     (secret,) = load_docs(K8S / "secret.example.yaml")
@@ -528,6 +751,7 @@ def test_config_and_secret_references_resolve() -> None:
     for value in secret["stringData"].values():
         assert "REPLACE-ME" in value, "secret.example.yaml must hold placeholders only"
     json.loads(secret["stringData"]["FILO_API_KEYS"])
+    json.loads(secret["stringData"]["FILO_REVIEWER_KEYS"])
     for name, d in workloads().items():
         for c in containers(d):
             for ref in c.get("envFrom", []):
@@ -591,6 +815,56 @@ def test_environment_names_are_the_documented_ones() -> None:
         "HF_HUB_OFFLINE",
     } <= used["k8s filo-worker"]
     assert not SECRET_ENV & used["k8s filo-worker"], "workers need no client keys"
+    for where, names in used.items():
+        if where.endswith("worker"):
+            assert not RECORDS_ENV & names, f"{where}: workers never open the records database"
+
+
+def k8s_pod_env(name: str) -> dict[str, str]:
+    """What a Deployment's container gets: its ConfigMaps' data, and the example Secret's placeholders
+    for the keys it references."""
+    configmaps = by_kind("ConfigMap")
+    (secret,) = load_docs(K8S / "secret.example.yaml")
+    c = containers(by_kind("Deployment")[name])[0]
+    env: dict[str, str] = {}
+    for ref in c.get("envFrom", []):
+        env.update(configmaps[ref["configMapRef"]["name"]]["data"])
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env[e["name"]] = secret["stringData"][ref["key"]] if ref else e["value"]
+    return env
+
+
+def settings_from(env: dict[str, str]) -> Any:
+    from service.settings import FiloSettings
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("FILO_")}
+    try:
+        os.environ.update({k: v for k, v in env.items() if k.startswith("FILO_")})
+        return FiloSettings()
+    finally:
+        for k in [k for k in os.environ if k.startswith("FILO_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
+def test_each_pods_environment_parses_as_settings() -> None:
+    """Types, ranges and choices as FiloSettings checks them: a FILO_RECORDS_KEEP of "ngg" or a
+    FILO_RECORDS_OK_SAMPLE of "1%" is caught here, not in a crash-looping pod."""
+    pydantic = importlib.util.find_spec("pydantic_settings")
+    needs(pydantic, "pydantic-settings not installed: the pods' environment not parsed")
+    api = settings_from(k8s_pod_env("filo-api"))
+    assert api.records is True and api.records_url.startswith("postgresql+psycopg://")
+    assert api.records_keep == "ng" and 0 <= api.records_ok_sample <= 1 and api.records_retention_days > 0
+    assert [k.split(":", 1)[0] for k in api.reviewer_keys] == ["qa-lead"]
+    worker = settings_from(k8s_pod_env("filo-worker"))
+    assert worker.records_url is None and worker.device == "cuda"
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError  # what a list that is not JSON raises
+
+    for bad in ({"FILO_RECORDS_KEEP": "ngg"}, {"FILO_RECORDS_OK_SAMPLE": "1%"}, {"FILO_REVIEWER_KEYS": "qa:k"}):
+        with pytest.raises((ValidationError, SettingsError)):
+            settings_from({**k8s_pod_env("filo-api"), **bad})
 
 
 def test_environment_values_agree_with_the_ports_and_paths() -> None:
@@ -604,7 +878,7 @@ def test_environment_values_agree_with_the_ports_and_paths() -> None:
     for svc in ("api", "worker"):
         env = compose[svc]["environment"]
         assert env["FILO_REDIS_URL"] == f"redis://redis:{REDIS_PORT}/0"
-        for secret in SECRET_ENV & set(env):
+        for secret in SECRET_ENV & set(env) - {"FILO_RECORDS_URL"}:  # the URL: test_compose_services_and_wiring
             assert env[secret] is None, f"compose {svc}: {secret} must pass through from .env, not be written"
 
 
@@ -699,6 +973,9 @@ def test_demo_override_merged_matches_the_compose_spec_and_drops_the_gpu() -> No
     assert "FILO_CHECKPOINT" not in worker["environment"]
     assert worker["command"] == ["worker"] and (ROOT / worker["build"]["dockerfile"]).is_file()
     assert str(WORKER_PORT) in " ".join(worker["healthcheck"]["test"])
+    # the demo keeps its records in the same PostgreSQL service (nothing there needs a GPU)
+    assert api["depends_on"]["postgres"]["condition"] == "service_healthy" and "postgres" in merged["services"]
+    assert "@postgres:" in api["environment"]["FILO_RECORDS_URL"]
 
 
 def test_compose_check_jsonschema_cli_accepts_the_base_file() -> None:
@@ -729,8 +1006,20 @@ def test_compose_check_jsonschema_cli_accepts_the_base_file() -> None:
         lambda d: d["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0].update(
             drivr="nvidia"
         ),
+        lambda d: d["services"]["api"]["depends_on"]["postgres"].update(condition="healthy"),
+        lambda d: d["services"]["postgres"]["healthcheck"].update(tset=["CMD", "pg_isready"]),
+        lambda d: d["services"]["postgres"].update(shm_size=["256m"]),
     ],
-    ids=["top-level-typo", "service-key-typo", "wrong-type", "bad-enum", "gpu-device-typo"],
+    ids=[
+        "top-level-typo",
+        "service-key-typo",
+        "wrong-type",
+        "bad-enum",
+        "gpu-device-typo",
+        "postgres-dependency-enum",
+        "healthcheck-typo",
+        "shm-size-type",
+    ],
 )
 def test_broken_compose_file_is_rejected(mutate) -> None:
     doc = plain(load_compose(ROOT / "docker-compose.yml"))
@@ -741,13 +1030,13 @@ def test_broken_compose_file_is_rejected(mutate) -> None:
 def test_compose_services_and_wiring() -> None:
     compose = load_compose(ROOT / "docker-compose.yml")
     s = compose["services"]
-    assert set(s) == {"redis", "api", "worker", "prometheus", "grafana"}
+    assert set(s) == {"redis", "postgres", "api", "worker", "prometheus", "grafana"}
     for name, svc in s.items():
         image = svc["image"]
         if "build" in svc:
             assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file(), name
         else:
-            assert re.search(r":v?\d+\.\d+\.\d+(-[a-z0-9]+)?$", image), f"{name}: {image} is not an exact tag"
+            assert exact_tag(image), f"{name}: {image} is not an exact tag"
     assert s["redis"]["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
     # the catalog persists: append-only file on a named volume mounted where Redis writes it
     command = s["redis"]["command"]
@@ -766,6 +1055,46 @@ def test_compose_services_and_wiring() -> None:
     assert (target, mode) == ("/models", "ro")
     # ./models is the Python package of that name, not a weights directory.
     assert not re.fullmatch(r"(\$\{\w+:-)?\./models/?\}?", source)
+    # the records database: the image Kubernetes runs, its data on a named volume, healthy once it
+    # listens on TCP, on the compose network only (like Redis), and the API's only
+    pg, pg_env = s["postgres"], s["postgres"]["environment"]
+    assert pg["image"] == containers(by_kind("StatefulSet")["filo-postgres"])[0]["image"]
+    (data,) = pg["volumes"]
+    volume, target = data.split(":")[:2]
+    assert target == pg_env.get("PGDATA", POSTGRES_DATA) == POSTGRES_DATA and volume in compose["volumes"]
+    check = pg["healthcheck"]["test"]
+    assert check[:2] == ["CMD", "pg_isready"] and "--host=127.0.0.1" in check
+    assert f"--username={pg_env['POSTGRES_USER']}" in check and f"--dbname={pg_env['POSTGRES_DB']}" in check
+    assert "ports" not in pg
+    assert s["api"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "postgres" not in s["worker"]["depends_on"]
+    assert not RECORDS_ENV & set(s["worker"]["environment"]), "workers never open the records database"
+    # FILO_RECORDS_URL names that service, role and database, and interpolates the very password the
+    # postgres service is given: a secret never written here beyond the development default
+    url = re.fullmatch(
+        r"postgresql\+psycopg://(\w+):(\$\{POSTGRES_PASSWORD(?::-[\w.-]+)?\})@postgres:(\d+)/(\w+)",
+        s["api"]["environment"]["FILO_RECORDS_URL"],
+    )
+    assert url, s["api"]["environment"]["FILO_RECORDS_URL"]
+    assert url[1] == pg_env["POSTGRES_USER"] and url[4] == pg_env["POSTGRES_DB"]
+    assert url[2] == pg_env["POSTGRES_PASSWORD"] and int(url[3]) == POSTGRES_PORT
+
+
+@pytest.mark.parametrize(
+    "image, pinned",
+    [
+        ("redis:7.4.6-alpine", True),
+        ("postgres:17.6-bookworm", True),
+        ("prom/prometheus:v3.5.0", True),
+        ("registry.example.com/filo/filo-api:0.1.0", True),
+        ("postgres:17", False),
+        ("postgres:latest", False),
+        ("redis:7.4-alpine", False),
+        ("grafana/grafana:12", False),
+    ],
+)
+def test_exact_tag_rule(image: str, pinned: bool) -> None:
+    assert exact_tag(image) is pinned
 
 
 def test_compose_bind_mounts_exist() -> None:
@@ -1045,6 +1374,11 @@ def test_worker_pins_torch_and_the_extras_match_pyproject() -> None:
     assert not set(names) & set(heavy), "the API install (base + service) must stay torch-free"
     assert {re.split(r"[<>= ]", d)[0] for d in extras["model"]} == set(heavy)
     assert extras["worker"] == ["filo-inspect[model,service]"]
+    # The API image (base + service) writes the records into PostgreSQL and migrates it: the slim
+    # base has no libpq, so psycopg must come with its binary build.
+    service = {re.split(r"[<>=\[ ]", d)[0]: d for d in extras["service"]}
+    assert {"sqlalchemy", "alembic", "psycopg"} <= set(service)
+    assert service["psycopg"].startswith("psycopg[binary]")
 
 
 # ------------------------------------------------------------------------------------- .dockerignore
@@ -1120,6 +1454,8 @@ def test_dockerignore_keeps_the_context_to_the_package() -> None:
         "models/configs/x.json",
         "models/weights/filo-demo-tiny.safetensors",  # package data the demo profile needs
         "descriptions/mvtec.json",
+        "service/records/migrations/versions/0001_records.py",  # the API migrates the records database
+        "service/records/migrations/script.py.mako",
     ):
         assert in_build_context(path), f"{path} is missing from the build context"
     pyproject = (ROOT / "pyproject.toml").read_text()
