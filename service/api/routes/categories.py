@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
+from service.api.body import json_body, json_request_body
 from service.api.category_extras import category_threshold
 from service.api.deps import BackendDep, SettingsDep
 from service.api.errors import validation_body
@@ -21,7 +23,6 @@ from service.core.errors import CategoryNotFoundError, ServiceError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["categories"])
-
 
 
 def _out(c: Category) -> CategoryOut:
@@ -51,9 +52,10 @@ async def get_category(name: NameParam, backend: BackendDep, settings: SettingsD
     responses={**ERROR_RESPONSES, 202: {"model": CategoryOut, "description": "an LLM draft, not registered"},
                502: ERROR_RESPONSES[503] | {"description": "the LLM endpoint failed"}},
     dependencies=[Depends(require_admin_key)],
+    openapi_extra=json_request_body(CategoryIn),
 )
 async def put_category(
-    body: CategoryIn,
+    body: Annotated[CategoryIn, Depends(json_body(CategoryIn))],
     name: NameParam,
     backend: BackendDep,
     settings: SettingsDep,
