@@ -24,8 +24,12 @@ from service.core.errors import ServiceError
 M = TypeVar("M", bound=BaseModel)
 
 
-def is_json(content_type: str) -> bool:
-    ctype = content_type.split(";")[0].strip().lower()
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters ('' when none is declared)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(ctype: str) -> bool:
     return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
@@ -51,10 +55,9 @@ def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     """A dependency that reads and validates the JSON body as `model` (declare it after the auth)."""
 
     async def read(request: Request) -> M:
-        ctype = request.headers.get("content-type", "")
+        ctype = media_type(request)
         if not is_json(ctype):
-            raise ServiceError(415, "unsupported_media_type",
-                               f"send application/json, not {ctype.split(';')[0].strip() or 'no content type'!r}")
+            raise ServiceError(415, "unsupported_media_type", f"send application/json, not {ctype or 'no content type'!r}")
         return parse_json(model, await request.body())
 
     return read

@@ -70,8 +70,7 @@ def probe_image(data: bytes, max_pixels: int) -> ImageInfo:
     except UnidentifiedImageError:
         raise ImageDecodeError("not_an_image", "the data is not an image in a supported format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # only if someone restored Pillow's limit
-        raise ImageDecodeError("decompression_bomb", f"the image exceeds Pillow's pixel limit "
-                               f"({Image.MAX_IMAGE_PIXELS}); the configured limit is {max_pixels}") from None
+        raise _pillow_refused(max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("truncated_image", f"the image header could not be read ({exc})") from None
     if w * h > max_pixels:
@@ -82,6 +81,11 @@ def probe_image(data: bytes, max_pixels: int) -> ImageInfo:
     return ImageInfo(w, h, fmt)
 
 
+def _pillow_refused(max_pixels: int) -> ImageDecodeError:
+    return ImageDecodeError("decompression_bomb", f"the image exceeds Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS}); "
+                            f"the configured limit is {max_pixels} pixels (max_image_pixels)")
+
+
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode to HxWx3 uint8 RGB; the header checks of `probe_image` come first, before any pixel."""
     probe_image(data, max_pixels)
@@ -89,8 +93,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError("decompression_bomb", f"the image exceeds Pillow's pixel limit "
-                               f"({Image.MAX_IMAGE_PIXELS}); the configured limit is {max_pixels}") from None
+        raise _pillow_refused(max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("truncated_image", f"the image could not be decoded completely ({exc})") from None
     try:

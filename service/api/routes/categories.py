@@ -11,10 +11,9 @@ from pydantic import ValidationError
 
 from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
-from service.api.body import json_body, json_request_body
+from service.api.body import invalid, json_body, json_request_body
 from service.api.category_extras import category_threshold
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import validation_body
 from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
 from service.catalog.llm import LLMError, agenerate_descriptions, write_draft
@@ -86,8 +85,7 @@ async def put_category(
     try:
         category = Category(name=name, noun=noun, descriptions=tuple(body.descriptions))
     except ValidationError as exc:
-        err = validation_body(exc.errors())["error"]
-        raise ServiceError(422, "validation_error", err["message"], details={"fields": err["fields"]}) from None
+        raise invalid(exc.errors()) from None
     applied = await backend.put_category(category)
     out = _out(category).model_copy(update={"workers_ready": applied.workers_ready,
                                             "workers_live": applied.workers_live})

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
-from service.api.body import invalid, is_json, parse_json
+from service.api.body import invalid, is_json, media_type, parse_json
 from service.api.deps import BackendDep, SettingsDep
 from service.api.schemas import (
     ERROR_RESPONSES,
@@ -85,7 +85,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 
 async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
     """The image bytes and parameters, from multipart or JSON; anything else is 415."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype == "multipart/form-data":
         async with request.form() as form:  # closes the spooled upload files afterwards
             image = form.get("image")

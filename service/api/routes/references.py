@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_admin_key, require_api_key
+from service.api.body import media_type
 from service.api.category_extras import load_refs, load_threshold
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
@@ -92,7 +93,7 @@ async def _store_refs(backend: Any, name: str, refs: ReferenceSet) -> dict[str, 
 
 async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
     """The file parts named in `fields`, each fully decoded (a broken file refuses the whole request)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype != "multipart/form-data":
         if not (await request.body()):
             return {f: [] for f in fields}
