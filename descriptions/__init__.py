@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 FORMAT = "filo-descriptions/v1"
 BUNDLED_DIR = Path(__file__).resolve().parent
 BUNDLED_FILES = ("mvtec.json", "visa.json")
+CATEGORY_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9_. -]*[A-Za-z0-9_.-])?$"
+"""The one rule for a category name, here and in the API's `/v1/categories/{name}` routes: a letter or
+digit first, then letters, digits, `_`, `.`, `-` and spaces (`metal nut`), no space at the end, at most
+100 characters; never a `/`, so a name is also a safe file and URL path segment."""
+CATEGORY_NAME_MAX_LENGTH = 100
 
 
 class DescriptionsError(ValueError):
@@ -45,7 +51,7 @@ class Category(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=100)
+    name: str = Field(min_length=1, max_length=CATEGORY_NAME_MAX_LENGTH)
     noun: str = Field(min_length=1, max_length=100)
     descriptions: tuple[str, ...] = Field(min_length=1, max_length=64)
     status: Literal["reviewed", "draft"] = "reviewed"
@@ -55,6 +61,14 @@ class Category(BaseModel):
     def _printable(cls, v: str) -> str:
         if v != v.strip() or not v.isprintable():
             raise ValueError("must be printable with no leading/trailing whitespace")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, v: str) -> str:
+        if not re.fullmatch(CATEGORY_NAME_PATTERN, v):
+            raise ValueError("a category name is a letter or digit, then letters, digits, '_', '.', '-' or inner "
+                             "spaces")
         return v
 
     @field_validator("descriptions")
@@ -154,6 +168,8 @@ def bundled_version() -> str:
 
 
 __all__ = [
+    "CATEGORY_NAME_MAX_LENGTH",
+    "CATEGORY_NAME_PATTERN",
     "Category",
     "CategoryCatalog",
     "DescriptionsError",

@@ -42,8 +42,15 @@ POSITIONS: tuple[str, ...] = (
 
 
 def abnormal_states(descriptions: Sequence[str]) -> list[str]:
-    """`abnormal {} with d` for each description, then the five generic states (released order)."""
-    return ["abnormal {} " + f"with {d}" for d in descriptions] + list(GENERIC_ABNORMAL_STATES)
+    """`abnormal {} with d` for each description, then the five generic states (released order).
+
+    A state is a format string (`{}` takes the noun), so a description's own braces are escaped: they
+    stay text, never a placeholder (`{0}`) or a broken format (`}`)."""
+    return ["abnormal {} " + f"with {_literal(d)}" for d in descriptions] + list(GENERIC_ABNORMAL_STATES)
+
+
+def _literal(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def context_placeholder(n_ctx: int) -> str:

@@ -107,6 +107,10 @@ class FiloSettings(BaseSettings):
         "pods and workers the same value",
     )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers together; a longer head is answered 431 "
+        "headers_too_large (filo serve reads at most this plus one socket read of it)",
+    )
     max_image_pixels: int = Field(40_000_000, ge=1024)
     api_keys: list[str] = Field(default_factory=list)
     admin_key: str | None = None

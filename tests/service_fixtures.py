@@ -149,11 +149,17 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 class ServerThread:
-    """A real uvicorn server for `app` on a free loopback port, in a daemon thread."""
+    """A real uvicorn server for `app` on a free loopback port, in a daemon thread; an API app (one with
+    its FiloSettings on `app.state`) runs under the configuration `filo serve` uses (the bounded h11)."""
 
     def __init__(self, app: object) -> None:
+        from service.api.server import serve_config
+
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        kwargs: dict = {"host": "127.0.0.1", "port": self.port, "log_level": "warning", "lifespan": "on"}
+        config = (serve_config(app, settings, **kwargs) if isinstance(settings, FiloSettings)
+                  else uvicorn.Config(app, **kwargs))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -27,6 +27,7 @@ from service.core.telemetry import Metrics
 from service.settings import FiloSettings
 
 API_VERSION = "1.0.0"
+NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 class BodyLimitMiddleware:
@@ -84,6 +85,30 @@ class BodyLimitMiddleware:
             await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+
+
+class NoSniffMiddleware:
+    """`X-Content-Type-Options: nosniff` on every response, so no browser reads a JSON body (which may
+    echo client text) as anything but its declared type. The 500 handler sets it itself: its answer
+    comes from Starlette's outermost middleware, outside this one."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
+                    headers.append(NOSNIFF)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
 
 
 class MetricsMiddleware:
@@ -158,4 +183,5 @@ def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
             expose_headers=["X-Request-Id", "Retry-After"],
         )
     app.add_middleware(MetricsMiddleware, metrics=backend.metrics)
+    app.add_middleware(NoSniffMiddleware)
     return app

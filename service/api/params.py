@@ -6,4 +6,10 @@ from typing import Annotated
 
 from fastapi import Path
 
-NameParam = Annotated[str, Path(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+from descriptions import CATEGORY_NAME_MAX_LENGTH, CATEGORY_NAME_PATTERN
+
+NameParam = Annotated[str, Path(
+    min_length=1, max_length=CATEGORY_NAME_MAX_LENGTH, pattern=CATEGORY_NAME_PATTERN,
+    description="category name (the catalog's one rule: letters, digits, `_`, `.`, `-` and inner spaces, "
+    "URL-encoded, e.g. `metal%20nut`)",
+)]

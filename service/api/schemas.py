@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -11,6 +11,19 @@ from service.records.model import SOURCE_PATTERN
 
 HeatmapMode = Literal["jpeg", "png", "map", "none"]
 MAX_HEATMAP_SIDE = 8192
+IMAGE_RULES = ("any format Pillow decodes (PNG, JPEG, BMP, TIFF, WebP, ...), at least 2x2 pixels and at most "
+               "`max_image_pixels` pixels (default 40 MP), within `max_body_bytes`")
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""Strict base64 (the standard alphabet, padded, no whitespace): what `b64decode(validate=True)` accepts."""
+
+# What the catalog (descriptions.Category) accepts of a noun and a description, as JSON-schema patterns:
+# printable characters without leading or trailing space (a description: no '.', which is Grounding DINO's
+# caption separator; its surrounding spaces are trimmed). The server takes any printable Unicode; the
+# patterns name printable Latin (ASCII, Latin-1, Latin Extended-A/B), a subset a client can rely on.
+_TEXT_CHAR = "!-~\u00a1-\u00ac\u00ae-\u024f"
+_DESCRIPTION_CHAR = "!-\\-/-~\u00a1-\u00ac\u00ae-\u024f"  # _TEXT_CHAR without '.'
+NOUN_PATTERN = f"^[{_TEXT_CHAR}](?:[ {_TEXT_CHAR}]*[{_TEXT_CHAR}])?$"
+DESCRIPTION_PATTERN = f"^ *[{_DESCRIPTION_CHAR}][ {_DESCRIPTION_CHAR}]*$"
 
 
 class InspectParams(BaseModel):
@@ -27,7 +40,7 @@ class InspectParams(BaseModel):
         "anomaly map as an 8-bit grayscale PNG (v/255 within 1/510 of the map value), for clients that colour it "
         "themselves; 'none': no heatmap",
     )
-    heatmap_size: Literal["original", "frame"] | int = Field(
+    heatmap_size: Literal["original", "frame"] | Annotated[int, Field(ge=16, le=MAX_HEATMAP_SIDE)] = Field(
         DEFAULT_HEATMAP_SIZE,
         description="'original' (the image's size), 'frame' (the model's square input frame) or the largest "
         f"long side in pixels (never enlarged; 16..{MAX_HEATMAP_SIDE})",
@@ -53,7 +66,10 @@ class InspectParams(BaseModel):
 class InspectJSON(InspectParams):
     """JSON body of POST /v1/inspect."""
 
-    image_base64: str = Field(..., min_length=1, description="the image file (PNG, JPEG, ...) base64-encoded")
+    image_base64: str = Field(
+        ..., min_length=1, description=f"the image file, base64-encoded (strict: padded, no whitespace); {IMAGE_RULES}",
+        json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"},  # checked by decoding it
+    )
 
 
 class BoxOut(BaseModel):
@@ -122,12 +138,22 @@ class InspectResponse(BaseModel):
 
 
 class CategoryIn(BaseModel):
-    """PUT /v1/categories/{name}: register (or replace) a category, or ask an LLM for a draft."""
+    """PUT /v1/categories/{name}: register (or replace) a category, or ask an LLM for a draft.
 
-    model_config = ConfigDict(extra="forbid")
+    Registering needs one or more descriptions; `generate: true` needs none (they are ignored)."""
 
-    noun: str | None = Field(None, min_length=1, description="the word used in the prompts (default: name)")
-    descriptions: list[str] = Field(default_factory=list, description="fine-grained anomaly descriptions")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["descriptions"], "properties": {"descriptions": {"minItems": 1}}},
+        {"required": ["generate"], "properties": {"generate": {"const": True}}},
+    ]})
+
+    noun: str | None = Field(
+        None, min_length=1, max_length=100, description="the word used in the prompts (default: name); printable, "
+        "no leading or trailing space", json_schema_extra={"pattern": NOUN_PATTERN},
+    )
+    descriptions: list[Annotated[str, Field(max_length=200, json_schema_extra={"pattern": DESCRIPTION_PATTERN})]] = (
+        Field(default_factory=list, max_length=64, description="fine-grained anomaly descriptions: 1 to 64 (unless "
+              "`generate`), each printable, at most 200 characters, not blank, without '.'"))
     generate: bool = Field(False, description="ask the configured LLM for descriptions; returns a draft")
     count: int = Field(10, ge=1, le=50, description="with generate: how many descriptions to ask for")
 
@@ -188,6 +214,7 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text}
     for status, text in {
+        400: "the body cannot be parsed (malformed multipart, a JSON body that is not UTF-8)",
         401: "missing or wrong API key",
         403: "admin key required",
         404: "unknown category (lists the known ones)",
@@ -195,6 +222,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         415: "unsupported media type or not an image",
         422: "bad parameters, truncated image or decompression bomb",
         429: "queue full (see Retry-After)",
+        431: "request line and headers over `max_header_bytes` (64 KiB)",
         500: "the model failed on this request",
         503: "not ready or queue unreachable",
         504: "deadline exceeded",

@@ -39,9 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_level: str) -> int:
     import uvicorn
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    from service.api.server import serve_config
+
+    server = uvicorn.Server(serve_config(app, settings, log_level=log_level, timeout_graceful_shutdown=10))
 
     async def watch_fatal() -> None:
         """A model that cannot load (e.g. missing weights) must stop the process, not idle unready."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,11 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from models.frame import FrameGeometry
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The pixel limit is the configured `max_image_pixels`, checked from the header (`probe_image`) before
+# any pixel is decoded, by every decode here. Pillow's own process-wide limit (a warning past 89 MP, an
+# error past twice that) would otherwise refuse first, with its own message instead of the configured
+# limit, and cap what can be configured.
+Image.MAX_IMAGE_PIXELS = None
 # Images are processed in parallel by request (API) or entry (worker) threads already; OpenCV's own
 # pool on top would oversubscribe the cores and hide its CPU from per-thread accounting (the bench).
 cv2.setNumThreads(1)
@@ -61,33 +65,35 @@ def probe_image(data: bytes, max_pixels: int) -> ImageInfo:
     if not data:
         raise ImageDecodeError("not_an_image", "the image is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                (w, h), fmt = img.size, img.format or "unknown"
+        with Image.open(io.BytesIO(data)) as img:
+            (w, h), fmt = img.size, img.format or "unknown"
     except UnidentifiedImageError:
         raise ImageDecodeError("not_an_image", "the data is not an image in a supported format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("decompression_bomb", str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # only if someone restored Pillow's limit
+        raise _pillow_refused(max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("truncated_image", f"the image header could not be read ({exc})") from None
     if w * h > max_pixels:
-        raise ImageDecodeError("decompression_bomb", f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        raise ImageDecodeError("decompression_bomb", f"image of {w}x{h} = {w * h} pixels exceeds the limit of "
+                               f"{max_pixels} pixels (max_image_pixels)")
     if w < 2 or h < 2:
         raise ImageDecodeError("unsupported_image", f"image of {w}x{h} is too small to inspect")
     return ImageInfo(w, h, fmt)
+
+
+def _pillow_refused(max_pixels: int) -> ImageDecodeError:
+    return ImageDecodeError("decompression_bomb", f"the image exceeds Pillow's pixel limit ({Image.MAX_IMAGE_PIXELS}); "
+                            f"the configured limit is {max_pixels} pixels (max_image_pixels)")
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode to HxWx3 uint8 RGB; the header checks of `probe_image` come first, before any pixel."""
     probe_image(data, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError("decompression_bomb", str(exc)) from None
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _pillow_refused(max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError("truncated_image", f"the image could not be decoded completely ({exc})") from None
     try:

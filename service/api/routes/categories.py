@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
@@ -10,9 +11,9 @@ from pydantic import ValidationError
 
 from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
+from service.api.body import invalid, json_body, json_request_body
 from service.api.category_extras import category_threshold
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import validation_body
 from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
 from service.catalog.llm import LLMError, agenerate_descriptions, write_draft
@@ -21,7 +22,6 @@ from service.core.errors import CategoryNotFoundError, ServiceError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["categories"])
-
 
 
 def _out(c: Category) -> CategoryOut:
@@ -51,9 +51,10 @@ async def get_category(name: NameParam, backend: BackendDep, settings: SettingsD
     responses={**ERROR_RESPONSES, 202: {"model": CategoryOut, "description": "an LLM draft, not registered"},
                502: ERROR_RESPONSES[503] | {"description": "the LLM endpoint failed"}},
     dependencies=[Depends(require_admin_key)],
+    openapi_extra=json_request_body(CategoryIn),
 )
 async def put_category(
-    body: CategoryIn,
+    body: Annotated[CategoryIn, Depends(json_body(CategoryIn))],
     name: NameParam,
     backend: BackendDep,
     settings: SettingsDep,
@@ -84,8 +85,7 @@ async def put_category(
     try:
         category = Category(name=name, noun=noun, descriptions=tuple(body.descriptions))
     except ValidationError as exc:
-        err = validation_body(exc.errors())["error"]
-        raise ServiceError(422, "validation_error", err["message"], details={"fields": err["fields"]}) from None
+        raise invalid(exc.errors()) from None
     applied = await backend.put_category(category)
     out = _out(category).model_copy(update={"workers_ready": applied.workers_ready,
                                             "workers_live": applied.workers_live})

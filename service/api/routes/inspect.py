@@ -21,11 +21,18 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
+from service.api.body import invalid, is_json, media_type, parse_json
 from service.api.category_extras import ReviewMargins
 from service.api.deps import BackendDep, SettingsDep
-from service.api.errors import validation_body
 from service.api.recording import build_record, needs_review, record_heatmap_spec
-from service.api.schemas import ERROR_RESPONSES, MAX_HEATMAP_SIDE, InspectJSON, InspectParams, InspectResponse
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    IMAGE_RULES,
+    MAX_HEATMAP_SIDE,
+    InspectJSON,
+    InspectParams,
+    InspectResponse,
+)
 from service.backends.base import InspectJob
 from service.core.errors import IMAGE_ERROR_STATUS, ServiceError
 from service.core.imaging import (
@@ -44,9 +51,10 @@ router = APIRouter(prefix="/v1", tags=["inspection"])
 _FORM_SCHEMA = {
     "type": "object",
     "required": ["image", "category"],
+    "additionalProperties": False,
     "properties": {
-        "image": {"type": "string", "format": "binary", "description": "the image file"},
-        "category": {"type": "string"},
+        "image": {"type": "string", "format": "binary", "description": f"the image file: {IMAGE_RULES}"},
+        "category": {"type": "string", "minLength": 1, "description": "registered category (see GET /v1/categories)"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 100},
         "grounding": {"type": "boolean"},
         "heatmap": {"type": "string", "enum": ["jpeg", "png", "map", "none"], "default": DEFAULT_HEATMAP_FORMAT},
@@ -79,14 +87,9 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _invalid(errors: Any) -> ServiceError:
-    body = validation_body(errors)["error"]
-    return ServiceError(422, body["code"], body["message"], details={"fields": body["fields"]})
-
-
 async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
     """The image bytes and parameters, from multipart or JSON; anything else is 415."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype == "multipart/form-data":
         async with request.form() as form:  # closes the spooled upload files afterwards
             image = form.get("image")
@@ -99,14 +102,11 @@ async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
             except ValidationError as exc:
                 errors = list(exc.errors()) + errors
             if errors:
-                raise _invalid(errors)
+                raise invalid(errors)
             assert isinstance(image, UploadFile)
             return await image.read(), params
-    if ctype == "application/json" or ctype.endswith("+json"):
-        try:
-            body = InspectJSON.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _invalid(exc.errors()) from None
+    if is_json(ctype):
+        body = parse_json(InspectJSON, await request.body())
         try:
             data = base64.b64decode(body.image_base64, validate=True)
         except (binascii.Error, ValueError):

@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 
 from service.api.auth import Admin, require_api_key
+from service.api.body import media_type
 from service.api.category_extras import (
     current_threshold,
     load_refs,
@@ -32,7 +33,7 @@ from service.api.category_extras import (
 )
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, IMAGE_RULES
 from service.backends.base import InspectJob
 from service.catalog.references import (
     REFERENCES_KIND,
@@ -47,16 +48,24 @@ from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["references"])
 
+_IMAGE_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
 _MULTIPART_IMAGES = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["images"],
-        "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}
+        "properties": {"images": {**_IMAGE_FILES, "minItems": 1,
+                                  "description": f"one file part per normal image: {IMAGE_RULES}"}}}}}}
 }
 _MULTIPART_LABELLED = {
     "requestBody": {"required": False, "content": {"multipart/form-data": {"schema": {
         "type": "object",
-        "properties": {"good": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                       "defective": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}
+        "description": "labelled images, at least one of each kind; or no images at all (the references rule)",
+        "properties": {"good": {**_IMAGE_FILES, "description": f"normal images: {IMAGE_RULES}"},
+                       "defective": {**_IMAGE_FILES, "description": f"anomalous images: {IMAGE_RULES}"}},
+        "anyOf": [
+            {"properties": {"good": {"maxItems": 0}, "defective": {"maxItems": 0}}},
+            {"required": ["good", "defective"],
+             "properties": {"good": {"minItems": 1}, "defective": {"minItems": 1}}},
+        ]}}}}
 }
 
 
@@ -101,7 +110,7 @@ async def _replace_refs(backend: Any, settings: Any, name: str, refs: ReferenceS
 
 async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
     """The file parts named in `fields`, each fully decoded (a broken file refuses the whole request)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype != "multipart/form-data":
         if not (await request.body()):
             return {f: [] for f in fields}
@@ -201,7 +210,11 @@ async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, r
     await _put(backend, name, THRESHOLD_KIND, updated.to_json())
 
 
-@router.post("/{name}/calibrate", responses=ERROR_RESPONSES, openapi_extra=_MULTIPART_LABELLED)
+_CALIBRATE_RESPONSES = {**ERROR_RESPONSES, 409: ERROR_RESPONSES[503] | {
+    "description": "the images were scored by different model versions (a rolling deploy); calibrate again"}}
+
+
+@router.post("/{name}/calibrate", responses=_CALIBRATE_RESPONSES, openapi_extra=_MULTIPART_LABELLED)
 async def calibrate(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep,
                     who: Admin) -> dict:
     """Set the category's threshold: F1-max on labelled images (`good` and `defective` file parts), or,
