@@ -23,6 +23,7 @@ and statuses (documented in the OpenAPI description too):
 | 422 | truncated_image / decompression_bomb | an image, but cut short or over `max_image_pixels` (the message says the limit) |
 | 422 | missing_field | a required field (`category`, `image`) is absent; `fields` names it |
 | 422 | validation_error / invalid_base64 | bad parameters, malformed JSON, or a category name outside the name rule |
+| 422 | invalid_cursor | a records page `cursor` this server did not give out |
 | 422 | not_enough_references | calibrating from references needs at least 2 |
 | 429 | queue_full | too many requests queued; retry after `Retry-After` seconds |
 | 431 | headers_too_large | request line and headers over `max_header_bytes` (64 KiB); the connection is closed |

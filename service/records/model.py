@@ -27,17 +27,6 @@ def iso(ms: int | None) -> str | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_time(value: str) -> int:
-    """ISO-8601 (a bare date or naive time is UTC) to epoch milliseconds; ValueError when it is not one."""
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
-
-
 @dataclass
 class Artefact:
     kind: Literal["image", "heatmap"]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import Reader, Reviewer
 from service.api.deps import BackendDep
@@ -31,7 +32,6 @@ from service.records.model import (
     csv_row,
     iso,
     now_ms,
-    parse_time,
 )
 from service.records.recorder import Records
 
@@ -51,28 +51,24 @@ class Filters(BaseModel):
     verdict: Literal["ok", "ng"] | None = None
     reviewed: bool | None = None
     needs_review: bool | None = None
-    since: str | None = Field(None, description="ISO-8601 time, inclusive (UTC without an offset)")
-    until: str | None = Field(None, description="ISO-8601 time, exclusive")
-
-    @field_validator("since", "until")
-    @classmethod
-    def _time(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                parse_time(v)
-            except ValueError:
-                raise ValueError("an ISO-8601 time such as 2026-12-04T08:00:00Z") from None
-        return v
+    since: datetime | None = Field(None, description="ISO-8601 time, inclusive (UTC without an offset)")
+    until: datetime | None = Field(None, description="ISO-8601 time, exclusive")
 
     def query(self) -> RecordQuery:
         return RecordQuery(self.category, self.source, self.verdict, self.reviewed, self.needs_review,
-                           parse_time(self.since) if self.since else None,
-                           parse_time(self.until) if self.until else None)
+                           epoch_ms(self.since), epoch_ms(self.until))
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    if moment is None:
+        return None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp() * 1000)
 
 
 class Page(Filters):
     limit: int = Field(50, ge=1, le=MAX_LIMIT)
-    cursor: str | None = Field(None, max_length=200)
+    cursor: str | None = Field(None, max_length=200, description="next_cursor of the previous page, as given "
+                               "(opaque; any other value is refused with 422 invalid_cursor)")
 
 
 class StatsFilters(Filters):
@@ -111,7 +107,7 @@ async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, 
     try:
         cursor = Cursor.decode(page.cursor) if page.cursor else None
     except ValueError:
-        raise ServiceError(422, "validation_error", "cursor is not one this server gave out",
+        raise ServiceError(422, "invalid_cursor", "cursor is not one this server gave out (pass next_cursor as is)",
                            details={"fields": [{"field": "cursor", "message": "not a cursor"}]}) from None
     items, nxt = await _records(backend).list(page.query(), page.limit, cursor)
     return {"items": [r.out() for r in items], "next_cursor": nxt.encode() if nxt else None}
