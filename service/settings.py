@@ -163,6 +163,10 @@ class FiloSettings(BaseSettings):
         "oldest are dropped (counted in filo_records_failed_total{reason=dropped})",
     )
     records_stream: str = Field("filo:records", description="queue mode: the Redis stream records travel through")
+    records_stream_max: int = Field(
+        50_000, ge=100, description="queue mode: records waiting in the stream past which they travel without "
+        "artefacts; past 4x this none are appended (they wait in the API's buffer), so Redis keeps its memory",
+    )
     records_group: str = Field("filo-recorders", description="queue mode: consumer group of the record writers")
     records_claim_idle_ms: int = Field(30_000, ge=100, description="queue mode: records pending this long at "
                                        "another writer (a dead pod) are taken over")

@@ -99,7 +99,7 @@ def test_a_record_delivered_again_is_written_once(redis_url: str, postgres: Post
     from redis.asyncio import Redis as AsyncRedis
 
     from service.core.telemetry import Metrics
-    from service.queue.records_stream import RecordConsumer, append_records
+    from service.queue.records_stream import RecordAppender, RecordConsumer
     from service.records.recorder import Records
     from tests.service_fixtures import demo_settings
 
@@ -115,7 +115,7 @@ def test_a_record_delivered_again_is_written_once(redis_url: str, postgres: Post
         await wait_task
         consumer = RecordConsumer(client, records, settings, records.metrics, "writer-a")
         await consumer.ensure_group()
-        await append_records(client, settings.records_stream, [record])
+        await RecordAppender(client, settings, records.metrics)([record])
         await records.write([record])  # the row is in, the stream entry is not yet acknowledged
         settled = await consumer.drain_once()
         await records.stop()
@@ -141,3 +141,42 @@ def test_review_and_learn_in_queue_mode(redis_url: str, worker_pool: WorkerPool,
             wait_until(lambda: client.get("/v1/inspections", headers={"Authorization": f"Bearer {API}"})
                        .status_code == 200, 30, what="records ready")
             learn_loop(client)
+
+
+def test_a_long_database_outage_cannot_fill_redis(redis_url: str) -> None:  # noqa: F811
+    """Past records_stream_max waiting records the artefacts stay behind; past 4x nothing more is appended."""
+    import asyncio
+
+    from redis.asyncio import Redis as AsyncRedis
+
+    from service.core.telemetry import Metrics
+    from service.queue.records_stream import RecordAppender, StreamFull
+    from service.records.model import Artefact
+    from tests.service_fixtures import demo_settings
+
+    settings = demo_settings(redis_url=redis_url, records_stream_max=100)
+
+    def rec(i: int) -> InspectionRecord:
+        return InspectionRecord(f"cap-{i}", now_ms(), "bottle", 0.7, True, False, 0.5, "default", 0, None, [], [],
+                                "m", {}, None, [Artefact("image", "image/png", b"x" * 1000)])
+
+    async def scenario() -> tuple[int, int, float, bool]:
+        client = AsyncRedis.from_url(redis_url)
+        metrics = Metrics()
+        append = RecordAppender(client, settings, metrics)
+        await append([rec(i) for i in range(100)])
+        full_before = await client.xlen(settings.records_stream)
+        await append([rec(i) for i in range(100, 400)])  # over the soft limit: no artefacts
+        last = (await client.xrevrange(settings.records_stream, count=1))[0][1]
+        refused = False
+        try:
+            await append([rec(400)])
+        except StreamFull:
+            refused = True
+        length = await client.xlen(settings.records_stream)
+        await client.aclose()
+        return full_before, length, metrics.records_failed.labels(reason="artefacts_dropped")._value.get(), \
+            refused and b"image" not in last
+
+    before, length, dropped, refused = asyncio.run(scenario())
+    assert (before, length, dropped, refused) == (100, 400, 300, True)

@@ -32,7 +32,7 @@ from service.core.retry_after import QueueWaitEstimate
 from service.core.telemetry import Metrics
 from service.queue.producer import NO_WORKERS, NOT_SEEDED, QUEUE_FULL, UNKNOWN_CATEGORY, Producer
 from service.queue.protocol import Job, ensure_group, result_from_dict
-from service.queue.records_stream import RecordConsumer, append_records
+from service.queue.records_stream import RecordAppender, RecordConsumer
 from service.records.catalog_archive import CatalogArchive
 from service.records.recorder import Records, records_url
 from service.settings import FiloSettings
@@ -66,10 +66,8 @@ class RedisBackend:
         self._keeper: CatalogKeeper | None = None  # the catalog's durable copy in the records database
         self._keeper_task: asyncio.Task | None = None
         if settings.records:
-            stream = settings.records_stream
             url = records_url(settings, settings.state_dir or default_state_dir())
-            self.records = Records(settings, self.metrics, url,
-                                   flush=lambda batch: append_records(self.redis, stream, batch))
+            self.records = Records(settings, self.metrics, url, flush=RecordAppender(self.redis, settings, self.metrics))
             self._recorder = RecordConsumer(self.redis, self.records, settings, self.metrics,
                                             f"{socket.gethostname()}-{os.getpid()}")
             self._keeper = CatalogKeeper(self.store, CatalogArchive(self.records.store.engine), self.metrics,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -26,12 +27,39 @@ RETRY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
 READ_BLOCK_MS = 1000
 
 
-async def append_records(redis: Redis, stream: str, batch: list[InspectionRecord]) -> None:
-    """The producer side: one pipeline per batch (what `RecordBuffer` flushes into in queue mode)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for record in batch:
-            pipe.xadd(stream, record.to_wire())  # type: ignore[arg-type]
-        await pipe.execute()
+class StreamFull(RuntimeError):
+    """The records stream holds `4 x records_stream_max` entries: the database has been away too long."""
+
+
+class RecordAppender:
+    """The producer side, what `RecordBuffer` flushes into in queue mode: one pipeline per batch.
+
+    While the database is away the stream grows, and it shares Redis with the requests. Past
+    `records_stream_max` entries the records travel without their artefacts (the image and heatmap are the
+    bulk; counted in `filo_records_failed_total{reason="artefacts_dropped"}`); past four times that, nothing
+    more is appended and the records wait in this process's bounded buffer instead, so the queue keeps
+    its memory.
+    """
+
+    def __init__(self, redis: Redis, settings: FiloSettings, metrics: Metrics) -> None:
+        self.redis = redis
+        self.stream = settings.records_stream
+        self.soft_max = settings.records_stream_max
+        self.metrics = metrics
+
+    async def __call__(self, batch: list[InspectionRecord]) -> None:
+        length = int(await self.redis.xlen(self.stream))
+        if length >= 4 * self.soft_max:
+            raise StreamFull(f"the records stream holds {length} entries; the database must be away")
+        if length >= self.soft_max:
+            stripped = sum(1 for r in batch if r.artefacts)
+            batch = [replace(r, artefacts=[]) for r in batch]
+            if stripped:
+                self.metrics.records_failed.labels(reason="artefacts_dropped").inc(stripped)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record in batch:
+                pipe.xadd(self.stream, record.to_wire())  # type: ignore[arg-type]
+            await pipe.execute()
 
 
 class RecordConsumer:
