@@ -14,7 +14,18 @@ want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-python -m pip install -q --upgrade pip
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[model,service,eval,dev]"
+# pip's chatter (this machine's pip.conf names index folders that may be absent, and pip warns about
+# each for every package) goes to a log, so that a newcomer's first command prints the results; the log
+# is shown when an install fails.
+log=.venv/install.log
+echo "installing FiLo Inspect's dependencies into .venv (log: $log)" >&2
+if ! {
+  python -m pip install -q --upgrade pip &&
+  python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" &&
+  python -m pip install -q -e ".[model,service,eval,dev]"
+} >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" | tail -40 >&2
+  echo "setup_env.sh: pip install failed (whole log: $log)" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
