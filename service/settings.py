@@ -64,6 +64,10 @@ class FiloSettings(BaseSettings):
         False, description="torch.compile the image encoder (the first batch of each new size compiles: tens of "
         "seconds on a GPU); equal to the eager path within float rounding",
     )
+    cuda_graphs: bool = Field(
+        False, description="CUDA: compile the image encoder with CUDA graphs (torch.compile mode 'reduce-overhead') "
+        "on batches padded to power-of-two sizes up to max_batch_size, all recorded at warm-up; implies compile",
+    )
     pin_memory: bool = Field(True, description="CUDA: stage model inputs in pinned host memory, copy without blocking")
     gpu_image_path: bool = Field(
         False, description="CUDA worker: decode JPEGs with nvJPEG and resize and render heatmaps on the GPU; PNG and "

@@ -201,6 +201,23 @@ def test_compiled_encoder_on_cuda_equals_eager():
         _assert_close(_results(eager, reqs), _results(compiled, reqs), 1e-4, 1e-5)
 
 
+def test_cuda_graphs_equal_eager_and_keep_each_batch_its_own_outputs():
+    """FILO_CUDA_GRAPHS: graphed, bucketed encoder = eager; a later replay (another bucket, then the same
+    one) must not overwrite the results an earlier batch already returned."""
+    eager = build_random_engine("tiny", "cuda", grounding=False)
+    graphed = build_random_engine("tiny", "cuda", grounding=False)
+    graphed.compile(cuda_graphs=True, max_batch_size=4)
+    graphed.warmup()
+    with exact_fp32():
+        first, second = _requests(518), _requests(300)[:2]
+        got_first = _results(graphed, first)  # bucket 4, padded
+        got_second = _results(graphed, second)  # bucket 2
+        again = _results(graphed, first)  # bucket 4 again: replays over the first batch's buffers
+        _assert_close(_results(eager, first), got_first, 1e-4, 1e-5)
+        _assert_close(_results(eager, second), got_second, 1e-4, 1e-5)
+        _assert_close(got_first, again, 1e-6, 1e-7)
+
+
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
 def test_peak_memory_within_the_stated_budget(real_pair, batch_size):
     """README "GPU path": peak memory per batch size, bf16, Grounding DINO on, for FILO_MAX_BATCH_SIZE."""

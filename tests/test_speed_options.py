@@ -1,6 +1,8 @@
 """The GPU speed options against the plain path, on the CPU (their CUDA halves are in tests/test_cuda.py).
 
 - FILO_COMPILE: torch.compile of the image encoder equals the eager encoder;
+- FILO_CUDA_GRAPHS: batches padded to bucket sizes give the unpadded results, through the compiled encoder
+  too (CUDA graphs themselves only exist on a GPU: tests/test_cuda.py);
 - FILO_PIN_MEMORY: the pinned, non-blocking copy changes no value;
 - FILO_GPU_IMAGE_PATH: the wiring (decode to a tensor, prepare from it, render from it) runs on CPU tensors
   here, forced on, through the embedded server and the queue worker, and stays within the bounds that
@@ -20,6 +22,7 @@ from PIL import Image
 
 from filo_lab.bench.model import build_random_engine, time_batches
 from service.core.types import InspectRequest, InspectResult
+from service.engine.buckets import BucketedEncoder, bucket_for, bucket_sizes
 from tests.conftest import synthetic_image
 
 
@@ -41,6 +44,54 @@ def test_compiled_encoder_equals_eager():
         assert isinstance(a, InspectResult) and isinstance(b, InspectResult)
         assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-4
         assert abs(a.score - b.score) < 1e-5
+
+
+def test_bucket_sizes_are_powers_of_two_up_to_the_largest_batch():
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(8) == (1, 2, 4, 8)
+    assert bucket_sizes(12) == (1, 2, 4, 8, 12)
+    assert [bucket_for(n, bucket_sizes(12)) for n in (1, 3, 5, 9, 12, 20)] == [1, 4, 8, 12, 12, 20]
+
+
+def _mixed_requests(n: int) -> list[InspectRequest]:
+    cats = ("bottle", "pcb1", "screw")
+    return [InspectRequest(synthetic_image(200 + 16 * s, 260, seed=s), cats[s % 3], grounding=False) for s in range(n)]
+
+
+def _assert_same_results(a_results, b_results, map_tol: float, score_tol: float) -> None:
+    for a, b in zip(a_results, b_results, strict=True):
+        assert isinstance(a, InspectResult) and isinstance(b, InspectResult)
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < map_tol
+        assert abs(a.score - b.score) < score_tol
+        assert [t.description for t in a.top_types] == [t.description for t in b.top_types]
+
+
+def test_padded_batches_give_the_unpadded_results():
+    """Three images padded to a bucket of 4 (and 1 to 4): the blank images change nothing in the others."""
+    plain = build_random_engine("tiny", "cpu", grounding=False)
+    padded = build_random_engine("tiny", "cpu", grounding=False)
+    padded.model.encoder = BucketedEncoder(padded.model.encoder, (4, 8))
+    assert padded.model.tap_layout == plain.model.tap_layout
+    for n in (3, 1, 4):
+        reqs = _mixed_requests(n)
+        _assert_same_results(plain.inspect_batch(reqs), padded.inspect_batch(reqs), 1e-5, 1e-6)
+    # past the largest bucket the batch runs as it is
+    assert padded.model.encode_images(torch.zeros(9, 3, plain.image_size, plain.image_size)).global_feature.shape[0] == 9
+
+
+@pytest.mark.slow
+def test_cuda_graph_option_compiles_every_bucket_and_equals_eager():
+    """FILO_CUDA_GRAPHS on the CPU: the same compiled, bucketed encoder (inductor records graphs only for
+    CUDA tensors), warmed at every bucket, equal to eager for batch sizes between the buckets."""
+    eager = build_random_engine("tiny", "cpu", grounding=False)
+    graphed = build_random_engine("tiny", "cpu", grounding=False)
+    graphed.compile(cuda_graphs=True, max_batch_size=4)
+    graphed.compile(cuda_graphs=True, max_batch_size=4)  # idempotent
+    assert isinstance(graphed.model.encoder, BucketedEncoder) and graphed.warmup_buckets == (1, 2, 4)
+    graphed.warmup()
+    for n in (3, 2):
+        reqs = _mixed_requests(n)
+        _assert_same_results(eager.inspect_batch(reqs), graphed.inspect_batch(reqs), 1e-4, 1e-5)
 
 
 def test_pinned_copy_option_changes_no_value():

@@ -180,7 +180,8 @@ def step_bench(check: Check) -> None:
     ob = str(p.option_batch)
     runs = [_bench(check, "sweep", ["--batch-sizes", p.batch_sizes, "--precisions", p.precisions, "--grounding",
                                     "both", "--profile-batch", ob], min(p.sweep_s, check.left_s() - 30))]
-    options = [("no-pinned-copies", ["--no-pin-memory"], 60.0), ("compiled-encoder", ["--compile"], 100.0)]
+    options = [("no-pinned-copies", ["--no-pin-memory"], 60.0), ("compiled-encoder", ["--compile"], 100.0),
+               ("cuda-graphs", ["--cuda-graphs"], 150.0)]
     for name, flags, limit in options:
         if check.left_s() < 200 + limit:
             runs.append({"name": name, "exit": None, "rows": [], "skipped": "out of time"})

@@ -106,17 +106,22 @@ def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: 
 
 
 def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[str], groundings: list[bool],
-              iters: int, warmup: int, compile: bool = False, pin_memory: bool = True) -> Iterator[BenchRow]:
+              iters: int, warmup: int, compile: bool = False, pin_memory: bool = True,
+              cuda_graphs: bool = False) -> Iterator[BenchRow]:
     for grounding in groundings:
         engine = build_random_engine(arch, device, grounding)
         engine.pin_memory = pin_memory
-        if compile:
-            engine.compile()
+        if compile or cuda_graphs:
+            # CUDA graphs: buckets up to the largest batch measured, recorded before timing (the service
+            # records them at warm-up too)
+            engine.compile(cuda_graphs=cuda_graphs, max_batch_size=max(batch_sizes))
+            if cuda_graphs:
+                engine.warmup()
         for precision in precisions:
             engine.precision = precision
             for bs in batch_sizes:
                 ips, ms, peak = time_batches(engine, bs, iters, warmup)
-                yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile, pin_memory)
+                yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile or cuda_graphs, pin_memory)
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (FILO_COMPILE)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compile the encoder with CUDA graphs on bucketed batch sizes (FILO_CUDA_GRAPHS)")
     p.add_argument("--no-pin-memory", action="store_true",
                    help="plain blocking copies of the pixels instead of pinned, non-blocking ones")
     p.add_argument("--json", metavar="FILE", help="also write the rows (and FLOP parts, bf16 deviation) as JSON")
@@ -77,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     groundings = {"on": [True], "off": [False], "both": [False, True]}[args.grounding]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}; "
-          f"encoder compiled: {'yes' if args.compile else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
+          f"encoder compiled: {'yes' if args.compile else 'no'}; CUDA graphs: {'yes' if args.cuda_graphs else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
     print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     base: dict[tuple, float] = {}
     report: dict = {"device_name": name, "torch": torch.__version__, "arch": args.arch, "rows": []}
     for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup,
-                         compile=args.compile, pin_memory=not args.no_pin_memory):
+                         compile=args.compile, pin_memory=not args.no_pin_memory, cuda_graphs=args.cuda_graphs):
         report["rows"].append(asdict(row))
         _write_json(args.json, report)
         key = (row.precision, row.grounding)
@@ -95,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         engine = build_random_engine(args.arch, args.device, groundings[-1])
         engine.precision = precisions[-1]
         engine.pin_memory = not args.no_pin_memory
-        if args.compile:
-            engine.compile()
+        if args.compile or args.cuda_graphs:
+            engine.compile(cuda_graphs=args.cuda_graphs, max_batch_size=args.profile_batch)
+            engine.warmup()
         prof = profile_batch(engine, args.profile_batch)
         report["profile"] = prof
         busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"
