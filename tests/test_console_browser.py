@@ -358,6 +358,232 @@ def test_images_dropped_onto_the_page_are_inspected(driver: WebDriver, embedded:
     assert by_testid(card, "verdict").text in ("OK", "NG") and overlay_width(driver, card) > 0
 
 
+# --- the QA user's mends ---------------------------------------------------------------------------------------
+
+# Wraps the page's fetch: each answer of POST v1/inspect (from the real server) gets the next of `overrides`
+# merged in, so a test can pin top types, boxes or the threshold. A reload removes the wrapper.
+STUB_INSPECT = """
+const overrides = arguments[0];
+const real = window.fetch;
+let n = 0;
+window.fetch = async function (url, options) {
+  const response = await real.call(window, url, options);
+  if (!String(url).endsWith("v1/inspect") || !response.ok || !overrides.length) return response;
+  const body = await response.json();
+  Object.assign(body, overrides[Math.min(n, overrides.length - 1)]);
+  n += 1;
+  return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
+};
+"""
+
+
+def inspect_posts(driver: WebDriver, base: str) -> int:
+    """POST /v1/inspect requests the page sent since the last look at the network log."""
+    count = 0
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            request = message["params"]["request"]
+            count += request["method"] == "POST" and request["url"] == f"{base}/v1/inspect"
+    return count
+
+
+def rect(driver: WebDriver, element: WebElement) -> dict[str, float]:
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect();"
+                                 "return {left: r.left, top: r.top, right: r.right, bottom: r.bottom,"
+                                 " width: r.width, height: r.height};", element)
+
+
+def selected_category(driver: WebDriver) -> str:
+    return Select(by_testid(driver, "category")).first_selected_option.get_attribute("value")
+
+
+def test_reopening_history_selects_its_category(driver: WebDriver, embedded: ServerThread) -> None:
+    open_console(driver, embedded.url)
+    choose(driver, "bolt", [SAMPLES / "bolt_good.png"])
+    inspect(driver, 1)
+    choose(driver, "metal", [SAMPLES / "metal_good.png"])
+    inspect(driver, 1)
+    assert selected_category(driver) == "metal"
+    older = all_by_testid(driver, "history-item")[-1]
+    older.click()
+    [card] = all_by_testid(driver, "result")
+    assert by_testid(card, "file-name").text == "bolt_good.png"
+    assert selected_category(driver) == "bolt"  # the select, the descriptions and the facts follow the entry
+    assert "noun: bolt" in by_testid(driver, "category-info").text
+    assert driver.execute_script("return sessionStorage.getItem('filo.console.category')") == "bolt"
+    assert all_by_testid(driver, "result") == [card]  # reopening is not a category change: nothing cleared
+
+
+def test_changing_category_clears_results_and_is_remembered(driver: WebDriver, embedded: ServerThread) -> None:
+    open_console(driver, embedded.url)
+    choose(driver, "fabric", [SAMPLES / "fabric_good.png"])
+    inspect(driver, 1)
+    Select(by_testid(driver, "category")).select_by_value("washer")
+    assert all_by_testid(driver, "result") == [] and all_by_testid(driver, "result-failed") == []
+    assert by_testid(driver, "results-empty").is_displayed()  # the hint is back
+    assert by_testid(driver, "progress").text == ""
+    assert len(all_by_testid(driver, "history-item")) == 1  # the history keeps the fabric result
+
+    driver.refresh()  # the key and the category live in the tab's sessionStorage
+    wait_for(driver, lambda d: len(Select(by_testid(d, "category")).options) > 0, "categories after a reload")
+    assert selected_category(driver) == "washer"
+    assert "noun: washer" in by_testid(driver, "category-info").text
+
+    # a remembered category the server no longer has: the first one, said so, no error
+    driver.execute_script("sessionStorage.setItem('filo.console.category', 'gone_since')")
+    driver.refresh()
+    wait_for(driver, lambda d: len(Select(by_testid(d, "category")).options) > 0, "categories after a reload")
+    first = Select(by_testid(driver, "category")).options[0].get_attribute("value")
+    assert selected_category(driver) == first
+    assert "gone_since" in by_testid(driver, "progress").text
+    assert not by_testid(driver, "error").is_displayed()
+    assert driver.execute_script("return sessionStorage.getItem('filo.console.category')") == first
+    assert csp_violations(driver) == []
+
+
+def test_inspect_never_sends_the_same_files_twice(driver: WebDriver, embedded: ServerThread) -> None:
+    open_console(driver, embedded.url)
+    choose(driver, "bolt", [SAMPLES / "bolt_good.png", SAMPLES / "bolt_crack.png"])
+    inspect(driver, 2)
+    button = by_testid(driver, "inspect")
+    assert not button.is_enabled()
+    assert by_testid(driver, "pending").find_elements(By.TAG_NAME, "li") == []
+    # even a button forced back on sends nothing: the inspected files are no longer chosen
+    driver.execute_script("arguments[0].disabled = false; arguments[0].click();", button)
+    time.sleep(1.0)
+    assert inspect_posts(driver, embedded.url) == 2
+    assert len(all_by_testid(driver, "history-item")) == 2 and len(all_by_testid(driver, "result")) == 2
+    # new files: the button is back, and only the new file goes
+    by_testid(driver, "files").send_keys(str(SAMPLES / "bolt_good.png"))
+    wait_for(driver, lambda d: by_testid(d, "inspect").is_enabled(), "Inspect enabled for new files", timeout=5)
+    inspect(driver, 1)
+    assert inspect_posts(driver, embedded.url) == 1 and len(all_by_testid(driver, "history-item")) == 3
+
+
+def test_top_type_bars_share_one_fixed_scale(driver: WebDriver, embedded: ServerThread) -> None:
+    open_console(driver, embedded.url)
+    driver.execute_script(STUB_INSPECT, [
+        {"top_types": [{"description": "dark stain", "similarity": 0.5},
+                       {"description": "crack", "similarity": 0.25}]},
+        {"top_types": [{"description": "thin scratch", "similarity": 0.9},
+                       {"description": "round hole", "similarity": 0.5},
+                       {"description": "dark hole", "similarity": -0.2}]},
+    ])
+    choose(driver, "metal", [SAMPLES / "metal_good.png", SAMPLES / "metal_scratch.png"])
+    first, second = inspect(driver, 2)
+
+    def bars(card: WebElement) -> dict[str, float]:
+        out = {}
+        for li in by_testid(card, "top-types").find_elements(By.TAG_NAME, "li"):
+            track, bar = rect(driver, by_testid(li, "type-track")), rect(driver, by_testid(li, "type-bar"))
+            out[li.find_element(By.CLASS_NAME, "type-name").text] = bar["width"] / track["width"]
+        return out
+
+    a, b = bars(first), bars(second)
+    assert a["dark stain"] == pytest.approx(0.5, abs=0.01)  # 0.5 fills half, not the whole track
+    assert b["round hole"] == pytest.approx(a["dark stain"], abs=0.005)  # the same value, the same width
+    assert a["crack"] == pytest.approx(0.25, abs=0.01) and b["thin scratch"] == pytest.approx(0.9, abs=0.01)
+    assert b["dark hole"] == 0.0  # a negative cosine: an empty bar, the value still printed
+    assert "-0.200" in by_testid(second, "top-types").text
+
+
+def test_heatmap_legend_shows_the_scale_and_the_threshold(driver: WebDriver, embedded: ServerThread) -> None:
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    open_console(driver, embedded.url)
+    choose(driver, "fabric", [SAMPLES / "fabric_stain.png"])
+    [card] = inspect(driver, 1)
+    legend = by_testid(card, "legend")
+    assert legend.is_displayed()
+    assert by_testid(legend, "legend-min").text == "0" and by_testid(legend, "legend-max").text == "1"
+    threshold = float(by_testid(card, "result-threshold").text)
+    caption = by_testid(legend, "legend-caption").text
+    assert f"threshold {threshold:.3f}" in caption and "image score" in caption and "fixed 0–1" in caption
+    # the marker sits at the threshold on the 0..1 bar
+    bar, marker = rect(driver, by_testid(legend, "legend-bar")), rect(driver, by_testid(legend, "legend-threshold"))
+    centre = (marker["left"] + marker["right"]) / 2
+    assert (centre - bar["left"]) / bar["width"] == pytest.approx(threshold, abs=1.5 / bar["width"])
+    assert marker["top"] <= bar["top"] and marker["bottom"] >= bar["bottom"]
+    # its colours are the server's (OpenCV's COLORMAP_JET, what the overlay kinds blend), within one level
+    strip = driver.execute_script(
+        "const c = arguments[0]; return Array.from(c.getContext('2d').getImageData(0, 0, c.width, 1).data);",
+        by_testid(legend, "legend-bar"))
+    rgb = np.array(strip, dtype=int).reshape(-1, 4)[:, :3]
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(1, 256), cv2.COLORMAP_JET)[0][:, ::-1]
+    assert rgb.shape == (256, 3) and int(np.abs(rgb - jet.astype(int)).max()) <= 2
+    shot(driver, "legend")
+
+
+def test_box_labels_toggle_and_stay_inside_the_image(driver: WebDriver, embedded: ServerThread) -> None:
+    w = h = 256  # the samples' size
+    long_phrase = "long dark stain across the weave"
+    open_console(driver, embedded.url)  # (a fresh tab state: labels on)
+    driver.execute_script(STUB_INSPECT, [{"boxes": [
+        {"phrase": long_phrase, "confidence": 0.91, "valid": True, "x1": w - 12, "y1": h - 6, "x2": w, "y2": h},
+        {"phrase": "crack", "confidence": 0.5, "valid": True, "x1": 0, "y1": 0, "x2": 30, "y2": 20},
+        {"phrase": "scratch", "confidence": 0.4, "valid": True, "x1": w - 40, "y1": 0, "x2": w, "y2": 10},
+    ]}])
+    choose(driver, "fabric", [SAMPLES / "fabric_stain.png"])
+    [card] = inspect(driver, 1)
+    wait_for(driver, lambda d: len(all_by_testid(card, "box-label")) == 3, "three labelled boxes", timeout=10)
+    stage = rect(driver, card.find_element(By.CLASS_NAME, "stage"))
+    for label in all_by_testid(card, "box-label"):
+        r = rect(driver, label)
+        assert r["width"] > 0 and r["height"] > 0
+        inside = (r["left"] >= stage["left"] - 0.5 and r["right"] <= stage["right"] + 0.5
+                  and r["top"] >= stage["top"] - 0.5 and r["bottom"] <= stage["bottom"] + 0.5)
+        assert inside, (label.get_attribute("textContent"), r, stage)
+    texts = [el.get_attribute("textContent") for el in all_by_testid(card, "box-label")]
+    assert texts[0] == f"{long_phrase} 0.91"[:27] + "…"
+    shot(driver, "box-labels")
+
+    toggle = by_testid(driver, "box-labels")
+    assert toggle.is_selected()
+    toggle.click()
+    assert not any(label.is_displayed() for label in all_by_testid(card, "box-label"))
+    assert len(all_by_testid(card, "box")) == 3  # the boxes stay; their text is in the tooltip and the list
+    assert len(all_by_testid(card, "box-item")) == 3
+    all_by_testid(driver, "history-item")[0].click()  # reopened: still off
+    [card] = all_by_testid(driver, "result")
+    wait_for(driver, lambda d: len(all_by_testid(card, "box-label")) == 3, "labels redrawn", timeout=10)
+    assert not any(label.is_displayed() for label in all_by_testid(card, "box-label"))
+    by_testid(driver, "box-labels").click()
+    assert all(label.is_displayed() for label in all_by_testid(card, "box-label"))
+
+
+def test_landscape_tablet_puts_results_beside_the_controls(driver: WebDriver, embedded: ServerThread) -> None:
+    open_console(driver, embedded.url)
+    choose(driver, "washer", [SAMPLES / "washer_good.png"])
+    inspect(driver, 1)
+    try:
+        driver.set_window_size(1024, 768)
+        wait_for(driver, lambda d: d.execute_script("return window.innerWidth") <= 1024, "a 1024 px window", 5)
+        controls = rect(driver, driver.find_element(By.CSS_SELECTOR, ".layout > .controls"))
+        results = rect(driver, by_testid(driver, "results"))
+        history = rect(driver, driver.find_element(By.CSS_SELECTOR, ".layout > .history-panel"))
+        assert results["left"] >= controls["right"] and results["top"] < controls["bottom"]  # side by side
+        assert abs(results["top"] - controls["top"]) < 2
+        assert results["right"] <= driver.execute_script("return document.documentElement.clientWidth") + 0.5
+        assert results["width"] > 500  # the image and its facts have room
+        assert history["top"] >= controls["bottom"]  # under the controls
+        card = rect(driver, by_testid(driver, "result"))
+        assert card["left"] >= controls["right"]
+        shot(driver, "tablet-1024")
+
+        driver.set_window_size(420, 900)  # a phone: stacked, results under the controls
+        wait_for(driver, lambda d: d.execute_script("return window.innerWidth") <= 420, "a 420 px window", 5)
+        controls = rect(driver, driver.find_element(By.CSS_SELECTOR, ".layout > .controls"))
+        results = rect(driver, by_testid(driver, "results"))
+        history = rect(driver, driver.find_element(By.CSS_SELECTOR, ".layout > .history-panel"))
+        assert results["top"] >= controls["bottom"] and history["top"] >= results["bottom"]
+        assert abs(results["left"] - controls["left"]) < 2
+        shot(driver, "phone-420")
+    finally:
+        driver.set_window_size(1440, 1000)
+
+
 def test_errors_are_readable(driver: WebDriver, embedded: ServerThread, tmp_path: Path) -> None:
     open_console(driver, embedded.url)
     notes = tmp_path / "notes.txt"

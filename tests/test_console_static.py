@@ -134,6 +134,19 @@ def test_every_test_hook_exists() -> None:
     assert files[0]["type"] == "file" and "multiple" in files[0]
 
 
+def test_every_hook_the_browser_tests_use_exists() -> None:
+    """Each data-testid the browser tests look for is in the page or made by the page's JavaScript."""
+    made = {a["data-testid"] for _, a in _html().tags if a.get("data-testid")}
+    for script in STATIC_DIR.glob("*.js"):
+        js = script.read_text()
+        made |= set(re.findall(r"dataset\.testid\s*=\s*[\"']([\w-]+)[\"']", js))
+        made |= set(re.findall(r"[\"']data-testid[\"']\s*:\s*[\"']([\w-]+)[\"']", js))
+    tests = (REPO / "tests" / "test_console_browser.py").read_text()
+    used = set(re.findall(r"by_testid\(\w+, \"([\w-]+)\"\)", tests))
+    used |= set(re.findall(r"data-testid=\"([\w-]+)\"", tests))
+    assert len(used) > 20 and used <= made, sorted(used - made)
+
+
 def _code(js: str) -> str:
     """The JavaScript without its comments, so a comment that names a sink is not a hit."""
     js = re.sub(r"/\*.*?\*/", "", js, flags=re.S)

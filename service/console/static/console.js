@@ -10,7 +10,11 @@
   const SVG_NS = "http://www.w3.org/2000/svg";
   const KEY_STORE = "filo.console.apiKey";
   const ADMIN_STORE = "filo.console.adminKey";
+  const CATEGORY_STORE = "filo.console.category"; // the chosen category, for the tab (survives a reload)
+  const LABELS_STORE = "filo.console.boxLabels"; // "hidden" when box labels are switched off
   const HEATMAP_MEDIA = new Set(["image/png", "image/jpeg"]);
+  const STOP_BATCH = [0, 401, 403, 429, 503]; // statuses after which the rest of a batch is not sent
+  const RETRYABLE = [0, 401, 403, 429, 503, 504]; // the file itself was fine: it stays chosen
   const THRESHOLD_SOURCES = {
     default: "server default",
     references: "calibrated from good references",
@@ -25,6 +29,8 @@
     busy: false,
     keyTimer: 0,
     retryTimer: 0,
+    view: 0, // bumped whenever the results pane is cleared: a running batch stops adding cards to it
+    emptyResults: null, // the pane's initial hint, shown again when it is cleared
   };
 
   const $ = (id) => document.getElementById(id);
@@ -225,7 +231,8 @@
 
   function fillCategories(list) {
     const select = $("category");
-    const previous = select.value;
+    const remembered = select.value ? "" : storedKey(CATEGORY_STORE);
+    const previous = select.value || remembered;
     state.categories.clear();
     clear(select);
     for (const cat of list) {
@@ -234,7 +241,12 @@
       option.value = cat.name;
       select.appendChild(option);
     }
+    // the category chosen before (this page or before a reload); gone from the server: the first one
     if (state.categories.has(previous)) select.value = previous;
+    if (remembered && !state.categories.has(remembered)) {
+      $("progress").textContent = `The category ${remembered} chosen before is no longer on this server.`;
+    }
+    storeKey(CATEGORY_STORE, select.value);
     select.disabled = list.length === 0;
     showCategory();
   }
@@ -330,7 +342,8 @@
     updateInspectButton();
     hideError();
     const results = $("results");
-    clear(results);
+    const view = clearResults(false);
+    const retry = []; // files worth sending again: not sent, or refused for a reason that may pass
     let done = 0;
     let tried = 0;
     for (const file of files) {
@@ -343,19 +356,32 @@
           when: new Date(), reference: false,
         };
         state.entries.push(entry);
-        results.appendChild(renderResult(entry));
+        if (state.view === view) results.appendChild(renderResult(entry)); // else: the pane shows another view now
         addHistory(entry);
         done += 1;
       } catch (err) {
         showError(err, file.name);
-        results.appendChild(renderFailure(file, err));
-        if ([0, 401, 403, 429, 503].includes(err.status)) break; // the rest would fail the same way
+        if (state.view === view) results.appendChild(renderFailure(file, err));
+        if (RETRYABLE.includes(err.status)) retry.push(file);
+        if (STOP_BATCH.includes(err.status)) break; // the rest would fail the same way
       }
     }
-    const unsent = files.length - tried;
-    $("progress").textContent = `${done} of ${files.length} inspected${unsent ? `; ${unsent} not sent` : ""}.`;
+    const unsent = files.slice(tried);
+    // Inspected (or refused for good) files leave the list: pressing Inspect again never sends them twice.
+    setPending(retry.concat(unsent));
+    const kept = state.pending.length ? `; ${state.pending.length} kept to try again` : "";
+    $("progress").textContent = `${done} of ${files.length} inspected${unsent.length ? `; ${unsent.length} not sent` : ""}${kept}.`;
     state.busy = false;
     updateInspectButton();
+  }
+
+  // The results pane back to its hint (`hint` false: empty, a batch fills it). Returns the new view number.
+  function clearResults(hint) {
+    const results = $("results");
+    clear(results);
+    if (hint !== false && state.emptyResults) results.appendChild(state.emptyResults.cloneNode(true));
+    state.view += 1;
+    return state.view;
   }
 
   function renderFailure(file, err) {
@@ -397,21 +423,25 @@
     slider.addEventListener("input", applyOpacity);
     applyOpacity();
     showHeatmap(r, overlay, q("heatmap-note"));
+    showLegend(r, q("legend"));
     original.addEventListener("load", () => drawBoxes(q("boxes"), r.boxes || [], original.naturalWidth, original.naturalHeight));
     if (original.complete && original.naturalWidth) drawBoxes(q("boxes"), r.boxes || [], original.naturalWidth, original.naturalHeight);
 
     const top = q("top-types");
-    // bars compare the types of this image with each other (similarities may be negative)
-    const sims = (r.top_types || []).map((t) => t.similarity);
-    const hi = Math.max(...sims);
-    const lo = Math.min(0, ...sims);
+    // One fixed scale for every image: the bar is the similarity on 0..1 (a full bar is 1, half is 0.5;
+    // a negative cosine shows an empty bar), so bars of different images compare directly.
     for (const t of r.top_types || []) {
       const item = el("li");
       item.appendChild(el("span", "type-name", t.description));
       item.appendChild(el("span", "type-sim", num(t.similarity, 3)));
+      const track = el("span", "type-track");
+      track.dataset.testid = "type-track";
       const bar = el("span", "type-bar");
-      bar.style.width = `${hi > lo ? Math.round(8 + (92 * (t.similarity - lo)) / (hi - lo)) : 100}%`;
-      item.appendChild(bar);
+      bar.dataset.testid = "type-bar";
+      const share = Number.isFinite(t.similarity) ? Math.min(1, Math.max(0, t.similarity)) : 0;
+      bar.style.width = `${(100 * share).toFixed(2)}%`;
+      track.appendChild(bar);
+      item.appendChild(track);
       top.appendChild(item);
     }
 
@@ -437,6 +467,43 @@
       entry.reference = pick.checked;
     });
     return card;
+  }
+
+  // The colour scale under the heatmap: the map's JET colours over its fixed 0..1 range (the server clips
+  // every pixel's anomaly value to [0, 1]; the map is not rescaled per image), and where the category's
+  // threshold falls on that range. The threshold is compared with the image score, (text probability of
+  // "abnormal" + the map's peak) / 2, on the same 0..1 range, not with single pixels.
+  function showLegend(r, legend) {
+    if (!r.heatmap || !r.heatmap.base64) {
+      legend.hidden = true;
+      return;
+    }
+    const canvas = legend.querySelector('[data-testid="legend-bar"]');
+    const ctx = canvas.getContext("2d");
+    if (ctx) {
+      const strip = ctx.createImageData(256, 1);
+      for (let i = 0; i < 256; i++) {
+        strip.data.set([JET[3 * i], JET[3 * i + 1], JET[3 * i + 2], 255], 4 * i);
+      }
+      ctx.putImageData(strip, 0, 0);
+    }
+    const marker = legend.querySelector('[data-testid="legend-threshold"]');
+    const caption = legend.querySelector('[data-testid="legend-caption"]');
+    if (typeof r.threshold === "number" && Number.isFinite(r.threshold)) {
+      marker.style.left = `${(100 * Math.min(1, Math.max(0, r.threshold))).toFixed(2)}%`;
+      marker.title = `threshold ${num(r.threshold, 3)}`;
+      caption.textContent = `pixel anomaly value on a fixed 0–1 scale; marker: threshold ${num(r.threshold, 3)}, `
+        + "applied to the image score (mean of the text probability and the map's peak)";
+    } else {
+      marker.hidden = true;
+      caption.textContent = "pixel anomaly value on a fixed 0–1 scale";
+    }
+  }
+
+  function applyBoxLabels() {
+    const shown = $("box-labels").checked;
+    document.body.classList.toggle("box-labels-hidden", !shown);
+    storeKey(LABELS_STORE, shown ? "" : "hidden");
   }
 
   // The heatmap to show over the original: a grayscale map coloured here, or a server-made overlay.
@@ -524,14 +591,52 @@
         "vector-effect": "non-scaling-stroke",
       }));
       if (b.valid) {
-        const label = svgEl("text", {
-          x: b.x1 + 2, y: b.y1 > fontSize * 1.2 ? b.y1 - 4 : b.y1 + fontSize, "font-size": fontSize,
-          "data-testid": "box-label",
-        });
+        const label = svgEl("text", { "font-size": fontSize, "data-testid": "box-label" });
         label.textContent = shorten(boxText(b), 28);
         group.appendChild(label);
+        svg.appendChild(group);
+        placeLabel(label, b, fontSize, width, height);
+      } else {
+        svg.appendChild(group);
       }
-      svg.appendChild(group);
+    }
+  }
+
+  // Above the box when there is room, else just inside its top; always wholly inside the image: moved
+  // left from the right edge, up from the bottom, and squeezed when wider than the image itself.
+  function placeLabel(label, b, fontSize, width, height) {
+    const pad = 2;
+    let length = 0;
+    try {
+      length = label.getComputedTextLength(); // user units (original pixels), once laid out
+    } catch (_) {
+      length = 0;
+    }
+    if (!(length > 0)) length = label.textContent.length * fontSize * 0.62; // not rendered yet: bold estimate
+    const room = width - 2 * pad;
+    if (length > room) {
+      label.setAttribute("textLength", String(Math.max(1, room)));
+      label.setAttribute("lengthAdjust", "spacingAndGlyphs");
+      length = room;
+    }
+    const x = Math.min(Math.max(pad, b.x1 + pad), width - pad - length);
+    const ascent = fontSize;
+    const descent = fontSize * 0.3;
+    let y = b.y1 > ascent + 4 ? b.y1 - 4 : b.y1 + ascent;
+    y = Math.min(Math.max(ascent, y), height - descent);
+    label.setAttribute("x", x.toFixed(1));
+    label.setAttribute("y", y.toFixed(1));
+    let box = null;
+    try {
+      box = label.getBBox(); // the laid-out glyph box: corrects the font's real ascent and descent
+    } catch (_) {
+      box = null;
+    }
+    if (box && box.width > 0 && box.height > 0) {
+      const dx = Math.max(0, -box.x) - Math.max(0, box.x + box.width - width);
+      const dy = Math.max(0, -box.y) - Math.max(0, box.y + box.height - height);
+      if (dx) label.setAttribute("x", (x + dx).toFixed(1));
+      if (dy) label.setAttribute("y", (y + dy).toFixed(1));
     }
   }
 
@@ -561,8 +666,15 @@
   }
 
   function reopen(entry) {
+    const select = $("category");
+    if (select.value !== entry.category && state.categories.has(entry.category)) {
+      select.value = entry.category; // the entry's category, with its descriptions and threshold
+      storeKey(CATEGORY_STORE, entry.category);
+      showCategory();
+      updateInspectButton();
+    }
     const results = $("results");
-    clear(results);
+    clearResults(false);
     results.appendChild(renderResult(entry));
     results.scrollIntoView({ block: "start" });
   }
@@ -688,6 +800,7 @@
   // --- start ---------------------------------------------------------------------------------------
 
   function start() {
+    state.emptyResults = $("results").querySelector('[data-testid="results-empty"]');
     $("api-key").value = storedKey(KEY_STORE);
     $("admin-key").value = storedKey(ADMIN_STORE);
     $("key-form").addEventListener("submit", (event) => {
@@ -702,9 +815,15 @@
     });
     $("admin-key").addEventListener("input", () => storeKey(ADMIN_STORE, adminKey()));
     $("category").addEventListener("change", () => {
+      storeKey(CATEGORY_STORE, $("category").value);
+      clearResults(); // the results shown were for the old category (the history keeps them)
+      $("progress").textContent = "";
       showCategory();
       updateInspectButton();
     });
+    $("box-labels").checked = storedKey(LABELS_STORE) !== "hidden";
+    $("box-labels").addEventListener("change", applyBoxLabels);
+    applyBoxLabels();
     $("error-dismiss").addEventListener("click", hideError);
     $("inspect").addEventListener("click", inspectAll);
     $("export-csv").addEventListener("click", exportCsv);
