@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
@@ -54,7 +55,6 @@ from tests.test_console_browser import (  # noqa: F401
     open_console,
     read_download,
     shot,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -84,6 +84,23 @@ def server(state_dir: Path, hostile_descriptions: Path) -> Iterator[ServerThread
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
+
+
+def wait_for(drv: WebDriver, condition, what: str, timeout: float = 60):
+    """A bounded wait that looks again when the page redrew what it was reading (lists load afresh)."""
+    return WebDriverWait(drv, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(condition, message=what)
+
+
+HISTORY_JS = """return [...document.querySelectorAll('[data-testid="threshold-change"]')].map(li => ({
+  text: li.innerText, values: li.querySelector('[data-testid="threshold-change-values"]').textContent,
+  who: li.querySelector('[data-testid="threshold-change-who"]').textContent}))"""
+
+
+def history(drv: WebDriver) -> list[dict]:
+    """The threshold history as shown, newest first (read in one script)."""
+    return drv.execute_script(HISTORY_JS)
 
 
 def make_ng(client: httpx.Client, category: str) -> None:
@@ -223,10 +240,9 @@ def learn_via_admin(drv: WebDriver, client: httpx.Client, category: str, added: 
     wait_for(drv, lambda d: by_testid(d, "reference-count").text == str(added), "the references grew", timeout=20)
     assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == added
     wait_for(drv, lambda d: by_testid(d, "threshold-source").text == "learned from reviews", "learned", timeout=20)
-    wait_for(drv, lambda d: all_by_testid(d, "threshold-change")
-             and "learned from reviews" in all_by_testid(d, "threshold-change")[0].text, "history: learned", timeout=20)
-    first = all_by_testid(drv, "threshold-change")[0]
-    assert "by boss" in by_testid(first, "threshold-change-who").text
+    wait_for(drv, lambda d: history(d) and "learned from reviews" in history(d)[0]["text"], "history: learned",
+             timeout=20)
+    assert "by boss" in history(drv)[0]["who"]
     assert by_testid(drv, "learn-apply").get_attribute("disabled") is not None  # applied once
 
 
@@ -294,7 +310,9 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
 
     after = wait_totals(drv, category, false_alarms=str(goods), confirmed_defects="1", reviewed=str(goods + 1))
     assert after["false_rate"] == f"{100 * goods / (goods + 1):.1f} %"
-    assert sorted(r["review"] for r in rows(drv, "record-row")) == sorted(["defect"] + ["good"] * goods)
+    judged = sorted(["defect"] + ["good"] * goods)
+    wait_for(drv, lambda d: sorted(r["review"] for r in rows(d, "record-row")) == judged, "the records with their "
+             "reviews", timeout=20)  # listed after the counts
     assert all_by_testid(drv, "chart-point")  # the rates are drawn
     shot(drv, f"trends-after-{category}")
 
@@ -373,11 +391,10 @@ def test_admin_threshold_by_hand_history_and_the_calibration_refusal(driver: Web
     wait_for(driver, lambda d: by_testid(d, "threshold-source").text == "set by hand", "the manual threshold", timeout=20)
     assert by_testid(driver, "threshold").text == "0.420"
     wait_for(driver, lambda d: by_testid(d, "review-margin-now").text == "0.050", "the review margin", timeout=20)
-    wait_for(driver, lambda d: all_by_testid(d, "threshold-change")
-             and "set by hand" in all_by_testid(d, "threshold-change")[0].text, "the history", timeout=20)
-    first = all_by_testid(driver, "threshold-change")[0]
-    assert by_testid(first, "threshold-change-values").text.endswith("→ 0.420")
-    assert "by boss" in by_testid(first, "threshold-change-who").text and "margin 0.050" in first.text
+    wait_for(driver, lambda d: history(d) and "set by hand" in history(d)[0]["text"], "the history", timeout=20)
+    first = history(driver)[0]
+    assert first["values"].endswith("→ 0.420")
+    assert "by boss" in first["who"] and "margin 0.050" in first["who"]
 
     field = by_testid(driver, "admin-key")  # a camera key may not write: said beside the threshold buttons
     field.clear()
@@ -390,7 +407,7 @@ def test_admin_threshold_by_hand_history_and_the_calibration_refusal(driver: Web
     field.clear()
     field.send_keys(ADMIN_SECRET)
     by_testid(driver, "clear-manual-threshold").click()
-    wait_for(driver, lambda d: "manual threshold removed" in all_by_testid(d, "threshold-change")[0].text,
+    wait_for(driver, lambda d: history(d) and "manual threshold removed" in history(d)[0]["text"],
              "the removal in the history", timeout=20)
     assert by_testid(driver, "threshold-source").text != "set by hand"
     assert csp_violations(driver) == []
