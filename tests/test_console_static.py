@@ -20,7 +20,13 @@ TEST_IDS = {
     "api-key", "category", "files", "inspect", "result", "verdict", "score", "overlay", "opacity", "top-types",
     "history", "descriptions", "admin-key", "register-references", "calibrate", "reference-count", "threshold",
     "error", "export-csv", "boxes", "grounding", "top-k", "clear-references", "reference-files",
+    # the Review and Trends views and the admin threshold controls (tests/test_console_review.py)
+    "tab-inspect", "tab-review", "tab-trends", "review-category", "reviewer-key", "review-queue", "review-detail",
+    "review-error", "review-done", "review-more", "trends-category", "trends-bucket", "trends-table", "records-table",
+    "trends-export", "chart-ng", "chart-false", "admin-error", "admin-error-learn", "manual-threshold",
+    "review-margin", "set-threshold", "learn-preview", "learn-apply", "learn-plan", "threshold-history",
 }
+SCRIPTS = ["console.js", "views.js", "review.js", "trends.js", "admin.js"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,8 @@ def test_html_has_no_inline_code_or_style_and_loads_only_local_files() -> None:
     page = _html()
     assert page.script_text == []
     scripts = [a for t, a in page.tags if t == "script"]
-    assert [s.get("src") for s in scripts] == ["console/static/console.js"]
+    assert [s.get("src") for s in scripts] == [f"console/static/{name}" for name in SCRIPTS]
+    assert all("defer" in s for s in scripts)  # in this order, after the page is parsed
     assert not [t for t, _ in page.tags if t == "style"]
     for tag, attrs in page.tags:
         assert "style" not in attrs, tag
@@ -154,8 +161,9 @@ def _code(js: str) -> str:
                      for line in js.splitlines())
 
 
-def test_javascript_never_parses_html_or_evaluates_strings() -> None:
-    js = _code((STATIC_DIR / "console.js").read_text())
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_javascript_never_parses_html_or_evaluates_strings(name: str) -> None:
+    js = _code((STATIC_DIR / name).read_text())
     for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
                  "createContextualFragment", "DOMParser", "srcdoc", ".setAttribute(\"on", "setAttribute('on"]:
         assert sink not in js, sink
@@ -163,7 +171,11 @@ def test_javascript_never_parses_html_or_evaluates_strings() -> None:
     assert not re.search(r"setAttribute\(\s*[\"']style", js), "style attributes need 'unsafe-inline'"
     assert "localStorage" not in js  # the keys live for the tab only (sessionStorage)
     calls = re.findall(r"\bfetch\(([^;]*)", js)
-    assert calls and all("headers" in c for c in calls), calls  # every call carries the key (authHeaders)
+    assert all("headers" in c for c in calls), calls  # every call carries the key (authHeaders)
+    if name in ("console.js", "views.js"):  # the two that call fetch; the others go through them
+        assert calls
+    else:
+        assert not calls
     assert "XMLHttpRequest" not in js and "sendBeacon" not in js and "WebSocket" not in js
 
 
@@ -178,6 +190,10 @@ def test_no_outside_resources() -> None:
 def test_css_has_no_remote_urls() -> None:
     css = (STATIC_DIR / "console.css").read_text()
     assert "url(" not in css
+
+
+def test_every_script_is_served() -> None:
+    assert {p.name for p in STATIC_DIR.glob("*.js")} == set(SCRIPTS) <= set(STATIC_FILES)
 
 
 def test_static_files_ship_as_package_data() -> None:

@@ -1,4 +1,4 @@
-"""The QA console page and its two static files, served with a strict Content-Security-Policy.
+"""The QA console page and its static files, served with a strict Content-Security-Policy.
 
 The page needs no key to load (it holds no data); every API call it makes carries the key the
 person types in. The policy allows scripts and styles from this origin only (no inline code, no
@@ -44,6 +44,10 @@ SECURITY_HEADERS = {
 STATIC_FILES = {
     "console.css": "text/css; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
+    "views.js": "text/javascript; charset=utf-8",
+    "review.js": "text/javascript; charset=utf-8",
+    "trends.js": "text/javascript; charset=utf-8",
+    "admin.js": "text/javascript; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
 

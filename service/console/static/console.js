@@ -19,6 +19,8 @@
     default: "server default",
     references: "calibrated from good references",
     labelled: "calibrated on labelled images",
+    learned: "learned from reviews",
+    manual: "set by hand",
   };
 
   const state = {
@@ -103,19 +105,25 @@
     }
   }
 
-  function authHeaders(admin) {
+  // `key`: a key of the caller's choosing (the Review view's reviewer key); otherwise the admin or API key.
+  function authHeaders(admin, key) {
     const headers = { Accept: "application/json" };
-    const key = admin ? adminKey() : apiKey();
+    if (key === undefined) key = admin ? adminKey() : apiKey();
     if (key) headers.Authorization = "Bearer " + key;
     return headers;
   }
 
   async function api(path, options) {
     const opts = options || {};
-    const headers = authHeaders(opts.admin);
+    const headers = authHeaders(opts.admin, opts.key);
+    let body = opts.body;
+    if (opts.json !== undefined) { // a JSON body (the review and threshold routes)
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify(opts.json);
+    }
     let response;
     try {
-      response = await fetch(path, { method: opts.method || "GET", headers, body: opts.body, cache: "no-store" });
+      response = await fetch(path, { method: opts.method || "GET", headers, body, cache: "no-store" });
     } catch (_) {
       throw new ApiError(0, "unreachable", "the service did not answer", null);
     }
@@ -718,6 +726,12 @@
     $("admin-status").textContent = text;
   }
 
+  // An admin error: in the banner as before, and beside the admin buttons (admin.js draws it there).
+  function adminError(err, what) {
+    showError(err, what, { admin: true });
+    document.dispatchEvent(new CustomEvent("filo:admin-error", { detail: { err, what } }));
+  }
+
   async function registerReferences() {
     const category = $("category").value;
     if (!category) return;
@@ -744,7 +758,7 @@
       loadDetail(category);
     } catch (err) {
       adminStatus("Nothing was registered.");
-      showError(err, "registering references", { admin: true });
+      adminError(err, "registering references");
     }
   }
 
@@ -763,7 +777,7 @@
       loadDetail(category);
     } catch (err) {
       adminStatus("The threshold is unchanged.");
-      showError(err, "calibrating", { admin: true });
+      adminError(err, "calibrating");
     }
   }
 
@@ -793,7 +807,7 @@
       loadDetail(category);
     } catch (err) {
       adminStatus("The references are unchanged.");
-      showError(err, "removing references", { admin: true });
+      adminError(err, "removing references");
     }
   }
 
@@ -833,6 +847,15 @@
     wireDropzone();
     connect();
   }
+
+  // What review.js, trends.js and admin.js use (loaded after this file; same safety rule).
+  window.FiloConsole = Object.freeze({
+    api, authHeaders, explain, showError, hideError, el, svgEl, clear, num, sourceText, colourMap,
+    storedKey, storeKey, apiKey, adminKey, adminStatus,
+    category: () => $("category").value,
+    categories: () => Array.from(state.categories.values()),
+    refreshCategory: () => { if ($("category").value) loadDetail($("category").value); },
+  });
 
   document.addEventListener("DOMContentLoaded", start);
 })();

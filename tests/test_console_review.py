@@ -1,0 +1,486 @@
+"""The console's Review and Trends views and the admin threshold/learn controls, in a real headless Chromium.
+
+Embedded mode (SQLite records) and queue mode (Redis, a worker, a real PostgreSQL): results made NG by a
+threshold set by hand are judged with one key each, leave the queue, change the Trends counts, and Learn
+from reviews (a dry run, then applied) turns the false alarms into references. Hostile text (a source and a
+note with markup) stays text. Every wait is bounded; screenshots land in out/console/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from service.api.app import create_app
+from service.backends.embedded import EmbeddedBackend
+from service.backends.redis_queue import RedisBackend
+from service.records.db import open_engine
+from service.records.model import InspectionRecord, now_ms
+from service.records.store import RecordStore
+from tests.conftest import needs
+from tests.postgres_server import PostgresServer, postgres_bin, start_postgres
+from tests.service_fixtures import (  # noqa: F401
+    RedisServer,
+    ServerThread,
+    WorkerPool,
+    demo_settings,
+    redis_server,
+    wait_ready,
+    wait_until,
+    worker_pool,
+)
+from tests.test_console_browser import (  # noqa: F401
+    API_KEY,
+    HOSTILE,
+    SAMPLES,
+    _browser_installed,
+    all_by_testid,
+    assert_no_alert,
+    by_testid,
+    csp_violations,
+    downloads,
+    driver,
+    good_variants,
+    hostile_descriptions,
+    open_console,
+    read_download,
+    shot,
+)
+
+pytestmark = pytest.mark.slow
+
+REVIEWER_KEY = "rev-secret"
+ADMIN_SECRET = "console-admin"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+REV = {"Authorization": f"Bearer {REVIEWER_KEY}"}
+ADM = {"Authorization": f"Bearer {ADMIN_SECRET}"}
+HOSTILE_SOURCE = "<img src=x onerror=alert(2)>"  # the API refuses it; a record written behind its back has it
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("review-state")
+
+
+@pytest.fixture(scope="module")
+def server(state_dir: Path, hostile_descriptions: Path) -> Iterator[ServerThread]:  # noqa: F811
+    settings = demo_settings(
+        state_dir=state_dir, api_keys=[API_KEY], reviewer_keys=[f"rita:{REVIEWER_KEY}"],
+        admin_key=f"boss:{ADMIN_SECRET}", descriptions=[SAMPLES / "descriptions.json", hostile_descriptions],
+    )
+    with ServerThread(create_app(settings, EmbeddedBackend(settings))) as srv:
+        wait_ready(srv.url)
+        yield srv
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def wait_for(drv: WebDriver, condition, what: str, timeout: float = 60):
+    """A bounded wait that looks again when the page redrew what it was reading (lists load afresh)."""
+    return WebDriverWait(drv, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(condition, message=what)
+
+
+HISTORY_JS = """return [...document.querySelectorAll('[data-testid="threshold-change"]')].map(li => ({
+  text: li.innerText, values: li.querySelector('[data-testid="threshold-change-values"]').textContent,
+  who: li.querySelector('[data-testid="threshold-change-who"]').textContent}))"""
+
+
+def history(drv: WebDriver) -> list[dict]:
+    """The threshold history as shown, newest first (read in one script)."""
+    return drv.execute_script(HISTORY_JS)
+
+
+def make_ng(client: httpx.Client, category: str) -> None:
+    """A threshold of 0 by hand: every result of the category is NG."""
+    r = client.put(f"/v1/categories/{category}/threshold", json={"threshold": 0.0}, headers=ADM)
+    assert r.status_code == 200, r.text
+
+
+def inspect_files(client: httpx.Client, category: str, files: list[Path], source: str) -> list[str]:
+    ids = []
+    for path in files:
+        r = client.post("/v1/inspect", headers=AUTH, data={"category": category, "source": source},
+                        files={"image": (path.name, path.read_bytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        assert r.json()["is_anomalous"]
+        ids.append(r.json()["request_id"])
+    return ids
+
+
+def wait_records(client: httpx.Client, category: str, n: int, timeout: float = 60) -> list[str]:
+    """Records arrive off the request's path (a writer task, or the Redis stream): a bounded wait."""
+    box: list[str] = []
+
+    def arrived() -> bool:
+        r = client.get(f"/v1/inspections?category={category}&reviewed=false&limit=500", headers=AUTH)
+        box[:] = [i["id"] for i in r.json()["items"]] if r.status_code == 200 else []
+        return len(box) == n
+
+    wait_until(arrived, timeout, interval=0.2, what=f"{n} {category} records")
+    return box
+
+
+def tab(drv: WebDriver, view: str) -> None:
+    by_testid(drv, f"tab-{view}").click()
+    wait_for(drv, lambda d: by_testid(d, f"view-{view}").is_displayed(), f"the {view} view", timeout=10)
+
+
+# Read in one script (the lists are drawn afresh while they load: element handles would go stale).
+ROWS_JS = """return [...document.querySelectorAll(`[data-testid="${arguments[0]}"]`)].map(r => Object.assign(
+  Object.fromEntries([...r.querySelectorAll("[data-col]")].map(c => [c.dataset.col, c.textContent])),
+  {_id: r.dataset.id || null, _selected: r.getAttribute("aria-selected") === "true"}))"""
+
+
+def rows(drv: WebDriver, testid: str) -> list[dict]:
+    return drv.execute_script(ROWS_JS, testid)
+
+
+def queue_ids(drv: WebDriver) -> list[str]:
+    return [r["_id"] for r in rows(drv, "review-item")]
+
+
+def selected_id(drv: WebDriver) -> str | None:
+    return next((r["_id"] for r in rows(drv, "review-item") if r["_selected"]), None)
+
+
+def open_review(drv: WebDriver, category: str, n: int) -> list[str]:
+    tab(drv, "review")
+    Select(by_testid(drv, "review-category")).select_by_value(category)
+    wait_for(drv, lambda d: len(queue_ids(d)) == n and by_testid(d, "review-id").text == queue_ids(d)[0],
+             f"{n} results waiting for review", timeout=30)
+    return queue_ids(drv)
+
+
+def press(drv: WebDriver, key: str) -> None:
+    """A key press on the page itself (nothing focused that takes text)."""
+    drv.execute_script("document.activeElement && document.activeElement.blur()")
+    drv.find_element(By.TAG_NAME, "body").send_keys(key)
+
+
+def judge_by_key(drv: WebDriver, key: str) -> None:
+    before = queue_ids(drv)
+    current = selected_id(drv)
+    press(drv, key)
+    wait_for(drv, lambda d: current not in queue_ids(d) and len(queue_ids(d)) == len(before) - 1,
+             f"{current} judged with {key!r} and gone from the queue", timeout=20)
+    if len(before) > 1:  # the next one is selected (the one before, at the end)
+        i = before.index(current)
+        nxt = before[i + 1] if i + 1 < len(before) else before[i - 1]
+        wait_for(drv, lambda d: selected_id(d) == nxt and by_testid(d, "review-id").text == nxt,
+                 "the next result selected", timeout=10)
+
+
+def trends_totals(drv: WebDriver, category: str) -> dict[str, str]:
+    """The Trends view's totals row of `category` (bucket per day), after it has loaded afresh."""
+    tab(drv, "trends")
+    Select(by_testid(drv, "trends-bucket")).select_by_value("day")
+    Select(by_testid(drv, "trends-category")).select_by_value(category)
+    by_testid(drv, "trends-apply").click()
+    wait_for(drv, lambda d: any(r["category"] == category for r in rows(d, "trends-total")), "the trends counts",
+             timeout=20)
+    return next(r for r in rows(drv, "trends-total") if r["category"] == category)
+
+
+def wait_totals(drv: WebDriver, category: str, **expected: str) -> dict[str, str]:
+    box: dict[str, str] = {}
+
+    def matches(d: WebDriver) -> bool:
+        box.update(trends_totals(d, category))
+        return all(box.get(k) == v for k, v in expected.items())
+
+    try:
+        wait_for(drv, matches, f"trends totals {expected}", timeout=30)
+    except Exception as exc:
+        raise AssertionError(f"trends totals {box} != {expected}") from exc
+    return box
+
+
+def open_admin(drv: WebDriver, category: str, admin_key: str) -> None:
+    tab(drv, "inspect")
+    Select(by_testid(drv, "category")).select_by_value(category)
+    admin = by_testid(drv, "admin")
+    if not admin.get_attribute("open"):
+        drv.find_element(By.CSS_SELECTOR, '[data-testid="admin"] > summary').click()
+    field = by_testid(drv, "admin-key")
+    field.clear()
+    field.send_keys(admin_key)
+
+
+def learn_via_admin(drv: WebDriver, client: httpx.Client, category: str, added: int, suggested: str) -> None:
+    """Preview (nothing changes), then apply: the references count grows by the false alarms judged good."""
+    open_admin(drv, category, ADMIN_SECRET)
+    wait_for(drv, lambda d: by_testid(d, "reference-count").text == "0", "no references yet", timeout=20)
+    assert by_testid(drv, "learn-apply").get_attribute("disabled") is not None  # preview first
+    by_testid(drv, "learn-preview").click()
+    wait_for(drv, lambda d: "Preview for" in by_testid(d, "learn-plan").text, "the learn preview", timeout=60)
+    plan = by_testid(drv, "learn-plan")
+    assert by_testid(plan, "learn-references").text.startswith(f"0 → {added} ")
+    assert [li.text for li in by_testid(plan, "learn-suggested").find_elements(By.TAG_NAME, "li")] == [suggested]
+    assert "→" in by_testid(plan, "learn-threshold").text
+    held = client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"]
+    assert held == 0 and by_testid(drv, "reference-count").text == "0"  # a dry run changes nothing
+    drv.execute_script("arguments[0].scrollIntoView({block: 'center'})", by_testid(drv, "learn-plan"))
+    shot(drv, f"learn-preview-{category}")
+
+    by_testid(drv, "learn-apply").click()
+    wait_for(drv, lambda d: "Applied to" in by_testid(d, "learn-plan").text, "learn applied", timeout=120)
+    wait_for(drv, lambda d: by_testid(d, "reference-count").text == str(added), "the references grew", timeout=20)
+    assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == added
+    wait_for(drv, lambda d: by_testid(d, "threshold-source").text == "learned from reviews", "learned", timeout=20)
+    wait_for(drv, lambda d: history(d) and "learned from reviews" in history(d)[0]["text"], "history: learned",
+             timeout=20)
+    assert "by boss" in history(drv)[0]["who"]
+    assert by_testid(drv, "learn-apply").get_attribute("disabled") is not None  # applied once
+
+
+def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, goods: int) -> None:
+    """`goods` false alarms judged good with `g`, one true defect with `d`; trends; learn."""
+    open_console(drv, url)
+    before = wait_totals(drv, category, ng=str(goods + 1), false_alarms="0", reviewed="0")
+    assert before["inspected"] == str(goods + 1)
+    shot(drv, f"trends-before-{category}")
+
+    ids = open_review(drv, category, goods + 1)
+    expected = client.get(f"/v1/inspections?category={category}&verdict=ng&reviewed=false", headers=AUTH).json()
+    assert ids == [i["id"] for i in expected["items"]]  # newest first, as the API lists them
+    assert selected_id(drv) == ids[0]
+    wait_for(drv, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
+                                                by_testid(d, "review-image")), "the kept image", timeout=20)
+    wait_for(drv, lambda d: by_testid(d, "review-heatmap-note").text, "the heatmap shown or explained", timeout=20)
+    assert by_testid(drv, "review-verdict").text == "NG"
+    assert by_testid(drv, "review-threshold").text == "0.000"
+
+    # a camera key may read, not judge: the 403 is explained next to the view, nothing leaves the queue
+    by_testid(drv, "reviewer-key").clear()
+    press(drv, "g")
+    wait_for(drv, lambda d: by_testid(d, "review-error").is_displayed(), "the 403 explained", timeout=20)
+    assert by_testid(drv, "review-error-title").text == "Not allowed to judge"
+    assert "Reviewer key" in by_testid(drv, "review-error-message").text
+    assert by_testid(drv, "review-error-code").text == "HTTP 403 · forbidden"
+    assert queue_ids(drv) == ids
+    shot(drv, f"review-403-{category}")
+
+    by_testid(drv, "reviewer-key").send_keys(REVIEWER_KEY)
+    judge_by_key(drv, "g")
+    assert not by_testid(drv, "review-error").is_displayed()
+    judged = client.get(f"/v1/inspections/{ids[0]}", headers=AUTH).json()["review"]
+    assert (judged["label"], judged["reviewer"]) == ("good", "rita")
+
+    # keys typed into a field are text, not judgements
+    note = by_testid(drv, "review-note")
+    note.click()
+    note.send_keys("gd")
+    assert note.get_attribute("value") == "gd" and len(queue_ids(drv)) == goods
+    note.clear()
+    note.send_keys(Keys.ESCAPE)
+    # the arrow keys move between items
+    press(drv, Keys.ARROW_DOWN)
+    wait_for(drv, lambda d: selected_id(d) == ids[2], "the next item", timeout=10)
+    press(drv, Keys.ARROW_UP)
+    wait_for(drv, lambda d: selected_id(d) == ids[1], "the item before", timeout=10)
+
+    for _ in range(goods - 1):
+        judge_by_key(drv, "g")
+    assert queue_ids(drv) == [ids[-1]]  # the defect, inspected first, is the oldest
+    kind = by_testid(drv, "review-defect-type")
+    options = drv.execute_script("return [...document.querySelectorAll('#review-types option')].map(o => o.value)")
+    cat = client.get(f"/v1/categories/{category}", headers=AUTH).json()
+    assert options == cat["descriptions"]  # the datalist offers the category's descriptions
+    kind.send_keys("Burn mark")
+    kind.send_keys(Keys.ESCAPE)
+    judge_by_key(drv, "d")
+    wait_for(drv, lambda d: all_by_testid(d, "review-empty"), "an empty queue", timeout=10)
+    done = all_by_testid(drv, "review-done-item")
+    assert len(done) == goods + 1 and by_testid(done[0], "review-done-type").text == "type: Burn mark"
+    assert [by_testid(d, "review-done-label").text.lower() for d in done] == ["defect"] + ["good"] * goods
+    shot(drv, f"review-done-{category}")
+
+    after = wait_totals(drv, category, false_alarms=str(goods), confirmed_defects="1", reviewed=str(goods + 1))
+    assert after["false_rate"] == f"{100 * goods / (goods + 1):.1f} %"
+    judged = sorted(["defect"] + ["good"] * goods)
+    wait_for(drv, lambda d: sorted(r["review"] for r in rows(d, "record-row")) == judged, "the records with their "
+             "reviews", timeout=20)  # listed after the counts
+    assert all_by_testid(drv, "chart-point")  # the rates are drawn
+    shot(drv, f"trends-after-{category}")
+
+    learn_via_admin(drv, client, category, goods, "Burn mark")
+    assert csp_violations(drv) == []
+
+
+# --- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_review_with_keys_trends_and_learn(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                           tmp_path: Path) -> None:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        make_ng(client, "fabric")
+        goods = good_variants(tmp_path, "fabric_good.png")
+        inspect_files(client, "fabric", [SAMPLES / "fabric_stain.png"], "line-a")
+        inspect_files(client, "fabric", goods, "line-a")
+        wait_records(client, "fabric", 4)
+        review_flow(driver, client, server.url, "fabric", goods=3)
+
+
+def test_trends_export_has_the_filters(driver: WebDriver, server: ServerThread, downloads: Path) -> None:  # noqa: F811
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        make_ng(client, "bolt")
+        inspect_files(client, "bolt", [SAMPLES / "bolt_crack.png"], "line-b")
+        inspect_files(client, "bolt", [SAMPLES / "bolt_good.png"], "line-c")
+        wait_records(client, "bolt", 2)
+    open_console(driver, server.url)
+    by_testid(driver, "tab-inspect").send_keys(Keys.ARROW_RIGHT)  # the tabs work from the keyboard
+    wait_for(driver, lambda d: by_testid(d, "view-review").is_displayed(), "Review by the arrow key", timeout=10)
+    assert driver.execute_script("return document.activeElement.id") == "tab-review"
+    assert not by_testid(driver, "view-inspect").is_displayed()
+    driver.switch_to.active_element.send_keys(Keys.END)
+    wait_for(driver, lambda d: by_testid(d, "view-trends").is_displayed(), "Trends by End", timeout=10)
+    assert driver.execute_script("return location.hash") == "#trends"
+    Select(by_testid(driver, "trends-category")).select_by_value("bolt")
+    source = by_testid(driver, "trends-source")
+    source.send_keys("line-b")
+    by_testid(driver, "trends-apply").click()
+    wait_for(driver, lambda d: [r["source"] for r in rows(d, "record-row")] == ["line-b"], "the filtered records",
+             timeout=20)
+    before = set(downloads.glob("*.csv"))
+    by_testid(driver, "trends-export").click()
+    csv_rows = read_download(downloads, before)
+    assert [(r["category"], r["source"]) for r in csv_rows] == [("bolt", "line-b")]
+    # a source the API refuses: explained beside the view
+    source.clear()
+    source.send_keys("bad source!")
+    by_testid(driver, "trends-apply").click()
+    wait_for(driver, lambda d: by_testid(d, "trends-error").is_displayed(), "the 422 explained", timeout=20)
+    assert "HTTP 422" in by_testid(driver, "trends-error-code").text
+    assert "source" in by_testid(driver, "trends-error-message").text
+
+
+def test_admin_threshold_by_hand_history_and_the_calibration_refusal(driver: WebDriver,  # noqa: F811
+                                                                      server: ServerThread) -> None:
+    open_console(driver, server.url)
+    open_admin(driver, "metal", ADMIN_SECRET)
+    by_testid(driver, "calibrate").click()  # no references: refused, and the console says what it can do
+    wait_for(driver, lambda d: by_testid(d, "admin-error").is_displayed(), "the refusal beside the buttons", timeout=20)
+    assert by_testid(driver, "admin-error-title").text == "Not enough references to calibrate"
+    message = by_testid(driver, "admin-error-message").text
+    assert "Review" in message and "Learn from reviews" in message and "labelled" not in message
+    assert driver.execute_script("return document.getElementById('admin-error').previousElementSibling.id") == \
+        "reference-actions"
+    assert by_testid(driver, "admin-error-learn").is_displayed()
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", by_testid(driver, "admin-error"))
+    shot(driver, "admin-refusal")
+    by_testid(driver, "admin-error-learn").click()
+    wait_for(driver, lambda d: "Preview for metal" in by_testid(d, "learn-plan").text, "the learn preview", timeout=30)
+    assert not by_testid(driver, "admin-error").is_displayed()
+
+    by_testid(driver, "manual-threshold").send_keys("0.42")
+    by_testid(driver, "review-margin").send_keys("0.05")
+    by_testid(driver, "set-threshold").click()
+    wait_for(driver, lambda d: by_testid(d, "threshold-source").text == "set by hand", "the manual threshold", timeout=20)
+    assert by_testid(driver, "threshold").text == "0.420"
+    wait_for(driver, lambda d: by_testid(d, "review-margin-now").text == "0.050", "the review margin", timeout=20)
+    wait_for(driver, lambda d: history(d) and "set by hand" in history(d)[0]["text"], "the history", timeout=20)
+    first = history(driver)[0]
+    assert first["values"].endswith("→ 0.420")
+    assert "by boss" in first["who"] and "margin 0.050" in first["who"]
+
+    field = by_testid(driver, "admin-key")  # a camera key may not write: said beside the threshold buttons
+    field.clear()
+    field.send_keys(API_KEY)
+    by_testid(driver, "clear-manual-threshold").click()
+    wait_for(driver, lambda d: by_testid(d, "admin-error").is_displayed(), "the 403 beside the buttons", timeout=20)
+    assert by_testid(driver, "admin-error-title").text == "Not allowed"
+    assert driver.execute_script("return document.getElementById('admin-error').previousElementSibling.id") == \
+        "threshold-actions"
+    field.clear()
+    field.send_keys(ADMIN_SECRET)
+    by_testid(driver, "clear-manual-threshold").click()
+    wait_for(driver, lambda d: history(d) and "manual threshold removed" in history(d)[0]["text"],
+             "the removal in the history", timeout=20)
+    assert by_testid(driver, "threshold-source").text != "set by hand"
+    assert csp_violations(driver) == []
+
+
+def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                           state_dir: Path) -> None:
+    store = RecordStore(open_engine(f"sqlite:///{state_dir / 'records.db'}"))
+    record = InspectionRecord("hostile-1", now_ms(), "hostile", 0.9, True, False, 0.5, "default", 0, None, [],
+                              [{"description": HOSTILE, "similarity": 0.3}], "m", {}, HOSTILE_SOURCE)
+    store.insert_many([record])
+    store.engine.dispose()
+    open_console(driver, server.url)
+    open_review(driver, "hostile", 1)
+    by_testid(driver, "reviewer-key").clear()
+    by_testid(driver, "reviewer-key").send_keys(REVIEWER_KEY)
+    assert by_testid(driver, "review-source").text == HOSTILE_SOURCE
+    assert HOSTILE_SOURCE in all_by_testid(driver, "review-item")[0].text
+    assert HOSTILE in by_testid(driver, "review-top-types").text
+    assert "not kept" in by_testid(driver, "review-heatmap-note").text
+    by_testid(driver, "review-defect-type").send_keys(HOSTILE)
+    by_testid(driver, "review-note").send_keys(HOSTILE)
+    by_testid(driver, "review-defect").click()
+    wait_for(driver, lambda d: all_by_testid(d, "review-done-item"), "the judgement listed", timeout=20)
+    done = all_by_testid(driver, "review-done-item")[0]
+    assert by_testid(done, "review-done-note").text == f"note: {HOSTILE}"
+    assert by_testid(done, "review-done-source").text == f"source: {HOSTILE_SOURCE}"
+
+    tab(driver, "trends")
+    Select(by_testid(driver, "trends-category")).select_by_value("hostile")
+    wait_for(driver, lambda d: any(r["_id"] == "hostile-1" for r in rows(d, "record-row")),
+             "the hostile record listed", timeout=20)
+    cells = next(r for r in rows(driver, "record-row") if r["_id"] == "hostile-1")
+    assert (cells["source"], cells["note"], cells["defect_type"]) == (HOSTILE_SOURCE, HOSTILE, HOSTILE)
+    shot(driver, "hostile-review-trends")
+    assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
+    assert_no_alert(driver)
+    assert csp_violations(driver) == []
+
+
+# --- queue mode: Redis, a worker, PostgreSQL ------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
+    server = start_postgres()
+    yield server
+    server.destroy()
+
+
+@contextmanager
+def queue_server(redis_url: str, pool: WorkerPool, records_url: str) -> Iterator[ServerThread]:
+    worker = pool.start(redis_url, FILO_DESCRIPTIONS=json.dumps([str(SAMPLES / "descriptions.json")]))
+    settings = demo_settings(redis_url=redis_url, records_url=records_url, records_keep="all", api_keys=[API_KEY],
+                             reviewer_keys=[f"rita:{REVIEWER_KEY}"], admin_key=f"boss:{ADMIN_SECRET}",
+                             descriptions=[SAMPLES / "descriptions.json"])
+    with ServerThread(create_app(settings, RedisBackend(settings))) as api:
+        pool.wait_ready(worker)
+        wait_ready(api.url)
+        yield api
+
+
+@pytest.mark.redis
+def test_queue_mode_review_trends_and_learn(driver: WebDriver, redis_server: RedisServer,  # noqa: F811
+                                            worker_pool: WorkerPool, postgres: PostgresServer,  # noqa: F811
+                                            tmp_path: Path) -> None:
+    redis_server.client().flushall()
+    with queue_server(redis_server.url, worker_pool, postgres.url) as api, \
+            httpx.Client(base_url=api.url, timeout=120) as client:
+        wait_until(lambda: client.get("/v1/inspections", headers=AUTH).status_code == 200, 30, what="records ready")
+        make_ng(client, "washer")
+        inspect_files(client, "washer", [SAMPLES / "washer_missing.png"], "line-q")
+        inspect_files(client, "washer", good_variants(tmp_path, "washer_good.png")[:2], "line-q")
+        wait_records(client, "washer", 3)  # they arrive through the Redis stream
+        review_flow(driver, client, api.url, "washer", goods=2)
