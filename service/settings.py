@@ -73,6 +73,10 @@ class FiloSettings(BaseSettings):
         False, description="CUDA worker: decode JPEGs with nvJPEG and resize and render heatmaps on the GPU; PNG and "
         "whatever nvJPEG refuses take the CPU path (deviation from the CPU preprocessing: README 'GPU path')",
     )
+    grounding_text_cache: bool = Field(
+        False, description="keep Grounding DINO's BERT text pass per caption (a few captions, least recently used "
+        "out) instead of running it for every batch; bit-identical to the plain model on the CPU (README 'GPU path')",
+    )
     descriptions: list[Path] = Field(
         default_factory=list, description="extra category description files (JSON), on top of the bundled ones"
     )

@@ -109,6 +109,26 @@ def test_grounding_dino_on_cuda_equals_cpu(arch, tiny_pair, real_pair):
     assert (b_cpu - b_gpu).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_grounding_text_cache_on_cuda(bf16):
+    """FILO_GROUNDING_TEXT_CACHE on CUDA: the kept one-row text pass, expanded, against the plain model's
+    B-row pass, for a first call, a repeated call and other batch sizes. Bit-identical on the CPU
+    (tests/test_grounding.py); here cuBLAS may pick other kernels for other row counts. If this fails, the
+    setting must stay off by default (README "GPU path")."""
+    from models.grounding.detector import GroundingDetector
+    from models.grounding.hqloc import build_caption
+
+    plain, cached = GroundingDetector.tiny(device="cuda"), GroundingDetector.tiny(device="cuda", text_cache=4)
+    caption = plain.encode_caption(build_caption(["scratch", "crack"]))
+    pixels = torch.cat([plain.preprocess(synthetic_image(300, 420, seed=s)) for s in range(8)])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        for batch in (4, 4, 1, 8):
+            want = plain.forward_batch(pixels[:batch], caption)
+            got = cached.forward_batch(pixels[:batch], caption)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"batch {batch}"
+    assert (cached.text_cache.misses, cached.text_cache.hits) == (1, 3)
+
+
 def test_bf16_on_cuda_within_the_stated_bound(real_pair):
     _, gpu = real_pair
     reqs = _requests(518)

@@ -16,9 +16,12 @@ from models.grounding.hqloc import (
     build_caption,
     cell_bounds,
     choose_position,
+    dropped_special_ids,
     is_valid_phrase,
+    keep_queries,
     localise,
     phrase_from_posmap,
+    phrases_from_posmaps,
     position_of_point,
     released_confidence,
     select_queries,
@@ -104,8 +107,10 @@ def test_phrase_joins_wordpieces_and_skips_cls(tokenizer) -> None:
     # [CLS] is forced off; 0.25 is not > 0.25; "mark" + "##s" decode to one word.
     assert phrase_from_posmap(probs, ids, tokenizer) == "marks bent"
     probs[6] = 0.5
-    assert phrase_from_posmap(probs, ids, tokenizer) == "marks bent [SEP]"  # released keeps specials
-    assert phrase_from_posmap(probs, ids, tokenizer, text_threshold=0.29) == "marks [SEP]"
+    assert phrase_from_posmap(probs, ids, tokenizer) == "marks bent"  # shown: no [SEP]
+    assert phrase_from_posmap(probs, ids, tokenizer, keep_special=True) == "marks bent [SEP]"  # released
+    assert phrase_from_posmap(probs, ids, tokenizer, text_threshold=0.29) == "marks"
+    assert phrase_from_posmap(probs, ids, tokenizer, text_threshold=0.29, keep_special=True) == "marks [SEP]"
     # tokenizers' WordPiece decoder glues "." to the previous word.
     dots = ids_of(tokenizer, ["[CLS]", "damage", ".", "broken"])
     assert phrase_from_posmap(torch.tensor([0.0, 1.0, 1.0, 1.0]), dots, tokenizer) == "damage. broken"
@@ -124,6 +129,166 @@ def test_phrase_ignores_positions_past_caption_and_from_255(tokenizer) -> None:
     probs[253] = probs[254] = probs[255] = probs[299] = 0.9
     assert phrase_from_posmap(probs, long_ids, tokenizer) == "bent burn"
     assert probs[255] == pytest.approx(0.9)  # the caller's tensor is not modified
+
+
+def test_phrase_drops_special_tokens_but_keeps_unk(tokenizer) -> None:
+    """[SEP], [PAD], [MASK] (and [CLS]) never show; [UNK] stands for a caption word and stays."""
+    assert dropped_special_ids(tokenizer) == set(
+        tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    )
+    ids = ids_of(tokenizer, ["[CLS]", "bent", "[MASK]", "burn", "[UNK]", "mark", "[SEP]", "[PAD]"])
+    probs = torch.ones(len(ids))
+    assert phrase_from_posmap(probs, ids, tokenizer) == "bent burn [UNK] mark"
+    assert phrase_from_posmap(probs, ids, tokenizer, keep_special=True) == "bent [MASK] burn [UNK] mark [SEP] [PAD]"
+    # without [UNK], the same as the tokenizer's own skip_special_tokens
+    no_unk = [i for i in ids[1:] if i != tokenizer.unk_token_id]
+    assert phrase_from_posmap(torch.ones(len(no_unk) + 1), [ids[0], *no_unk], tokenizer) == tokenizer.decode(
+        no_unk, skip_special_tokens=True
+    )
+    only_sep = torch.zeros(len(ids))
+    only_sep[6] = 1.0
+    assert phrase_from_posmap(only_sep, ids, tokenizer) == ""
+    assert phrase_from_posmap(only_sep, ids, tokenizer, keep_special=True) == "[SEP]"
+
+
+def test_validity_is_judged_on_the_released_phrase(tokenizer) -> None:
+    """VisA macaroni1's released description "uneven shape " (trailing space) occurs in the released phrase
+    "uneven shape [SEP]" but not in the shown "uneven shape": the box stays valid, as in the released code."""
+    from descriptions import CategoryCatalog
+
+    descs = list(CategoryCatalog.load().get("macaroni1").descriptions)
+    assert "uneven shape " in descs
+    detector = GroundingDetector(_NoModel(), None, tokenizer)
+    ids = tokenizer(build_caption(descs))["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    start = tokens.index("uneven")
+    assert tokens[start + 1] == "shape" and tokens[-1] == "[SEP]"
+    probs = torch.zeros(2, 256)
+    probs[:, [start, start + 1, len(ids) - 1]] = 0.9  # query 0: uneven shape [SEP]
+    probs[1, len(ids) - 1] = 0.0  # query 1: uneven shape
+    boxes = torch.tensor([[0.5, 0.5, 0.1, 0.1]] * 2)
+    first, second = detector.detections_from_outputs(probs, boxes, ids, descs)
+    assert (first.phrase, first.valid) == ("uneven shape", True)
+    assert is_valid_phrase("uneven shape [SEP]", descs) and not is_valid_phrase("uneven shape", descs)
+    assert (second.phrase, second.valid) == ("uneven shape", False)
+
+
+class _NoModel(torch.nn.Module):
+    """Stands in for the Grounding DINO model where only the post-processing runs."""
+
+
+# ------------------------------------------------------------------------------------------ post-processing
+
+
+def _plain_select(probs: torch.Tensor, boxes: torch.Tensor, box_threshold: float, area_threshold: float) -> list[int]:
+    """The previous ``select_queries``: one image, a host sync for the fallback."""
+    best = probs.max(dim=1).values
+    keep = (best > box_threshold) & (boxes[:, 2] * boxes[:, 3] < area_threshold)
+    if not bool(keep.any()):
+        keep = torch.zeros_like(keep)
+        keep[torch.argmax(best)] = True
+    return keep.nonzero(as_tuple=True)[0].tolist()
+
+
+def _plain_phrase(token_probs: torch.Tensor, input_ids: list[int], tokenizer, threshold: float, keep: bool) -> str:
+    """The released get_phrases_from_posmap per query (plus the shown phrase's special-token filter)."""
+    posmap = token_probs > threshold
+    posmap[0:1] = False
+    posmap[255:] = False
+    ids = [int(input_ids[i]) for i in posmap.nonzero(as_tuple=True)[0].tolist() if i < len(input_ids)]
+    if not keep:
+        drop = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+        ids = [i for i in ids if i not in drop]
+    return tokenizer.decode(ids)
+
+
+def _plain_detections(detector, probs, boxes, input_ids, descriptions) -> list[Detection]:
+    """The per-query loop the detector ran before: one query, one decode, one ``.item()`` at a time."""
+    out = []
+    for q in _plain_select(probs, boxes, detector.box_threshold, detector.area_threshold):
+        shown = _plain_phrase(probs[q], input_ids, detector.tokenizer, detector.text_threshold, keep=False)
+        released = _plain_phrase(probs[q], input_ids, detector.tokenizer, detector.text_threshold, keep=True)
+        out.append(Detection(tuple(float(v) for v in boxes[q].tolist()), float(probs[q].max().item()), shown,
+                             is_valid_phrase(released, descriptions)))
+    return out
+
+
+def _duplicated_outputs(seed: int, batch: int, nq: int, n_ids: int, width: int, patterns: int = 12):
+    """(B, nq, T) probabilities where queries share a few token sets, with every edge of the phrase rule:
+    values at exactly the threshold, positions 0 and >= 255 and past the caption on, one image where no
+    query passes the box threshold (ties for the fallback), boxes too big to keep."""
+    g = torch.Generator().manual_seed(seed)
+    sets = torch.rand(patterns, width, generator=g) < 0.08
+    sets[0] = False  # an empty phrase
+    sets[1, 0] = sets[1, min(n_ids, width) - 1] = True  # [CLS] (never) and the last token, [SEP]
+    sets[2, width - 3 :] = True  # positions >= 255 when width is 300; past the caption either way
+    probs = torch.rand(batch, nq, width, generator=g) * 0.25  # all at or below the threshold
+    pick = torch.randint(0, patterns, (batch, nq), generator=g)
+    on = sets[pick]
+    probs[on] = 0.25 + 0.75 * torch.rand(int(on.sum()), generator=g) + 1e-4
+    probs[..., 5] = torch.where(torch.rand(batch, nq, generator=g) < 0.3, 0.25, probs[..., 5])  # exactly 0.25
+    probs[-1] = torch.rand(nq, width, generator=g) * 0.2  # the last image keeps nothing: the fallback
+    probs[-1, [3, 7], 4] = 0.24  # tied best: the first one wins
+    boxes = torch.rand(batch, nq, 4, generator=g)
+    boxes[..., 2:] = boxes[..., 2:] * 1.2  # some areas >= 0.7
+    return probs, boxes
+
+
+@pytest.mark.parametrize("n_ids, width", [(40, 256), (300, 300)])
+@pytest.mark.parametrize("text_threshold", [0.25, 0.4])
+def test_batched_post_processing_equals_the_plain_loop(tokenizer, n_ids: int, width: int,
+                                                       text_threshold: float) -> None:
+    descs = ["burn mark", "bent", "Uneven coating", "mark [SEP]"]
+    caption_ids = tokenizer(build_caption(descs))["input_ids"]
+    filler = ids_of(tokenizer, ["burn", "##s", "mark", ".", "bent", "[UNK]", "[MASK]", "[PAD]"])
+    ids = (caption_ids[:-1] + [filler[i % len(filler)] for i in range(n_ids)])[: n_ids - 1] + [caption_ids[-1]]
+    detector = GroundingDetector(_NoModel(), None, tokenizer, text_threshold=text_threshold)
+    probs, boxes = _duplicated_outputs(0, 4, 300, n_ids, width)
+    per_image = [descs, descs[:1], ["mark"], descs]
+    batched = detector.detections_from_batch(probs, boxes, ids, per_image)
+    plain = [_plain_detections(detector, probs[b], boxes[b], ids, per_image[b]) for b in range(4)]
+    assert batched == plain  # boxes, confidences, phrases, validity and order, exactly
+    assert [detector.detections_from_outputs(probs[b], boxes[b], ids, per_image[b]) for b in range(4)] == plain
+    # the cases the data is built for did occur
+    assert len(plain[-1]) == 1 and plain[-1][0].box_norm == tuple(boxes[-1, 3].tolist())
+    phrases = {d.phrase for r in plain for d in r}
+    assert "" in phrases
+    if text_threshold == 0.25:  # (a higher one splits the token sets further)
+        assert len(phrases) <= 12 + 1 < sum(len(r) for r in plain)  # the patterns and the fallback's
+    assert any(d.valid for r in plain for d in r) and not all(d.valid for r in plain for d in r)
+    assert not any("[SEP]" in d.phrase or "[PAD]" in d.phrase or "[MASK]" in d.phrase for r in plain for d in r)
+    # keep_queries over the batch is select_queries image by image
+    for thresholds in [(0.25, 0.7), (0.5, 0.3), (1.0, 0.7)]:
+        mask = keep_queries(probs, boxes, *thresholds)
+        assert [mask[b].nonzero().flatten().tolist() for b in range(4)] == [
+            _plain_select(probs[b], boxes[b], *thresholds) for b in range(4)
+        ]
+        assert [select_queries(probs[b], boxes[b], *thresholds).tolist() for b in range(4)] == [
+            _plain_select(probs[b], boxes[b], *thresholds) for b in range(4)
+        ]
+
+
+def test_phrases_decode_each_token_set_once(tokenizer) -> None:
+    ids = tokenizer(build_caption(["burn mark", "bent"]))["input_ids"]
+    probs, _ = _duplicated_outputs(1, 1, 200, len(ids), 256, patterns=5)
+    calls = []
+
+    class Counting:
+        all_special_ids = tokenizer.all_special_ids
+        unk_token_id = tokenizer.unk_token_id
+
+        def decode(self, token_ids):
+            calls.append(tuple(token_ids))
+            return tokenizer.decode(token_ids)
+
+    memo: dict = {}
+    phrases = phrases_from_posmaps(probs[0], ids, Counting(), memo=memo)
+    assert len(phrases) == 200 and len(set(calls)) == len(calls) <= 2 * 5
+    assert [p.shown for p in phrases] == [phrase_from_posmap(q, ids, tokenizer) for q in probs[0]]
+    assert [p.released for p in phrases] == [phrase_from_posmap(q, ids, tokenizer, keep_special=True) for q in probs[0]]
+    before = len(calls)
+    assert phrases_from_posmaps(probs[0], ids, Counting(), memo=memo) == phrases and len(calls) == before
+    assert phrases_from_posmaps(probs[0, :0], ids, Counting()) == []
 
 
 def test_is_valid_phrase_is_case_sensitive_substring() -> None:
@@ -342,7 +507,8 @@ def test_detect_structure_and_thresholds(detector: GroundingDetector) -> None:
         assert det.confidence > 0.25
         cx, cy, w, h = det.box_norm
         assert w * h < 0.7 and 0 <= cx <= 1 and 0 <= cy <= 1
-        assert det.valid == is_valid_phrase(det.phrase, DESCS)
+        released = phrase_from_posmap(probs[0, q], encoding.ids, detector.tokenizer, keep_special=True)
+        assert det.valid == is_valid_phrase(released, DESCS)
         assert det.phrase == phrase_from_posmap(probs[0, q], encoding.ids, detector.tokenizer)
 
 
@@ -457,3 +623,67 @@ def test_save_and_load_round_trip_and_incomplete_checkpoint(detector: GroundingD
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(GroundingWeightsNotFound, match="lacks"):
         GroundingDetector.from_pretrained(str(tmp_path), local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------------ text pass cache
+
+
+def _forward(detector: GroundingDetector, images: list[np.ndarray], descs: list[str], bf16: bool = False):
+    pixels = torch.cat([detector.preprocess(im) for im in images])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return detector.forward_batch(pixels, detector.encode_caption(build_caption(descs)))
+
+
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_text_pass_cache_is_bit_identical(detector: GroundingDetector, bf16: bool) -> None:
+    """First call, repeated call, another batch size, another caption: logits and boxes equal to the bit."""
+    cached = GroundingDetector.tiny(text_cache=2)
+    cache = cached.text_cache
+    images = [image(90, 90, s) for s in (20, 21)]
+    steps = [(images, DESCS, "miss"), (images, DESCS, "hit"), (images[1:], DESCS, "hit"),
+             (images[:1], ["crack"], "miss")]
+    for imgs, descs, expect in steps:
+        hits, misses = cache.hits, cache.misses
+        want, got = _forward(detector, imgs, descs, bf16), _forward(cached, imgs, descs, bf16)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (len(imgs), descs)
+        assert (cache.hits - hits, cache.misses - misses) == ((1, 0) if expect == "hit" else (0, 1))
+    assert len(cache) == 2
+    _forward(cached, images[:1], DESCS, bf16)  # DESCS is now the most recently used
+    _forward(cached, images[:1], ["dent"], bf16)  # a third caption evicts the least recently used ("crack")
+    assert len(cache) == 2
+    misses = cache.misses
+    _forward(cached, images[:1], ["crack"], bf16)
+    assert cache.misses == misses + 1
+
+
+def test_text_pass_cache_keys_and_bypasses(detector: GroundingDetector) -> None:
+    cached = GroundingDetector.tiny(text_cache=4)
+    cache, backbone = cached.text_cache, cached.model.model.text_backbone
+    img = [image(100, 100, 30)]
+    _forward(cached, img, DESCS)
+    _forward(cached, img, DESCS, bf16=True)  # autocast is part of the key
+    assert (cache.misses, cache.hits) == (2, 0)
+    # the plain model's state: same names, same tensors (save_pretrained and loading see no wrapper)
+    assert cached.model.state_dict().keys() == detector.model.state_dict().keys()
+    # weights changed in place: a miss, and the new weights' output
+    with torch.no_grad():
+        backbone.embeddings.word_embeddings.weight.mul_(1.5)
+        detector_w = GroundingDetector.tiny()
+        detector_w.model.model.text_backbone.embeddings.word_embeddings.weight.mul_(1.5)
+    got, want = _forward(cached, img, DESCS), _forward(detector_w, img, DESCS)
+    assert cache.misses == 3 and torch.equal(got[0], want[0])
+    # rows that differ, and gradients on, go to the backbone's own forward; return_dict=False gives a tuple
+    ids = torch.tensor([[101, 1037, 102], [101, 1029, 102]])
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+    zeros = torch.zeros_like(ids)
+    with torch.no_grad():
+        mixed = backbone(ids, mask, zeros, zeros, return_dict=True).last_hidden_state
+        plain = type(backbone).forward(backbone, ids, mask, zeros, zeros, return_dict=True).last_hidden_state
+        assert torch.equal(mixed, plain) and cache.misses == 3
+        same = backbone(ids[:1].expand(2, -1), mask, zeros, zeros, return_dict=False)
+        assert isinstance(same, tuple) and same[0].shape == (2, 3, backbone.config.hidden_size)
+    out = backbone(ids[:1], mask[:1], zeros[:1], zeros[:1], return_dict=True).last_hidden_state
+    assert out.requires_grad and cache.misses == 4  # the no-grad call above was the miss; this one bypassed
+    cache.uninstall()
+    assert "forward" not in vars(backbone) and len(cache) == 0
+    assert GroundingDetector.tiny().text_cache is None  # off by default

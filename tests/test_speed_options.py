@@ -4,6 +4,7 @@
 - FILO_CUDA_GRAPHS: batches padded to bucket sizes give the unpadded results, through the compiled encoder
   too (CUDA graphs themselves only exist on a GPU: tests/test_cuda.py);
 - FILO_PIN_MEMORY: the pinned, non-blocking copy changes no value;
+- FILO_GROUNDING_TEXT_CACHE: reaches the detector and changes no result;
 - FILO_GPU_IMAGE_PATH: the wiring (decode to a tensor, prepare from it, render from it) runs on CPU tensors
   here, forced on, through the embedded server and the queue worker, and stays within the bounds that
   tests/test_gpu_imaging.py measures for each step.
@@ -23,6 +24,7 @@ from PIL import Image
 from filo_lab.bench.model import build_random_engine, time_batches
 from service.core.types import InspectRequest, InspectResult
 from service.engine.buckets import BucketedEncoder, bucket_for, bucket_sizes
+from service.settings import FiloSettings
 from tests.conftest import synthetic_image
 
 
@@ -104,6 +106,27 @@ def test_pinned_copy_option_changes_no_value():
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     host = torch.ones(2, 3)
     assert engine._to_device(host) is host or torch.equal(engine._to_device(host), host)  # CPU: a plain .to()
+
+
+def test_grounding_text_cache_setting_reaches_the_detector_and_changes_no_value(tmp_path):
+    """FILO_GROUNDING_TEXT_CACHE: settings -> engine -> detector; the served results are the plain path's
+    (the bit-for-bit comparison of logits and boxes is tests/test_grounding.py's)."""
+    from service.engine.pipeline import GROUNDING_TEXT_CACHE_CAPTIONS, InspectionEngine
+    from tests.service_fixtures import demo_settings
+
+    assert FiloSettings.model_fields["grounding_text_cache"].default is False
+    plain = InspectionEngine.from_settings(demo_settings(state_dir=tmp_path / "a", grounding=True, device="cpu"))
+    cached = InspectionEngine.from_settings(demo_settings(state_dir=tmp_path / "b", grounding=True, device="cpu",
+                                                          grounding_text_cache=True))
+    assert plain.detector.text_cache is None
+    assert cached.detector.text_cache is not None and cached.detector.text_cache.size == GROUNDING_TEXT_CACHE_CAPTIONS
+    reqs = [InspectRequest(synthetic_image(120, 160, seed=s), c, grounding=True) for s, c in ((1, "bottle"), (2, "bottle"))]
+    for _ in range(2):  # the second round is served from the cache
+        for a, b in zip(plain.inspect_batch(reqs), cached.inspect_batch(reqs), strict=True):
+            assert isinstance(a, InspectResult) and isinstance(b, InspectResult)
+            np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+            assert a.boxes and (a.score, a.position, a.boxes) == (b.score, b.position, b.boxes)
+    assert cached.detector.text_cache.hits >= 1
 
 
 def test_bench_refuses_to_time_failing_batches():

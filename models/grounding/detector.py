@@ -21,11 +21,13 @@ from models.grounding.hqloc import (
     RELEASED_FRAME,
     CaptionEncoding,
     Detection,
+    Phrase,
     build_caption,
     is_valid_phrase,
-    phrase_from_posmap,
-    select_queries,
+    keep_queries,
+    phrases_from_posmaps,
 )
+from models.grounding.text_cache import TextPassCache
 from models.standin import STANDIN_BANNER, STANDIN_KEY
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,8 @@ class GroundingDetector:
     and the thresholds (``box_threshold``, ``text_threshold``, ``area_threshold``, all settable attributes).
     Images go through the image processor one by one and are batched only with others of the same resized
     size and the same caption, so no padding ever enters a batch and batched results equal single ones.
+    ``text_cache`` > 0 keeps the BERT text pass of that many captions (``text_cache.TextPassCache``) instead
+    of running it again for every batch; 0 (the default) runs the plain model.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class GroundingDetector:
         area_threshold: float = 0.7,
         max_batch: int = 8,
         caption_cache_size: int = 256,
+        text_cache: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -141,6 +146,9 @@ class GroundingDetector:
         self._caption_cache: OrderedDict[str, CaptionEncoding] = OrderedDict()
         self._caption_cache_size = caption_cache_size
         self.standin = False  # loaded from stand-in weights (models/standin.py): reported, never a real result
+        self.text_cache: TextPassCache | None = None
+        if text_cache > 0:
+            self.text_cache = TextPassCache(self.model.model.text_backbone, text_cache).install()
 
     # ----- construction -----
 
@@ -157,7 +165,7 @@ class GroundingDetector:
 
         Raises ``GroundingWeightsNotFound`` when the files are missing or the checkpoint lacks weights the
         model needs (transformers would otherwise fill them randomly). ``kwargs`` go to ``__init__``
-        (thresholds, max_batch).
+        (thresholds, max_batch, text_cache).
         """
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
@@ -212,10 +220,10 @@ class GroundingDetector:
     def encode_caption(self, caption: str) -> CaptionEncoding:
         """Tokenise a caption, cached by caption (LRU).
 
-        Only the tokenisation is cached. The text encoding itself (BERT + projection) cannot be reused:
-        ``GroundingDinoModel.forward`` always runs ``text_backbone`` on ``input_ids`` and has no argument
-        for precomputed text features (``encoder_outputs`` is the image-text fused encoder, image
-        dependent), and patching transformers internals is not worth the small BERT pass.
+        Only the tokenisation is cached here. ``GroundingDinoModel.forward`` always runs ``text_backbone``
+        on ``input_ids`` and has no argument for precomputed text features (``encoder_outputs`` is the
+        image-text fused encoder, image dependent); the BERT pass is kept by ``TextPassCache`` when the
+        detector is built with ``text_cache`` > 0.
         Captions are truncated to the model's ``max_text_len`` (256): the detection head's text mask is
         not cut by the model, so a longer caption would fail there.
         """
@@ -271,19 +279,43 @@ class GroundingDetector:
         self, probs: torch.Tensor, boxes: torch.Tensor, input_ids: Sequence[int], descriptions: Sequence[str]
     ) -> list[Detection]:
         """One image's (nq, T) probs and (nq, 4) boxes -> its kept, decoded, checked detections."""
-        kept = select_queries(probs, boxes, self.box_threshold, self.area_threshold)
-        detections = []
-        for q in kept.tolist():
-            phrase = phrase_from_posmap(probs[q], input_ids, self.tokenizer, self.text_threshold)
-            detections.append(
-                Detection(
-                    box_norm=tuple(float(v) for v in boxes[q].tolist()),
-                    confidence=float(probs[q].max().item()),
-                    phrase=phrase,
-                    valid=is_valid_phrase(phrase, descriptions),
-                )
-            )
-        return detections
+        return self.detections_from_batch(probs[None], boxes[None], input_ids, [descriptions])[0]
+
+    def detections_from_batch(
+        self,
+        probs: torch.Tensor,
+        boxes: torch.Tensor,
+        input_ids: Sequence[int],
+        descriptions: Sequence[Sequence[str]],
+        memo: dict[tuple[int, ...], Phrase] | None = None,
+    ) -> list[list[Detection]]:
+        """(B, nq, T) probs and (B, nq, 4) boxes of B images of one caption -> each image's detections.
+
+        Per image, the same as the plain loop over ``select_queries`` with ``phrase_from_posmap`` and
+        ``is_valid_phrase`` for each kept query (kept order, float32 confidences as Python floats), but as
+        whole-batch tensor operations with one host transfer each for the kept confidences and boxes, and
+        each distinct token set decoded once (``phrases_from_posmaps``). A detection's ``phrase`` is the
+        shown phrase (no [SEP]); its ``valid`` is judged on the released phrase (``hqloc.Phrase``), so
+        validity, position and suppression are the released ones. ``memo`` (see ``phrases_from_posmaps``)
+        carries decoded phrases over batches of the same caption.
+        """
+        if len(descriptions) != probs.shape[0]:
+            raise ValueError(f"{probs.shape[0]} images but {len(descriptions)} description lists")
+        image_of, query_of = keep_queries(probs, boxes, self.box_threshold, self.area_threshold).nonzero(
+            as_tuple=True
+        )
+        kept = probs[image_of, query_of]
+        phrases = phrases_from_posmaps(kept, input_ids, self.tokenizer, self.text_threshold, memo)
+        confidences = kept.max(dim=1).values.tolist()
+        kept_boxes = boxes[image_of, query_of].tolist()
+        valid: dict[tuple[int, Phrase], bool] = {}
+        results: list[list[Detection]] = [[] for _ in range(probs.shape[0])]
+        for image, box, confidence, phrase in zip(image_of.tolist(), kept_boxes, confidences, phrases, strict=True):
+            ok = valid.get((image, phrase))
+            if ok is None:
+                ok = valid[(image, phrase)] = is_valid_phrase(phrase.released, descriptions[image])
+            results[image].append(Detection(tuple(box), confidence, phrase.shown, ok))
+        return results
 
     def detect(
         self, images: Sequence[np.ndarray], descriptions: Sequence[Sequence[str]],
@@ -308,11 +340,11 @@ class GroundingDetector:
         for (_, _, caption), members in groups.items():
             encoding = self.encode_caption(caption)
             ids = encoding.ids
+            memo: dict[tuple[int, ...], Phrase] = {}  # token ids -> phrase, for all chunks of this caption
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
                 probs, boxes = self.forward_batch(torch.cat([pixels[i] for i in chunk]), encoding)
-                for k, index in enumerate(chunk):
-                    results[index] = self.detections_from_outputs(
-                        probs[k], boxes[k], ids, descriptions[index]
-                    )
+                chunk_results = self.detections_from_batch(probs, boxes, ids, [descriptions[i] for i in chunk], memo)
+                for index, dets in zip(chunk, chunk_results, strict=True):
+                    results[index] = dets
         return results

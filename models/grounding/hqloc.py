@@ -8,7 +8,9 @@ the pure functions below reproduce its quirks on purpose (string-truncated confi
 box, gaps between cells, Python slicing of negative box corners); each docstring says which and why.
 
 Caption, query selection, phrases, validity, position, suppression mask, box mapping: tensors and numpy
-in and out, pinned down by the tests against hand-computed numbers. The model that produces the boxes is
+in and out, pinned down by the tests against hand-computed numbers. One deliberate difference from the
+released code: a box's shown phrase leaves out the tokenizer's special tokens ("scratches", not
+"scratches [SEP]"), while its validity is still judged on the released phrase (``phrase_from_posmap``). The model that produces the boxes is
 ``models.grounding.detector``.
 
 Frames: "frame" means the ``size`` x ``size`` (518) CLIP input frame of ``models.frame``; boxes from the
@@ -20,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -46,27 +48,76 @@ def build_caption(descriptions: Sequence[str]) -> str:
     return caption if caption.endswith(".") else caption + "."
 
 
+def keep_queries(
+    probs: torch.Tensor,
+    boxes: torch.Tensor,
+    box_threshold: float = 0.25,
+    area_threshold: float = 0.7,
+) -> torch.Tensor:
+    """(..., nq) bool: the queries the released code keeps, for one image (nq, T) or a batch (B, nq, T).
+
+    probs: (..., nq, T) sigmoid token probabilities; boxes: (..., nq, 4) normalised (cx, cy, w, h).
+    A query is kept when its best token probability is > ``box_threshold`` and its normalised area w*h is
+    < ``area_threshold`` (boxes covering most of the image are the object, not its defect). When an image
+    keeps nothing, its single query with the best probability is kept (first one on ties, as
+    ``torch.argmax``). Tensor operations only: no host sync, whatever the batch size.
+    """
+    probs = torch.as_tensor(probs)
+    boxes = torch.as_tensor(boxes)
+    best = probs.max(dim=-1).values
+    keep = (best > box_threshold) & (boxes[..., 2] * boxes[..., 3] < area_threshold)
+    fallback = torch.nn.functional.one_hot(best.argmax(dim=-1), best.shape[-1]).bool()
+    return keep | (fallback & ~keep.any(dim=-1, keepdim=True))
+
+
 def select_queries(
     probs: torch.Tensor,
     boxes: torch.Tensor,
     box_threshold: float = 0.25,
     area_threshold: float = 0.7,
 ) -> torch.Tensor:
-    """Indices (ascending, LongTensor) of the queries the released code keeps.
+    """Indices (ascending, LongTensor) of the queries the released code keeps for one image.
 
-    probs: (nq, T) sigmoid token probabilities; boxes: (nq, 4) normalised (cx, cy, w, h).
-    A query is kept when its best token probability is > ``box_threshold`` and its normalised area w*h is
-    < ``area_threshold`` (boxes covering most of the image are the object, not its defect). When nothing
-    is kept, the single query with the best probability is (first one on ties, as ``torch.argmax``).
+    probs: (nq, T); boxes: (nq, 4); the rule is ``keep_queries``'s.
     """
-    probs = torch.as_tensor(probs)
-    boxes = torch.as_tensor(boxes)
-    best = probs.max(dim=1).values
-    keep = (best > box_threshold) & (boxes[:, 2] * boxes[:, 3] < area_threshold)
-    if not bool(keep.any()):
-        keep = torch.zeros_like(keep)
-        keep[torch.argmax(best)] = True
-    return keep.nonzero(as_tuple=True)[0].to(torch.long)
+    return keep_queries(probs, boxes, box_threshold, area_threshold).nonzero(as_tuple=True)[0].to(torch.long)
+
+
+def phrase_posmap(token_probs: torch.Tensor, n_ids: int, text_threshold: float = 0.25) -> torch.Tensor:
+    """(..., T) bool: the text positions that form a phrase, for one query (T,) or many (K, T).
+
+    The released ``get_phrases_from_posmap`` rule: probability > ``text_threshold``, never position 0
+    ([CLS]) nor positions >= 255; positions past the caption's ``n_ids`` tokens (probability 0 anyway) are
+    off too. A new tensor: the caller's probabilities are not modified.
+    """
+    posmap = torch.as_tensor(token_probs) > text_threshold
+    posmap[..., 0:1] = False
+    posmap[..., min(PHRASE_RIGHT_IDX, n_ids) :] = False
+    return posmap
+
+
+def dropped_special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special ids that never appear in a shown phrase: ``all_special_ids`` less [UNK].
+
+    [CLS], [SEP], [PAD], [MASK] (for BERT) are markup, not words of the caption. [UNK] stays: it stands
+    for a caption word the vocabulary lacks, and dropping it would join the words around it.
+    """
+    return frozenset(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+
+
+class Phrase(NamedTuple):
+    """One query's phrase: ``shown`` without special tokens, ``released`` exactly as the released code
+    decoded it ([SEP] included), which is what ``is_valid_phrase`` judges (see ``phrase_from_posmap``)."""
+
+    shown: str
+    released: str
+
+
+def _decode_phrase(token_ids: tuple[int, ...], tokenizer, drop: frozenset[int]) -> Phrase:
+    released = tokenizer.decode(list(token_ids))
+    shown_ids = [t for t in token_ids if t not in drop]
+    shown = released if len(shown_ids) == len(token_ids) else tokenizer.decode(shown_ids)
+    return Phrase(shown, released)
 
 
 def phrase_from_posmap(
@@ -74,21 +125,64 @@ def phrase_from_posmap(
     input_ids: Sequence[int],
     tokenizer,
     text_threshold: float = 0.25,
+    keep_special: bool = False,
 ) -> str:
-    """The released ``get_phrases_from_posmap``: decode the caption tokens whose probability is > threshold.
+    """One query's phrase: decode the caption tokens whose probability is > threshold (``phrase_posmap``).
 
     token_probs: (T,) one query's probabilities over text positions (T = max_text_len = 256 for the HF model;
-    position i is token i of the caption's own ``input_ids``). Position 0 ([CLS]) and positions >= 255 are
-    never used; positions past the caption's length (-inf logits, so probability 0) are skipped. Decoding
-    is the tokenizer's plain ``decode``: wordpieces join ("dent ##s" -> "dents"), special tokens such as
-    [SEP] stay in, exactly like the released code.
+    position i is token i of the caption's own ``input_ids``). Decoding is the tokenizer's plain ``decode``:
+    wordpieces join ("dent ##s" -> "dents").
+
+    Deviation from the released ``get_phrases_from_posmap``: special tokens (``dropped_special_ids``: [SEP],
+    [PAD], [MASK]; [CLS] is position 0, never used) are left out, so a box is labelled "scratches", not
+    "scratches [SEP]". ``keep_special=True`` gives the released phrase. The released phrase is still the one
+    whose validity counts (``Phrase``, ``GroundingDetector``): ``is_valid_phrase`` is a substring test, and a
+    description may end where [SEP] begins: VisA macaroni1's released "uneven shape " (trailing space)
+    occurs in "uneven shape [SEP]" but not in "uneven shape", so judging the shown phrase would change
+    which boxes are valid, and with them the position and the suppression of published results.
     """
-    posmap = torch.as_tensor(token_probs) > text_threshold
-    posmap[0:1] = False
-    posmap[PHRASE_RIGHT_IDX:] = False
-    positions = posmap.nonzero(as_tuple=True)[0].tolist()
-    token_ids = [int(input_ids[i]) for i in positions if i < len(input_ids)]
+    positions = phrase_posmap(token_probs, len(input_ids), text_threshold).nonzero(as_tuple=True)[0].tolist()
+    token_ids = [int(input_ids[i]) for i in positions]
+    if not keep_special:
+        drop = dropped_special_ids(tokenizer)
+        token_ids = [t for t in token_ids if t not in drop]
     return tokenizer.decode(token_ids)
+
+
+def phrases_from_posmaps(
+    token_probs: torch.Tensor,
+    input_ids: Sequence[int],
+    tokenizer,
+    text_threshold: float = 0.25,
+    memo: dict[tuple[int, ...], Phrase] | None = None,
+) -> list[Phrase]:
+    """Every query's ``Phrase`` at once: (K, T) probabilities of K queries over one caption's positions.
+
+    Equal, query by query, to ``phrase_from_posmap`` (shown) and ``phrase_from_posmap(keep_special=True)``
+    (released). The posmaps are one tensor operation; the distinct ones are found by ``torch.unique`` and
+    each distinct set of token ids is decoded once (queries share token sets far more often than not).
+    ``memo`` (token ids -> Phrase) carries decodings across calls for the same tokenizer; pass one dict
+    for all images of one caption.
+    """
+    probs = torch.as_tensor(token_probs)
+    if probs.shape[0] == 0:
+        return []
+    memo = {} if memo is None else memo
+    posmap = phrase_posmap(probs, len(input_ids), text_threshold)
+    rows, inverse = torch.unique(posmap, dim=0, return_inverse=True)
+    row_of, position_of = rows.nonzero(as_tuple=True)
+    token_sets: list[list[int]] = [[] for _ in range(rows.shape[0])]
+    for row, position in zip(row_of.tolist(), position_of.tolist(), strict=True):
+        token_sets[row].append(int(input_ids[position]))
+    drop = None
+    phrases = []
+    for token_ids in map(tuple, token_sets):
+        phrase = memo.get(token_ids)
+        if phrase is None:
+            drop = dropped_special_ids(tokenizer) if drop is None else drop
+            phrase = memo[token_ids] = _decode_phrase(token_ids, tokenizer, drop)
+        phrases.append(phrase)
+    return [phrases[i] for i in inverse.tolist()]
 
 
 def is_valid_phrase(phrase: str, descriptions: Sequence[str]) -> bool:

@@ -38,6 +38,9 @@ from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
 
+# FILO_GROUNDING_TEXT_CACHE: captions whose BERT pass is kept (one per category in use; a few KB to a few MB each)
+GROUNDING_TEXT_CACHE_CAPTIONS = 16
+
 
 @dataclass
 class _Localisation:
@@ -94,8 +97,10 @@ class InspectionEngine:
         if settings.grounding:
             from models.grounding.detector import GroundingDetector
 
-            detector = (GroundingDetector.tiny(device=device) if settings.is_demo
-                        else GroundingDetector.from_pretrained(settings.grounding_model, device=device))
+            text_cache = GROUNDING_TEXT_CACHE_CAPTIONS if settings.grounding_text_cache else 0
+            detector = (GroundingDetector.tiny(device=device, text_cache=text_cache) if settings.is_demo
+                        else GroundingDetector.from_pretrained(settings.grounding_model, device=device,
+                                                               text_cache=text_cache))
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
             if detector.standin and not info.get("standin"):
                 info.update(standin=True, version="standin-" + info["version"])
