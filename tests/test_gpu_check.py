@@ -24,11 +24,12 @@ def test_dry_run_executes_every_step_and_reports(tmp_path):
     assert results["plan"]["arch"] == "tiny" and results["machine"]["cpus"] >= 1
     assert results["tests"]["exit"] == 0 and "skipped" in results["tests"]["summary"]  # no GPU: skipped, said so
     runs = {r["name"]: r for r in results["bench"]}
-    assert set(runs) == {"sweep", "no-pinned-copies", "compiled-encoder", "cuda-graphs"}
+    assert set(runs) == {"sweep", "no-pinned-copies", "compiled-encoder", "cuda-graphs",
+                         "grounding-text-cache"}
     assert all(r["exit"] == 0 and r["rows"] for r in runs.values())
     assert len(runs["sweep"]["rows"]) == 8  # 2 sizes x 2 precisions x grounding off/on
     assert runs["compiled-encoder"]["rows"][0]["compiled"] and not runs["no-pinned-copies"]["rows"][0]["pinned"]
-    assert runs["cuda-graphs"]["rows"][0]["compiled"]
+    assert runs["cuda-graphs"]["rows"][0]["compiled"] and runs["grounding-text-cache"]["rows"][0]["text_cache"]
     assert runs["sweep"]["profile"]["top"]
     serving = results["serving"]
     assert [r["config"] for r in serving] == ["embedded", "embedded + GPU image path", "queue + GPU image path",

@@ -180,13 +180,15 @@ def step_bench(check: Check) -> None:
     ob = str(p.option_batch)
     runs = [_bench(check, "sweep", ["--batch-sizes", p.batch_sizes, "--precisions", p.precisions, "--grounding",
                                     "both", "--profile-batch", ob], min(p.sweep_s, check.left_s() - 30))]
-    options = [("no-pinned-copies", ["--no-pin-memory"], 60.0), ("compiled-encoder", ["--compile"], 100.0),
-               ("cuda-graphs", ["--cuda-graphs"], 150.0)]
-    for name, flags, limit in options:
+    # each option against the sweep's row of the same batch, precision and grounding setting
+    options = [("no-pinned-copies", ["--no-pin-memory"], "off", 60.0), ("compiled-encoder", ["--compile"], "off", 100.0),
+               ("cuda-graphs", ["--cuda-graphs"], "off", 150.0),
+               ("grounding-text-cache", ["--grounding-text-cache"], "on", 80.0)]
+    for name, flags, grounding, limit in options:
         if check.left_s() < 200 + limit:
             runs.append({"name": name, "exit": None, "rows": [], "skipped": "out of time"})
             continue
-        runs.append(_bench(check, name, ["--batch-sizes", ob, "--precisions", "bf16", "--grounding", "off",
+        runs.append(_bench(check, name, ["--batch-sizes", ob, "--precisions", "bf16", "--grounding", grounding,
                                          *flags], limit))
     md = "## 2. Model benchmark (`filo bench`, random weights, real architectures)\n\n" + _rows_md(runs)
     for r in runs:

@@ -34,9 +34,11 @@ class BenchRow:
     peak_gib: float | None = None  # CUDA only: the most memory the batch size needed (sizes FILO_MAX_BATCH_SIZE)
     compiled: bool = False  # torch.compile of the image encoder (FILO_COMPILE)
     pinned: bool = True  # pinned staging + non-blocking copy of the pixels (FILO_PIN_MEMORY)
+    text_cache: bool = False  # Grounding DINO's text pass kept per caption (FILO_GROUNDING_TEXT_CACHE)
 
 
-def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) -> InspectionEngine:
+def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0,
+                        text_cache: int = 0) -> InspectionEngine:
     """An engine of the chosen architecture with random weights (labelled as such in model_info)."""
     clip_name = DEFAULT_CLIP_MODEL if arch == "real" else TINY_CLIP_MODEL
     spec = ModelSpec(clip_model=clip_name, clip_weights=None, checkpoint=None, demo=True, seed=seed)
@@ -51,9 +53,9 @@ def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0) 
             torch.manual_seed(seed)
             gd_model = GroundingDinoForObjectDetection(GroundingDinoConfig())  # grounding-dino-tiny's shape
             detector = GroundingDetector(gd_model, make_image_processor(), load_tiny_tokenizer(), device=device,
-                                         max_batch=64)
+                                         max_batch=64, text_cache=text_cache)
         else:
-            detector = GroundingDetector.tiny(device=device, seed=seed, max_batch=64)
+            detector = GroundingDetector.tiny(device=device, seed=seed, max_batch=64, text_cache=text_cache)
     info.update(version=f"random-{arch}", profile="bench")
     return InspectionEngine(model, info, CategoryCatalog.load(), device, detector, grounding)
 
@@ -107,9 +109,9 @@ def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: 
 
 def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[str], groundings: list[bool],
               iters: int, warmup: int, compile: bool = False, pin_memory: bool = True,
-              cuda_graphs: bool = False) -> Iterator[BenchRow]:
+              cuda_graphs: bool = False, text_cache: int = 0) -> Iterator[BenchRow]:
     for grounding in groundings:
-        engine = build_random_engine(arch, device, grounding)
+        engine = build_random_engine(arch, device, grounding, text_cache=text_cache)
         engine.pin_memory = pin_memory
         if compile or cuda_graphs:
             # CUDA graphs: buckets up to the largest batch measured, recorded before timing (the service
@@ -121,7 +123,8 @@ def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[s
             engine.precision = precision
             for bs in batch_sizes:
                 ips, ms, peak = time_batches(engine, bs, iters, warmup)
-                yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile or cuda_graphs, pin_memory)
+                yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile or cuda_graphs, pin_memory,
+                               text_cache > 0 and grounding)
         del engine
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (FILO_COMPILE)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="compile the encoder with CUDA graphs on bucketed batch sizes (FILO_CUDA_GRAPHS)")
+    p.add_argument("--grounding-text-cache", action="store_true",
+                   help="keep Grounding DINO's text pass per caption (FILO_GROUNDING_TEXT_CACHE)")
     p.add_argument("--no-pin-memory", action="store_true",
                    help="plain blocking copies of the pixels instead of pinned, non-blocking ones")
     p.add_argument("--json", metavar="FILE", help="also write the rows (and FLOP parts, bf16 deviation) as JSON")
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from filo_lab.bench.model import bf16_map_deviation, build_random_engine, flops_per_image, profile_batch, run_bench
+    from service.engine.pipeline import GROUNDING_TEXT_CACHE_CAPTIONS
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,13 +82,15 @@ def run(args: argparse.Namespace) -> int:
     groundings = {"on": [True], "off": [False], "both": [False, True]}[args.grounding]
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}; "
-          f"encoder compiled: {'yes' if args.compile else 'no'}; CUDA graphs: {'yes' if args.cuda_graphs else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
+          f"encoder compiled: {'yes' if args.compile else 'no'}; CUDA graphs: {'yes' if args.cuda_graphs else 'no'}; "
+          f"text cache: {'yes' if args.grounding_text_cache else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
     print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     base: dict[tuple, float] = {}
     report: dict = {"device_name": name, "torch": torch.__version__, "arch": args.arch, "rows": []}
     for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup,
-                         compile=args.compile, pin_memory=not args.no_pin_memory, cuda_graphs=args.cuda_graphs):
+                         compile=args.compile, pin_memory=not args.no_pin_memory, cuda_graphs=args.cuda_graphs,
+                         text_cache=GROUNDING_TEXT_CACHE_CAPTIONS if args.grounding_text_cache else 0):
         report["rows"].append(asdict(row))
         _write_json(args.json, report)
         key = (row.precision, row.grounding)
