@@ -13,9 +13,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import needs
 from tests.service_fixtures import free_port
 
 
@@ -78,3 +83,21 @@ def start_postgres() -> PostgresServer:
     subprocess.run(_as_owner([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "filo",
                               "filo"]), check=True, timeout=60)
     return server
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A throw-away server for the span of a fixture; under CI a missing PostgreSQL fails instead of skipping."""
+    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own (tests that stop it need their own)."""
+    with running_postgres() as server:
+        yield server

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import httpx
@@ -751,11 +752,12 @@ def test_busy_and_loading_servers_are_explained(driver: WebDriver, tmp_path: Pat
 
 
 @contextmanager
-def queue_server(redis_url: str, pool: WorkerPool) -> Iterator[ServerThread]:
+def queue_server(redis_url: str, pool: WorkerPool, **overrides: Any) -> Iterator[ServerThread]:
+    """One demo worker and an API on `redis_url`; `overrides` are API settings (keys, records...)."""
     desc = json.dumps([str(SAMPLES / "descriptions.json")])
     worker = pool.start(redis_url, FILO_DESCRIPTIONS=desc)
-    settings = demo_settings(redis_url=redis_url, api_keys=[API_KEY], admin_key=ADMIN_KEY,
-                             descriptions=[SAMPLES / "descriptions.json"])
+    settings = demo_settings(**{"redis_url": redis_url, "api_keys": [API_KEY], "admin_key": ADMIN_KEY,
+                                "descriptions": [SAMPLES / "descriptions.json"], **overrides})
     with ServerThread(create_app(settings, RedisBackend(settings))) as api:
         pool.wait_ready(worker)
         wait_ready(api.url)

@@ -8,9 +8,7 @@ note with markup) stays text. Every wait is bounded; screenshots land in out/con
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,12 +21,10 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
-from service.backends.redis_queue import RedisBackend
 from service.records.db import open_engine
 from service.records.model import InspectionRecord, now_ms
 from service.records.store import RecordStore
-from tests.conftest import needs
-from tests.postgres_server import PostgresServer, postgres_bin, start_postgres
+from tests.postgres_server import PostgresServer, postgres  # noqa: F401
 from tests.service_fixtures import (  # noqa: F401
     RedisServer,
     ServerThread,
@@ -53,6 +49,7 @@ from tests.test_console_browser import (  # noqa: F401
     good_variants,
     hostile_descriptions,
     open_console,
+    queue_server,
     read_download,
     shot,
 )
@@ -451,32 +448,13 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
 # --- queue mode: Redis, a worker, PostgreSQL ------------------------------------------------------------------
 
 
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
-    server = start_postgres()
-    yield server
-    server.destroy()
-
-
-@contextmanager
-def queue_server(redis_url: str, pool: WorkerPool, records_url: str) -> Iterator[ServerThread]:
-    worker = pool.start(redis_url, FILO_DESCRIPTIONS=json.dumps([str(SAMPLES / "descriptions.json")]))
-    settings = demo_settings(redis_url=redis_url, records_url=records_url, records_keep="all", api_keys=[API_KEY],
-                             reviewer_keys=[f"rita:{REVIEWER_KEY}"], admin_key=f"boss:{ADMIN_SECRET}",
-                             descriptions=[SAMPLES / "descriptions.json"])
-    with ServerThread(create_app(settings, RedisBackend(settings))) as api:
-        pool.wait_ready(worker)
-        wait_ready(api.url)
-        yield api
-
-
 @pytest.mark.redis
 def test_queue_mode_review_trends_and_learn(driver: WebDriver, redis_server: RedisServer,  # noqa: F811
                                             worker_pool: WorkerPool, postgres: PostgresServer,  # noqa: F811
                                             tmp_path: Path) -> None:
     redis_server.client().flushall()
-    with queue_server(redis_server.url, worker_pool, postgres.url) as api, \
+    with queue_server(redis_server.url, worker_pool, records_url=postgres.url, records_keep="all",
+                      reviewer_keys=[f"rita:{REVIEWER_KEY}"], admin_key=f"boss:{ADMIN_SECRET}") as api, \
             httpx.Client(base_url=api.url, timeout=120) as client:
         wait_until(lambda: client.get("/v1/inspections", headers=AUTH).status_code == 200, 30, what="records ready")
         make_ng(client, "washer")

@@ -20,8 +20,8 @@ from service.records.db import migrate, open_engine
 from service.records.model import Artefact, Cursor, InspectionRecord, RecordQuery, Review, now_ms
 from service.records.schema import metadata
 from service.records.store import RecordStore
-from tests.conftest import needs, synthetic_image
-from tests.postgres_server import PostgresServer, postgres_bin, start_postgres
+from tests.conftest import synthetic_image
+from tests.postgres_server import PostgresServer, running_postgres
 from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_until
 
 API, REVIEWER, ADMIN = "cam-1", "rev-secret", "admin-1"
@@ -33,10 +33,8 @@ HOUR = 3_600_000
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
-    server = start_postgres()
-    yield server
-    server.destroy()
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

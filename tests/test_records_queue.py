@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,8 +17,7 @@ import redis
 from service.records.db import open_engine
 from service.records.model import InspectionRecord, now_ms
 from service.records.store import RecordStore
-from tests.conftest import needs
-from tests.postgres_server import PostgresServer, postgres_bin, start_postgres
+from tests.postgres_server import PostgresServer, postgres  # noqa: F401
 from tests.service_fixtures import (  # noqa: F401
     WorkerPool,
     png_bytes,
@@ -33,14 +31,6 @@ from tests.test_worker_redis import _metric, api_servers
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 N_REQUESTS = 24
-
-
-@pytest.fixture
-def postgres() -> Iterator[PostgresServer]:
-    needs(postgres_bin() is not None, "PostgreSQL binaries (Debian's postgresql)")
-    server = start_postgres()
-    yield server
-    server.destroy()
 
 
 def _inspect(base: str, i: int) -> httpx.Response:
@@ -129,7 +119,7 @@ def test_a_record_delivered_again_is_written_once(redis_url: str, postgres: Post
 
 
 def test_review_and_learn_in_queue_mode(redis_url: str, worker_pool: WorkerPool,  # noqa: F811
-                                        postgres: PostgresServer) -> None:
+                                        postgres: PostgresServer) -> None:  # noqa: F811
     """The review loop through workers: records in PostgreSQL, judgements, stats, learn (references grow)."""
     from tests.test_records import ADMIN, API, REVIEWER, learn_loop
 

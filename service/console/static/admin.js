@@ -169,13 +169,6 @@
 
   // --- learn from reviews -------------------------------------------------------------------------------
 
-  function planLine(list, label, text, testid) {
-    list.appendChild(C.el("dt", "", label));
-    const dd = C.el("dd", "", text);
-    if (testid) dd.dataset.testid = testid;
-    list.appendChild(dd);
-  }
-
   function showPlan(plan) {
     const box = $("learn-plan");
     C.clear(box);
@@ -183,11 +176,11 @@
       ? `Preview for ${plan.category}: nothing has changed yet.`
       : `Applied to ${plan.category}.`));
     const facts = C.el("dl", "admin-facts");
-    planLine(facts, "Reviewed", String(plan.reviewed), "learn-reviewed");
-    planLine(facts, "References", `${plan.references - plan.references_added} → ${plan.references} `
+    C.fact(facts, "Reviewed", String(plan.reviewed), "learn-reviewed");
+    C.fact(facts, "References", `${plan.references - plan.references_added} → ${plan.references} `
       + `(${plan.references_added} false alarms ${plan.dry_run ? "would be" : ""} added)`.replace("  ", " "), "learn-references");
     const t = plan.threshold;
-    planLine(facts, "Threshold", t
+    C.fact(facts, "Threshold", t
       ? `${C.num(t.before, 3)} → ${C.num(t.after, 3)} (learned; F1 ${C.num(t.f1, 3)} on ${t.n_good} good and `
         + `${t.n_defective} defective, ${t.how})`
       : "unchanged", "learn-threshold");

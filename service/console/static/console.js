@@ -56,6 +56,14 @@
     while (node.firstChild) node.removeChild(node.firstChild);
   }
 
+  // One name/value pair of a <dl>, as text; `testid` marks the value for the tests.
+  function fact(dl, name, value, testid) {
+    dl.appendChild(el("dt", "", name));
+    const dd = el("dd", "", value);
+    if (testid) dd.dataset.testid = testid;
+    dl.appendChild(dd);
+  }
+
   function num(value, digits) {
     if (typeof value !== "number" || !Number.isFinite(value)) return "–";
     const text = value.toFixed(digits);
@@ -850,7 +858,7 @@
 
   // What review.js, trends.js and admin.js use (loaded after this file; same safety rule).
   window.FiloConsole = Object.freeze({
-    api, authHeaders, explain, showError, hideError, el, svgEl, clear, num, sourceText, colourMap,
+    api, authHeaders, explain, showError, hideError, el, svgEl, clear, fact, num, sourceText, colourMap,
     storedKey, storeKey, apiKey, adminKey, adminStatus,
     category: () => $("category").value,
     categories: () => Array.from(state.categories.values()),

@@ -172,13 +172,6 @@
     state.urls = [];
   }
 
-  function fact(dl, name, value, testid) {
-    dl.appendChild(C.el("dt", "", name));
-    const dd = C.el("dd", "", value);
-    if (testid) dd.dataset.testid = testid;
-    dl.appendChild(dd);
-  }
-
   function showDetail(r) {
     const box = $("review-detail");
     if (r && state.shownId === r.id) return; // the same item: keep what was typed
@@ -228,12 +221,12 @@
     if (!(r.top_types || []).length) top.appendChild(C.el("li", "muted", "none recorded"));
     facts.appendChild(top);
     const meta = C.el("dl", "meta");
-    fact(meta, "Source", r.source || "none given", "review-source");
-    fact(meta, "Time (UTC)", V.when(r.created_at), "review-time");
-    fact(meta, "Boxes", String((r.boxes || []).filter((b) => b.valid).length));
-    fact(meta, "Position", r.position || "all nine averaged");
-    fact(meta, "Model", r.model_version || "–");
-    fact(meta, "Request", r.id, "review-id");
+    C.fact(meta, "Source", r.source || "none given", "review-source");
+    C.fact(meta, "Time (UTC)", V.when(r.created_at), "review-time");
+    C.fact(meta, "Boxes", String((r.boxes || []).filter((b) => b.valid).length));
+    C.fact(meta, "Position", r.position || "all nine averaged");
+    C.fact(meta, "Model", r.model_version || "–");
+    C.fact(meta, "Request", r.id, "review-id");
     facts.appendChild(meta);
     facts.appendChild(judgementForm(r));
     body.appendChild(facts);
