@@ -25,7 +25,7 @@ import httpx
 import pytest
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -140,7 +140,10 @@ def all_by_testid(root: WebDriver | WebElement, testid: str) -> list[WebElement]
 
 
 def wait_for(driver: WebDriver, condition, what: str, timeout: float = WAIT_S):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=what)
+    """Polls `condition`; an element the page replaced meanwhile (it redraws lists as they load) is read again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(condition, message=what)
 
 
 def shot(driver: WebDriver, name: str) -> None:
@@ -666,11 +669,14 @@ def test_admin_registers_references_and_calibrates(driver: WebDriver, embedded: 
 
     admin.send_keys(API_KEY)  # an inspection key may not write
     by_testid(driver, "register-references").click()
-    wait_for(driver, lambda d: by_testid(d, "error-title").text == "Not allowed", "the 403 explained", timeout=20)
+    wait_for(driver, lambda d: by_testid(d, "admin-error-title").text == "Not allowed", "the 403 explained",
+             timeout=20)
+    assert not by_testid(driver, "error").is_displayed()  # beside the admin buttons, not in the page-top banner
     admin.clear()
     admin.send_keys("wrong-admin")
     by_testid(driver, "calibrate").click()
-    wait_for(driver, lambda d: by_testid(d, "error-title").text == "Admin key not accepted", "the 401", timeout=20)
+    wait_for(driver, lambda d: by_testid(d, "admin-error-title").text == "Admin key not accepted", "the 401",
+             timeout=20)
     assert by_testid(driver, "reference-count").text == "0"
 
     admin.clear()

@@ -421,10 +421,11 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
     open_review(driver, "hostile", 1)
     by_testid(driver, "reviewer-key").clear()
     by_testid(driver, "reviewer-key").send_keys(REVIEWER_KEY)
-    assert by_testid(driver, "review-source").text == HOSTILE_SOURCE
-    assert HOSTILE_SOURCE in all_by_testid(driver, "review-item")[0].text
-    assert HOSTILE in by_testid(driver, "review-top-types").text
-    assert "not kept" in by_testid(driver, "review-heatmap-note").text
+    wait_for(driver, lambda d: (by_testid(d, "review-source").text == HOSTILE_SOURCE
+                                and HOSTILE_SOURCE in all_by_testid(d, "review-item")[0].text
+                                and HOSTILE in by_testid(d, "review-top-types").text
+                                and "not kept" in by_testid(d, "review-heatmap-note").text),
+             "the hostile source, type and the missing heatmap shown as text", timeout=20)
     by_testid(driver, "review-defect-type").send_keys(HOSTILE)
     by_testid(driver, "review-note").send_keys(HOSTILE)
     by_testid(driver, "review-defect").click()

@@ -735,8 +735,9 @@
   }
 
   // An admin error: in the banner as before, and beside the admin buttons (admin.js draws it there).
+  // Admin errors are shown beside the admin buttons (admin.js), where the admin is looking, not in the
+  // page-top banner, which is scrolled out of view by then.
   function adminError(err, what) {
-    showError(err, what, { admin: true });
     document.dispatchEvent(new CustomEvent("filo:admin-error", { detail: { err, what } }));
   }
 
