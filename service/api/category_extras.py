@@ -1,14 +1,21 @@
-"""A category's stored extras as the routes read them (references, threshold), through the backend interface."""
+"""A category's stored extras (references, threshold) as the routes read and write them, through the backend
+interface: one home for what the references, calibration and learn routes share."""
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from typing import Any
 
-from service.backends.base import Backend
+from service.backends.base import Backend, InspectJob
 from service.catalog.references import REFERENCES_KIND, THRESHOLD_KIND, ReferenceSet
 from service.catalog.thresholds import ThresholdRecord
+from service.core.errors import CategoryNotFoundError, ServiceError
+from service.core.imaging import HeatmapSpec, decode_image
 from service.records.model import ThresholdChange
+
+log = logging.getLogger(__name__)
 
 
 async def load_refs(backend: Backend, name: str) -> ReferenceSet:
@@ -84,3 +91,64 @@ class ReviewMargins:
 
     def forget(self, name: str) -> None:
         self._seen.pop(name, None)
+
+
+# --- writes: the same calls in both modes -----------------------------------------------------------------
+
+
+async def store_extra(backend: Backend, name: str, kind: str, data: bytes) -> dict[str, int | None]:
+    """Store one extra and make it effective before answering: embedded mode applies it to the engine
+    now (between batches); queue mode waits (up to `category_apply_timeout_s`) until every live worker
+    has applied the new catalog version, so the next inspection already sees it."""
+    applied = await backend.put_extra(name, kind, data)
+    if applied.workers_live is None:
+        return {}
+    return {"workers_ready": applied.workers_ready, "workers_live": applied.workers_live}
+
+
+async def require_category(backend: Backend, name: str) -> None:
+    """404 `unknown_category` (with the names there are) before anything is read or written."""
+    names = [c.name for c in await backend.list_categories()]
+    if name not in names:
+        raise CategoryNotFoundError(name, names)
+
+
+async def store_refs(backend: Backend, name: str, refs: ReferenceSet) -> dict[str, int | None]:
+    return await store_extra(backend, name, REFERENCES_KIND, refs.to_json())
+
+
+async def replace_refs(backend: Backend, settings: Any, name: str, refs: ReferenceSet, actor: str
+                        ) -> dict[str, int | None]:
+    """Store a category's new reference set; its threshold follows (the references rule is measured again, a
+    labelled threshold lapses), and a change of the threshold is kept in its history."""
+    before = await current_threshold(backend, settings, name)
+    applied = await store_refs(backend, name, refs)
+    await refresh_reference_threshold(backend, settings, name, refs)
+    await note_threshold_change(backend, settings, name, before, actor, "references", {"references": len(refs)})
+    return applied
+
+
+async def score_image(backend: Backend, settings: Any, name: str, data: bytes, image: Any) -> Any:
+    """One image through the ordinary inspection path (no heatmap): its InspectOutcome."""
+    job = InspectJob(request_id=uuid.uuid4().hex, category=name,
+                     image=image if backend.decodes_in_process else None, image_bytes=data, top_k=1,
+                     grounding=None, heatmap=HeatmapSpec("none"), deadline=time.monotonic() + settings.request_timeout_s)
+    return await backend.inspect(job)
+
+
+async def refresh_reference_threshold(backend: Backend, settings: Any, name: str, refs: ReferenceSet) -> None:
+    """A references-rule threshold follows its references: re-read its value (what GET shows)."""
+    record = await load_threshold(backend, name)
+    if record is None or record.source != "references":
+        return
+    value = None
+    if len(refs) >= 2:
+        try:
+            result = (await score_image(backend, settings, name, refs.images[0].data,
+                                   decode_image(refs.images[0].data, settings.max_image_pixels))).result
+        except ServiceError as exc:  # e.g. no live worker: inspections still resolve it themselves
+            log.warning("category %s: could not read its references threshold back (%s)", name, exc.message)
+            return
+        value = result.threshold if result.threshold_source == "references" else None
+    updated = ThresholdRecord("references", value, refs.digest, review_margin=record.review_margin)
+    await store_extra(backend, name, THRESHOLD_KIND, updated.to_json())

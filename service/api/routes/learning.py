@@ -25,11 +25,14 @@ from service.api.category_extras import (
     load_refs,
     load_threshold,
     note_threshold_change,
+    refresh_reference_threshold,
+    require_category,
+    score_image,
+    store_refs,
     store_threshold,
 )
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
-from service.api.routes.references import _refresh_reference_threshold, _require_category, _score, _store_refs
 from service.api.schemas import ERROR_RESPONSES
 from service.backends.base import Backend
 from service.catalog.references import ReferenceImage, ReferenceSet
@@ -61,7 +64,7 @@ def _records(backend: Backend) -> Records:
 @router.put("/{name}/threshold", responses=ERROR_RESPONSES, summary="Set the threshold and review band by hand")
 async def put_threshold(name: NameParam, body: ThresholdIn, request: Request, backend: BackendDep,
                         settings: SettingsDep, who: Admin) -> dict[str, Any]:
-    await _require_category(backend, name)
+    await require_category(backend, name)
     old = await load_threshold(backend, name)
     margin = body.review_margin if body.review_margin is not None else (old.review_margin if old else 0.0)
     if "threshold" not in body.model_fields_set:  # the band alone
@@ -76,7 +79,7 @@ async def put_threshold(name: NameParam, body: ThresholdIn, request: Request, ba
                           {"review_margin": margin, "requested": body.model_dump(exclude_unset=True)},
                           keep_margin=False)
     if record.source == "references":
-        await _refresh_reference_threshold(backend, settings, name, await load_refs(backend, name))
+        await refresh_reference_threshold(backend, settings, name, await load_refs(backend, name))
     _forget_margin(request, name)
     return await thresholds(name, backend, settings, who)
 
@@ -87,7 +90,7 @@ def _forget_margin(request: Request, name: str) -> None:
 
 @router.get("/{name}/thresholds", responses=ERROR_RESPONSES, summary="The threshold now and every change to it")
 async def thresholds(name: NameParam, backend: BackendDep, settings: SettingsDep, _: Reader) -> dict[str, Any]:
-    await _require_category(backend, name)
+    await require_category(backend, name)
     value, source = await current_threshold(backend, settings, name)
     record = await load_threshold(backend, name)
     history = await backend.records.threshold_history(name) if backend.records is not None else []
@@ -154,7 +157,7 @@ async def _rescored(backend: Backend, settings: FiloSettings, name: str, reviewe
         kept = await _kept_image(records, r, settings.max_image_pixels)
         if kept is None or r.review is None:
             continue
-        outcome = await _score(backend, settings, name, kept[0], kept[1])
+        outcome = await score_image(backend, settings, name, kept[0], kept[1])
         gathered.add(outcome.result.score, r.review.label == "defect", str(outcome.model.get("version")))
     return gathered, "kept images scored again with the current references"
 
@@ -186,7 +189,7 @@ async def _learn_threshold(backend: Backend, settings: FiloSettings, name: str, 
 async def learn(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep, who: Admin,
                 dry_run: Annotated[bool, Query(description="show the plan, change nothing")] = False
                 ) -> dict[str, Any]:
-    await _require_category(backend, name)
+    await require_category(backend, name)
     records = _records(backend)
     reviewed = await records.reviewed(name)
     category = next(c for c in await backend.list_categories() if c.name == name)
@@ -196,8 +199,8 @@ async def learn(name: NameParam, request: Request, backend: BackendDep, settings
     added = len(new_refs) - len(refs)
     if added and not dry_run:
         before = await current_threshold(backend, settings, name)
-        await _store_refs(backend, name, new_refs)
-        await _refresh_reference_threshold(backend, settings, name, new_refs)
+        await store_refs(backend, name, new_refs)
+        await refresh_reference_threshold(backend, settings, name, new_refs)
         await note_threshold_change(backend, settings, name, before, who.name, "references",
                                     {"references": len(new_refs), "by": "learn"})
     threshold = await _learn_threshold(backend, settings, name, reviewed, new_refs, who.name, dry_run, notes)

@@ -14,8 +14,6 @@ it stores the references rule, which the engine evaluates from the references' l
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from typing import Any
 
 import anyio
@@ -29,21 +27,24 @@ from service.api.category_extras import (
     load_refs,
     load_threshold,
     note_threshold_change,
+    refresh_reference_threshold,
+    replace_refs,
+    require_category,
+    score_image,
+    store_extra,
     store_threshold,
 )
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES, IMAGE_RULES
-from service.backends.base import InspectJob
 from service.catalog.references import (
-    REFERENCES_KIND,
     THRESHOLD_KIND,
     ReferenceImage,
     ReferenceSet,
 )
 from service.catalog.thresholds import LabelledScores, ThresholdRecord
-from service.core.errors import IMAGE_ERROR_STATUS, CategoryNotFoundError, ServiceError
-from service.core.imaging import HeatmapSpec, ImageDecodeError, decode_image
+from service.core.errors import IMAGE_ERROR_STATUS, ServiceError
+from service.core.imaging import ImageDecodeError, decode_image
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["references"])
@@ -69,43 +70,9 @@ _MULTIPART_LABELLED = {
 }
 
 
-# --- storage: the same calls in both modes ----------------------------------------------------------------
-
-
-async def _put(backend: Any, name: str, kind: str, data: bytes) -> dict[str, int | None]:
-    """Store one extra and make it effective before answering: embedded mode applies it to the engine
-    now (between batches); queue mode waits (up to `category_apply_timeout_s`) until every live worker
-    has applied the new catalog version, so the next inspection already sees it."""
-    applied = await backend.put_extra(name, kind, data)
-    if applied.workers_live is None:
-        return {}
-    return {"workers_ready": applied.workers_ready, "workers_live": applied.workers_live}
-
-
-async def _require_category(backend: Any, name: str) -> None:
-    names = [c.name for c in await backend.list_categories()]
-    if name not in names:
-        raise CategoryNotFoundError(name, names)
-
-
 async def _refs_body(backend: Any, name: str, refs: ReferenceSet) -> dict[str, Any]:
     return {"category": name, "references": len(refs), "items": [im.item() for im in refs.images],
             "memory_bytes": await backend.reference_memory_bytes(name) if len(refs) else 0}
-
-
-async def _store_refs(backend: Any, name: str, refs: ReferenceSet) -> dict[str, int | None]:
-    return await _put(backend, name, REFERENCES_KIND, refs.to_json())
-
-
-async def _replace_refs(backend: Any, settings: Any, name: str, refs: ReferenceSet, actor: str
-                        ) -> dict[str, int | None]:
-    """Store a category's new reference set; its threshold follows (the references rule is measured again, a
-    labelled threshold lapses), and a change of the threshold is kept in its history."""
-    before = await current_threshold(backend, settings, name)
-    applied = await _store_refs(backend, name, refs)
-    await _refresh_reference_threshold(backend, settings, name, refs)
-    await note_threshold_change(backend, settings, name, before, actor, "references", {"references": len(refs)})
-    return applied
 
 
 async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int) -> dict[str, list[tuple[bytes, Any]]]:
@@ -140,7 +107,7 @@ async def _read_parts(request: Request, fields: tuple[str, ...], max_pixels: int
 async def put_references(name: NameParam, request: Request, backend: BackendDep, settings: SettingsDep,
                          who: Admin) -> dict:
     """Add normal reference images (file parts named `images`); answers what the category now holds."""
-    await _require_category(backend, name)
+    await require_category(backend, name)
     parts = (await _read_parts(request, ("images",), settings.max_image_pixels))["images"]
     if not parts:
         raise ServiceError(422, "validation_error", "send one or more file parts named 'images'")
@@ -150,64 +117,35 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
         raise ServiceError(413, "too_many_references",
                            f"category {name!r} would hold {len(new)} references; the maximum is "
                            f"{settings.reference_max_images} (FILO_REFERENCE_MAX_IMAGES); nothing was stored")
-    applied = await _replace_refs(backend, settings, name, new, who.name)
+    applied = await replace_refs(backend, settings, name, new, who.name)
     return {**await _refs_body(backend, name, new), **applied}
 
 
 @router.get("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
 async def get_references(name: NameParam, backend: BackendDep) -> dict:
-    await _require_category(backend, name)
+    await require_category(backend, name)
     return await _refs_body(backend, name, await load_refs(backend, name))
 
 
 @router.delete("/{name}/references", responses=ERROR_RESPONSES)
 async def delete_references(name: NameParam, backend: BackendDep, settings: SettingsDep, who: Admin) -> dict:
     """Remove every reference: the category is zero-shot again (exactly)."""
-    await _require_category(backend, name)
-    await _replace_refs(backend, settings, name, ReferenceSet(), who.name)
+    await require_category(backend, name)
+    await replace_refs(backend, settings, name, ReferenceSet(), who.name)
     return await _refs_body(backend, name, ReferenceSet())
 
 
 @router.delete("/{name}/references/{ref_id}", responses=ERROR_RESPONSES)
 async def delete_reference(name: NameParam, ref_id: str, backend: BackendDep, settings: SettingsDep,
                            who: Admin) -> dict:
-    await _require_category(backend, name)
+    await require_category(backend, name)
     refs = await load_refs(backend, name)
     if ref_id not in refs.ids():
         raise ServiceError(404, "unknown_reference", f"category {name!r} has no reference {ref_id!r}",
                            details={"known": refs.ids()})
     left = refs.without(ref_id)
-    await _replace_refs(backend, settings, name, left, who.name)
+    await replace_refs(backend, settings, name, left, who.name)
     return await _refs_body(backend, name, left)
-
-
-# --- thresholds -------------------------------------------------------------------------------------------
-
-
-async def _score(backend: Any, settings: Any, name: str, data: bytes, image: Any) -> Any:
-    """One image through the ordinary inspection path (no heatmap): its InspectOutcome."""
-    job = InspectJob(request_id=uuid.uuid4().hex, category=name,
-                     image=image if backend.decodes_in_process else None, image_bytes=data, top_k=1,
-                     grounding=None, heatmap=HeatmapSpec("none"), deadline=time.monotonic() + settings.request_timeout_s)
-    return await backend.inspect(job)
-
-
-async def _refresh_reference_threshold(backend: Any, settings: Any, name: str, refs: ReferenceSet) -> None:
-    """A references-rule threshold follows its references: re-read its value (what GET shows)."""
-    record = await load_threshold(backend, name)
-    if record is None or record.source != "references":
-        return
-    value = None
-    if len(refs) >= 2:
-        try:
-            result = (await _score(backend, settings, name, refs.images[0].data,
-                                   decode_image(refs.images[0].data, settings.max_image_pixels))).result
-        except ServiceError as exc:  # e.g. no live worker: inspections still resolve it themselves
-            log.warning("category %s: could not read its references threshold back (%s)", name, exc.message)
-            return
-        value = result.threshold if result.threshold_source == "references" else None
-    updated = ThresholdRecord("references", value, refs.digest, review_margin=record.review_margin)
-    await _put(backend, name, THRESHOLD_KIND, updated.to_json())
 
 
 _CALIBRATE_RESPONSES = {**ERROR_RESPONSES, 409: ERROR_RESPONSES[503] | {
@@ -219,7 +157,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
                     who: Admin) -> dict:
     """Set the category's threshold: F1-max on labelled images (`good` and `defective` file parts), or,
     with no images, from its normal references (needs at least 2; docs/few-shot.md gives the rule)."""
-    await _require_category(backend, name)
+    await require_category(backend, name)
     parts = await _read_parts(request, ("good", "defective"), settings.max_image_pixels)
     good, bad = parts["good"], parts["defective"]
     refs = await load_refs(backend, name)
@@ -232,8 +170,8 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
         before = await current_threshold(backend, settings, name)
         old = await load_threshold(backend, name)
         record = ThresholdRecord("references", None, refs.digest, review_margin=old.review_margin if old else 0.0)
-        await _put(backend, name, THRESHOLD_KIND, record.to_json())
-        await _refresh_reference_threshold(backend, settings, name, refs)
+        await store_extra(backend, name, THRESHOLD_KIND, record.to_json())
+        await refresh_reference_threshold(backend, settings, name, refs)
         await note_threshold_change(backend, settings, name, before, who.name, "calibrated",
                                     {"rule": "references", "references": len(refs)})
         stored = await load_threshold(backend, name)
@@ -246,7 +184,7 @@ async def calibrate(name: NameParam, request: Request, backend: BackendDep, sett
     gathered = LabelledScores()
     for defective, items in ((False, good), (True, bad)):
         for data, image in items:
-            outcome = await _score(backend, settings, name, data, image)
+            outcome = await score_image(backend, settings, name, data, image)
             gathered.add(outcome.result.score, defective, outcome.model.get("version"))
     cal = gathered.threshold()  # the one labelled rule (service/catalog/thresholds.py); 409 on a model change
     record = cal.record(refs.digest if len(refs) else "", gathered.model_version())
