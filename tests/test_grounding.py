@@ -11,6 +11,7 @@ from models.grounding.hqloc import (
     GENERAL_WORDS,
     POSITIONS,
     Detection,
+    PhraseMemo,
     best_valid_box,
     boxes_norm_to_frame,
     build_caption,
@@ -289,6 +290,31 @@ def test_phrases_decode_each_token_set_once(tokenizer) -> None:
     before = len(calls)
     assert phrases_from_posmaps(probs[0], ids, Counting(), memo=memo) == phrases and len(calls) == before
     assert phrases_from_posmaps(probs[0, :0], ids, Counting()) == []
+
+
+def test_phrase_memo_keeps_the_most_recent_token_sets() -> None:
+    memo = PhraseMemo(maxsize=2)
+    memo[(1,)], memo[(2,)] = "a", "b"
+    assert memo.get((1,)) == "a"  # used: now the most recent
+    memo[(3,)] = "c"
+    assert list(memo) == [(1,), (3,)] and memo.get((2,)) is None and memo.get((2,), "x") == "x"
+
+
+def test_detector_decodes_a_token_set_once_across_calls_and_captions() -> None:
+    """The detector's memo outlives one detect call: the same images again decode nothing, and the results
+    (a fresh detector's, which decodes everything) are equal."""
+    memo_detector, fresh = GroundingDetector.tiny(seed=0), GroundingDetector.tiny(seed=0)
+    calls = []
+    decode = memo_detector.tokenizer.decode
+    memo_detector.tokenizer.decode = lambda ids, **kw: calls.append(tuple(ids)) or decode(ids, **kw)
+    imgs = [image(120, 160, s) for s in range(3)]
+    first = memo_detector.detect(imgs, [DESCS] * 3)
+    decoded = len(calls)
+    assert decoded > 0 and len(memo_detector.phrase_memo) > 0
+    again = memo_detector.detect(imgs, [DESCS] * 3)
+    assert len(calls) == decoded and again == first == fresh.detect(imgs, [DESCS] * 3)
+    other = memo_detector.detect(imgs[:1], [["scratch"]])  # another caption: its own token ids, decoded anew
+    assert other == fresh.detect(imgs[:1], [["scratch"]])
 
 
 def test_is_valid_phrase_is_case_sensitive_substring() -> None:

@@ -22,6 +22,7 @@ from models.grounding.hqloc import (
     CaptionEncoding,
     Detection,
     Phrase,
+    PhraseMemo,
     build_caption,
     is_valid_phrase,
     keep_queries,
@@ -143,6 +144,7 @@ class GroundingDetector:
         self.text_threshold = text_threshold
         self.area_threshold = area_threshold
         self.max_batch = max_batch
+        self.phrase_memo = PhraseMemo()  # decoded token sets, for every caption and batch of this tokenizer
         self._caption_cache: OrderedDict[str, CaptionEncoding] = OrderedDict()
         self._caption_cache_size = caption_cache_size
         self.standin = False  # loaded from stand-in weights (models/standin.py): reported, never a real result
@@ -340,11 +342,11 @@ class GroundingDetector:
         for (_, _, caption), members in groups.items():
             encoding = self.encode_caption(caption)
             ids = encoding.ids
-            memo: dict[tuple[int, ...], Phrase] = {}  # token ids -> phrase, for all chunks of this caption
             for start in range(0, len(members), self.max_batch):
                 chunk = members[start : start + self.max_batch]
                 probs, boxes = self.forward_batch(torch.cat([pixels[i] for i in chunk]), encoding)
-                chunk_results = self.detections_from_batch(probs, boxes, ids, [descriptions[i] for i in chunk], memo)
+                chunk_results = self.detections_from_batch(probs, boxes, ids, [descriptions[i] for i in chunk],
+                                                           self.phrase_memo)
                 for index, dets in zip(chunk, chunk_results, strict=True):
                     results[index] = dets
         return results
