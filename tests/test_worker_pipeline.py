@@ -64,7 +64,8 @@ class _Timeline:
 @contextlib.asynccontextmanager
 async def running_worker(settings, name: str, batch_s: float) -> AsyncIterator[tuple[Worker, _Timeline, Producer]]:
     """An in-process worker on the demo engine (batches slowed to `batch_s`), recording from its
-    first real batch, and a producer on the same Redis; stopped and closed on exit."""
+    first real batch, and a producer on the same Redis, yielded once the worker is live; stopped and closed
+    on exit."""
     timeline: list[_Timeline] = []
 
     def factory(s):
@@ -75,7 +76,8 @@ async def running_worker(settings, name: str, batch_s: float) -> AsyncIterator[t
     running = asyncio.get_running_loop().create_task(worker.run())
     redis = Redis.from_url(settings.redis_url)
     try:
-        while worker.engine is None:
+        # loaded, and its first heartbeat written: before it, the producer answers no_workers
+        while worker.engine is None or await redis.zscore(Keys.from_settings(settings).workers, name) is None:
             assert not running.done(), running.exception()
             await asyncio.sleep(0.05)
         timeline[0].recording = True
