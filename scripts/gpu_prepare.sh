@@ -17,8 +17,14 @@ WHEELS=(
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 python-multipart==0.0.34
   pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0
   typing-inspection==0.4.5 python-dotenv==1.2.4 redis==8.2.0 opentelemetry-api==1.45.2
-  typing_extensions==4.16.0
+  typing_extensions==4.16.0 SQLAlchemy==2.1.9 alembic==1.20.1 Mako==1.4.3
 )
+# What the GPU image already holds of the project's runtime needs (the device's package list), and what
+# the check does not use there (records go to SQLite, so no PostgreSQL driver): tests/test_gpu_check.py
+# fails when a runtime dependency of the `model` or `service` extra is in none of the three lists.
+IMAGE_HAS=(numpy pillow opencv-python-headless tqdm rich torch torchvision transformers safetensors httpx
+  prometheus-client uvloop h11 anyio markupsafe)
+NOT_CARRIED=(psycopg)
 # Debian packages of redis-server and its libraries (unpacked with dpkg -x into a private prefix there)
 DEBS=(redis-server redis-tools liblzf1 libjemalloc2)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +44,28 @@ def test_dry_run_executes_every_step_and_reports(tmp_path):
     assert report.index("## Machine") < report.index("## 1. CUDA tests") < report.index("## 2.") < report.index("## 3.")
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "results.json", "pytest-cuda.log", "bench.log",
                                                     "serving.log"}
+
+
+def _bash_array(script: str, name: str) -> set[str]:
+    body = re.search(rf"^{name}=\((.*?)\)", script, re.S | re.M)
+    assert body, f"{name}=( ... ) not found"
+    words = re.sub(r"#.*", "", body.group(1)).split()
+    return {_norm(w.split("==")[0]) for w in words}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_runtime_dependency_reaches_the_gpu_machine():
+    """The GPU image lacks some of what the service imports (the records database came after the first GPU
+    run): each runtime need of the base install and the `model` and `service` extras is in the image,
+    carried as a wheel by scripts/gpu_prepare.sh, or named there as not used by the check."""
+    script = (REPO / "scripts" / "gpu_prepare.sh").read_text()
+    known = _bash_array(script, "WHEELS") | _bash_array(script, "IMAGE_HAS") | _bash_array(script, "NOT_CARRIED")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needs = project["dependencies"] + project["optional-dependencies"]["model"] + \
+        project["optional-dependencies"]["service"]
+    names = {_norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0)) for req in needs}
+    assert names - known == set(), "add them to WHEELS (pinned as in .venv) or IMAGE_HAS in scripts/gpu_prepare.sh"
+    assert {"sqlalchemy", "alembic", "mako"} <= _bash_array(script, "WHEELS")
