@@ -3,13 +3,19 @@
 Embedded mode (SQLite records) and queue mode (Redis, a worker, a real PostgreSQL): results made NG by a
 threshold set by hand are judged with one key each, leave the queue, change the Trends counts, and Learn
 from reviews (a dry run, then applied) turns the false alarms into references. Hostile text (a source and a
-note with markup) stays text. Every wait is bounded; screenshots land in out/console/.
+note with markup) stays text. Records written straight into the SQLite file at chosen past times check the
+Trends counts and charts per hour and day, since/until typed in a UTC+05:30 browser, and Load more (queue and
+records). Every wait is bounded; screenshots land in out/console/.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -22,7 +28,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
 from service.records.db import open_engine
-from service.records.model import InspectionRecord, now_ms
+from service.records.model import InspectionRecord, Review, now_ms
 from service.records.store import RecordStore
 from tests.postgres_server import PostgresServer, postgres  # noqa: F401
 from tests.service_fixtures import (  # noqa: F401
@@ -41,6 +47,7 @@ from tests.test_console_browser import (  # noqa: F401
     SAMPLES,
     _browser_installed,
     all_by_testid,
+    api_requests,
     assert_no_alert,
     by_testid,
     csp_violations,
@@ -69,11 +76,26 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("review-state")
 
 
+PAGED = "crate"  # a category only the paged review queue test writes records of
+
+
 @pytest.fixture(scope="module")
-def server(state_dir: Path, hostile_descriptions: Path) -> Iterator[ServerThread]:  # noqa: F811
+def paged_descriptions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("review-desc") / "paged.json"
+    path.write_text(json.dumps({
+        "format": "filo-descriptions/v1", "dataset": "paged",
+        "categories": [{"name": PAGED, "noun": "wooden crate", "descriptions": ["split plank", "bent nail"]}],
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(state_dir: Path, hostile_descriptions: Path, paged_descriptions: Path  # noqa: F811
+           ) -> Iterator[ServerThread]:
     settings = demo_settings(
         state_dir=state_dir, api_keys=[API_KEY], reviewer_keys=[f"rita:{REVIEWER_KEY}"],
-        admin_key=f"boss:{ADMIN_SECRET}", descriptions=[SAMPLES / "descriptions.json", hostile_descriptions],
+        admin_key=f"boss:{ADMIN_SECRET}",
+        descriptions=[SAMPLES / "descriptions.json", hostile_descriptions, paged_descriptions],
     )
     with ServerThread(create_app(settings, EmbeddedBackend(settings))) as srv:
         wait_ready(srv.url)
@@ -443,6 +465,331 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
     shot(driver, "hostile-review-trends")
     assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert_no_alert(driver)
+    assert csp_violations(driver) == []
+
+
+# --- records written at chosen past times: buckets, since/until, paging -----------------------------------------
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+KOLKATA = timedelta(hours=5, minutes=30)  # a half-hour zone: a whole-hour mistake shows
+
+CHARTS_JS = """return [...document.querySelectorAll(`#${arguments[0]} [data-testid="chart-series"]`)].map(g => {
+  const line = g.querySelector("polyline");
+  return {category: g.querySelector(":scope > title").textContent,
+          line: line ? line.getAttribute("points") : null, stroke: line ? getComputedStyle(line).stroke : null,
+          points: [...g.querySelectorAll('[data-testid="chart-point"]')].map(c => ({
+            x: c.getAttribute("cx"), y: c.getAttribute("cy"), tip: c.querySelector("title").textContent}))};
+})"""
+
+
+DAY0 = (now_ms() // DAY_MS - 3) * DAY_MS  # UTC midnight three days ago, once (a run may cross midnight)
+
+
+def at(day: int, clock: str) -> int:
+    """`clock` ("HH:MM" or "HH:MM:SS.mmm", UTC) on DAY0 + `day` (at most day 2: in the past), in epoch ms."""
+    moment = datetime.strptime(clock, "%H:%M:%S.%f" if "." in clock else "%H:%M")
+    return DAY0 + day * DAY_MS + (moment - datetime(1900, 1, 1)) // timedelta(milliseconds=1)
+
+
+def write_records(state_dir: Path, records: list[InspectionRecord], reviews: dict[str, str] | None = None) -> None:
+    """Records straight into the server's SQLite file (the API cannot backdate), judged where `reviews` says."""
+    store = RecordStore(open_engine(f"sqlite:///{state_dir / 'records.db'}"))
+    try:
+        assert store.insert_many(records) == len(records)
+        for record_id, label in (reviews or {}).items():
+            judged = Review(label, None, None, "rita", now_ms())  # type: ignore[arg-type]
+            assert store.review(record_id, judged) is not None
+    finally:
+        store.engine.dispose()
+
+
+def record_at(record_id: str, created_ms: int, category: str, ng: bool, source: str,
+              needs_review: bool = False) -> InspectionRecord:
+    return InspectionRecord(record_id, created_ms, category, 0.9 if ng else 0.1, ng, needs_review, 0.5, "default", 0,
+                            None, [], [], "m", {}, source)
+
+
+def newest_first(records: list[InspectionRecord]) -> list[str]:
+    return [r.id for r in sorted(records, key=lambda r: (r.created_ms, r.id), reverse=True)]
+
+
+def utc_text(ms: int) -> str:
+    """How the page writes a UTC time: "2026-12-04 10:15:02"."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f} %" if whole else "–"
+
+
+def count_cells(c: dict[str, int]) -> dict[str, str]:
+    judged = c["false_alarms"] + c["confirmed_defects"]
+    return {"inspected": str(c["inspected"]), "ng": str(c["ng"]), "ng_rate": pct(c["ng"], c["inspected"]),
+            "reviewed": str(c["reviewed"]), "confirmed_defects": str(c["confirmed_defects"]),
+            "false_alarms": str(c["false_alarms"]), "false_rate": pct(c["false_alarms"], judged),
+            "misses": str(c["misses"])}
+
+
+def bucket_counts(records: list[InspectionRecord], labels: dict[str, str], size: int
+                  ) -> dict[tuple[int, str], dict[str, int]]:
+    """What GET /v1/stats should count, worked out here from what was written: (bucket start, category) -> counts."""
+    out: dict[tuple[int, str], dict[str, int]] = {}
+    for r in records:
+        c = out.setdefault((r.created_ms // size * size, r.category), dict.fromkeys(
+            ("inspected", "ng", "reviewed", "confirmed_defects", "false_alarms", "misses"), 0))
+        label = labels.get(r.id)
+        c["inspected"] += 1
+        c["ng"] += r.is_anomalous
+        c["reviewed"] += label is not None
+        c["confirmed_defects"] += r.is_anomalous and label == "defect"
+        c["false_alarms"] += r.is_anomalous and label == "good"
+        c["misses"] += (not r.is_anomalous) and label == "defect"
+    return out
+
+
+def totals_of(counts: dict[tuple[int, str], dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The counts summed over the buckets, per category (the page's "all shown" rows)."""
+    out: dict[str, dict[str, int]] = {}
+    for (_, category), n in sorted(counts.items(), key=lambda kv: kv[0][1]):
+        total = out.setdefault(category, dict.fromkeys(n, 0))
+        for k, v in n.items():
+            total[k] += v
+    return out
+
+
+def table(drv: WebDriver, testid: str) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows(drv, testid)]
+
+
+def wait_equal(drv: WebDriver, read, expected, what: str, timeout: float = 30):
+    """Waits until `read(drv)` equals `expected`; says what was seen when it never does."""
+    box: dict[str, object] = {}
+
+    def same(d: WebDriver) -> bool:
+        box["seen"] = read(d)
+        return box["seen"] == expected
+
+    try:
+        wait_for(drv, same, what, timeout=timeout)
+    except Exception as exc:
+        raise AssertionError(f"{what}:\n seen     {box.get('seen')!r}\n expected {expected!r}") from exc
+
+
+def show_trends(drv: WebDriver, source: str, bucket: str) -> None:
+    tab(drv, "trends")
+    Select(by_testid(drv, "trends-bucket")).select_by_value(bucket)
+    field = by_testid(drv, "trends-source")
+    field.clear()
+    field.send_keys(source)
+    by_testid(drv, "trends-apply").click()
+
+
+def type_local(drv: WebDriver, testid: str, moment: datetime) -> None:
+    """Types a local date and time into a datetime-local field the way a person does (en-US: mm/dd/yyyy, hh:mm AM)."""
+    field = by_testid(drv, testid)
+    field.send_keys(moment.strftime("%m%d%Y") + Keys.TAB + moment.strftime("%I%M%p"))
+    assert field.get_attribute("value") == moment.strftime("%Y-%m-%dT%H:%M")
+
+
+def check_buckets(drv: WebDriver, records: list[InspectionRecord], labels: dict[str, str], bucket: str) -> None:
+    """The counts table (rows and totals), the summary and both charts against what was written."""
+    counts = bucket_counts(records, labels, {"hour": HOUR_MS, "day": DAY_MS}[bucket])
+    assert len({b for b, _ in counts}) >= 3  # several buckets, or this checks little
+    expected_rows = [{"bucket": utc_text(b), "category": c, **count_cells(n)}
+                     for (b, c), n in sorted(counts.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
+    wait_equal(drv, lambda d: table(d, "trends-row"), expected_rows, f"the counts per {bucket}")
+    totals = totals_of(counts)
+    categories = list(totals)
+    assert table(drv, "trends-total") == [{"bucket": "all shown", "category": c, **count_cells(totals[c])}
+                                          for c in categories]
+    inspected = sum(t["inspected"] for t in totals.values())
+    ng = sum(t["ng"] for t in totals.values())
+    assert by_testid(drv, "trends-summary").text == (
+        f"{inspected} inspected, {ng} NG ({pct(ng, inspected)}), {sum(t['reviewed'] for t in totals.values())} "
+        f"reviewed, {sum(t['false_alarms'] for t in totals.values())} false alarms · per {bucket}, times in UTC")
+
+    def series(rate, explain) -> list[dict]:
+        out = []
+        for c in categories:
+            points = [(b, n) for (b, cat), n in sorted(counts.items()) if cat == c and rate(n) is not None]
+            if points:
+                out.append({"category": c, "tips": [f"{c} · {utc_text(b)} UTC · {100 * rate(n):.1f} % ({explain(n)})"
+                                                    for b, n in points]})
+        return out
+
+    def judged(n: dict[str, int]) -> int:
+        return n["false_alarms"] + n["confirmed_defects"]
+
+    charts = {
+        "chart-ng": series(lambda n: n["ng"] / n["inspected"], lambda n: f"{n['ng']} of {n['inspected']} NG"),
+        "chart-false": series(lambda n: n["false_alarms"] / judged(n) if judged(n) else None,
+                              lambda n: f"{n['false_alarms']} of {judged(n)} reviewed NG judged good"),
+    }
+    for chart, want in charts.items():
+        drawn = drv.execute_script(CHARTS_JS, chart)
+        assert [{"category": s["category"], "tips": [p["tip"] for p in s["points"]]} for s in drawn] == want, chart
+        for s in drawn:  # one point per bucket, joined by a visible line in time order
+            assert len(s["points"]) >= 2, (chart, s)
+            assert s["line"] == " ".join(f"{p['x']},{p['y']}" for p in s["points"]), (chart, s)
+            xs = [float(p["x"]) for p in s["points"]]
+            assert xs == sorted(xs) and len(set(xs)) == len(xs), (chart, s)
+            assert s["stroke"] not in (None, "none", ""), (chart, s)
+
+
+def test_trends_counts_and_charts_per_hour_and_per_day(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                                        state_dir: Path) -> None:
+    # (category, day, clock, NG, judgement): several hours of three days, two categories
+    plan = [("cable", 0, "09:10", True, "good"), ("cable", 0, "09:25", True, "defect"),
+            ("cable", 0, "09:50", False, None), ("cable", 0, "10:20", True, "good"),
+            ("cable", 0, "10:40", True, "good"), ("cable", 0, "13:05", True, None), ("cable", 0, "13:10", False, None),
+            ("cable", 0, "13:15", False, "defect"),  # a miss
+            ("cable", 0, "13:20", False, None), ("cable", 1, "08:00", True, "defect"),
+            ("cable", 1, "08:30", False, None),
+            ("tile", 0, "09:40", True, "good"), ("tile", 0, "09:45", True, None), ("tile", 0, "13:30", False, None),
+            ("tile", 1, "08:15", True, "defect"), ("tile", 1, "08:20", True, "defect"),
+            ("tile", 1, "08:25", True, "good"), ("tile", 2, "15:00", True, "good"), ("tile", 2, "15:05", False, None)]
+    records = [record_at(f"tb-{i:02d}", at(day, clock), category, ng, "trend-buckets")
+               for i, (category, day, clock, ng, _) in enumerate(plan)]
+    labels = {f"tb-{i:02d}": label for i, (*_, label) in enumerate(plan) if label}
+    write_records(state_dir, records, labels)
+
+    open_console(driver, server.url)
+    show_trends(driver, "trend-buckets", "hour")
+    check_buckets(driver, records, labels, "hour")
+    totals = {r["category"]: r for r in table(driver, "trends-total")}
+    assert (totals["cable"]["false_rate"], totals["tile"]["false_rate"]) == ("60.0 %", "60.0 %")  # 3 of 5 each
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], newest_first(records), "the records")
+    shot(driver, "trends-per-hour")
+    Select(by_testid(driver, "trends-bucket")).select_by_value("day")  # redraws by itself
+    check_buckets(driver, records, labels, "day")
+    shot(driver, "trends-per-day")
+    assert csp_violations(driver) == []
+
+
+@pytest.fixture
+def kolkata(driver: WebDriver) -> Iterator[None]:  # noqa: F811
+    """The browser's local time is Asia/Kolkata (UTC+05:30) for one test (a DevTools override of this tab)."""
+    driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Asia/Kolkata"})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+
+def test_trends_since_until_are_local_times_sent_as_utc(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                                        state_dir: Path, downloads: Path,  # noqa: F811
+                                                        kolkata: None) -> None:
+    # the window is [06:00, 10:00) UTC on day 1: 11:30 to 15:30 in Kolkata; around it, what a mistake would let in
+    plan = [("05:29", False), ("05:45", True), ("06:00:00.000", True), ("07:30", False), ("07:45", True),
+            ("09:59:59.999", True), ("10:00:00.000", False), ("11:00", True)]
+    records = [record_at(f"tw-{i}", at(1, clock), "cable", ng, "trend-window") for i, (clock, ng) in enumerate(plan)]
+    labels = {"tw-4": "good", "tw-1": "defect"}
+    write_records(state_dir, records, labels)
+    since, until = at(1, "06:00"), at(1, "10:00")
+    inside = [r for r in records if since <= r.created_ms < until]
+    assert [r.id for r in inside] == ["tw-2", "tw-3", "tw-4", "tw-5"]
+
+    open_console(driver, server.url)
+    assert driver.execute_script("return new Date(arguments[0]).getTimezoneOffset()", since) == -330  # UTC+05:30
+    show_trends(driver, "trend-window", "hour")
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], newest_first(records), "all the records")
+
+    def local(ms: int) -> datetime:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).replace(tzinfo=None) + KOLKATA
+
+    type_local(driver, "trends-since", local(since))
+    type_local(driver, "trends-until", local(until))
+    driver.get_log("performance")  # forget the calls so far
+    by_testid(driver, "trends-apply").click()
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], newest_first(inside),
+               "the records inside the window")
+    assert [r["time"] for r in rows(driver, "record-row")] == [utc_text(r.created_ms) for r in reversed(inside)]
+    counts = bucket_counts(inside, labels, HOUR_MS)
+    wait_equal(driver, lambda d: table(d, "trends-row"),
+               [{"bucket": utc_text(b), "category": c, **count_cells(n)} for (b, c), n in sorted(counts.items(),
+                                                                                                 reverse=True)],
+               "the counts inside the window")
+    assert table(driver, "trends-total") == [{"bucket": "all shown", "category": "cable",
+                                              **count_cells(totals_of(counts)["cable"])}]
+    assert table(driver, "trends-total")[0]["inspected"] == "4"
+
+    before = set(downloads.glob("*.csv"))
+    by_testid(driver, "trends-export").click()
+    assert [r["id"] for r in read_download(downloads, before)] == newest_first(inside)
+
+    window = {"since": [f"{utc_text(since).replace(' ', 'T')}.000Z"],
+              "until": [f"{utc_text(until).replace(' ', 'T')}.000Z"]}
+    sent = {urlsplit(u).path.rsplit("/v1/", 1)[1]: parse_qs(urlsplit(u).query)
+            for u, _ in api_requests(driver, server.url)}
+    for path in ("stats", "inspections", "inspections/export"):  # the list, the counts and the CSV: the same UTC window
+        assert {k: sent[path].get(k) for k in window} == window, (path, sent.get(path))
+    shot(driver, "trends-since-until-kolkata")
+    assert csp_violations(driver) == []
+
+
+def test_trends_records_load_more(driver: WebDriver, server: ServerThread, state_dir: Path) -> None:  # noqa: F811
+    # 57 records (the page shows 50 at a time); ten share one time around the page's end (ties broken by id)
+    records = [record_at(f"tm-{i:02d}", at(1, "12:00") - (45 if 45 <= i < 55 else i) * 60_000, "tile", i % 3 == 0,
+                         "trend-more") for i in range(57)]
+    expected = newest_first(records)
+    open_console(driver, server.url)
+    write_records(state_dir, records)
+    show_trends(driver, "trend-more", "day")
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], expected[:50], "the first 50 records")
+    more = by_testid(driver, "records-more")
+    assert more.is_displayed()
+    more.click()
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], expected, "all 57 records, once each")
+    wait_for(driver, lambda d: not by_testid(d, "records-more").is_displayed(), "no more to load", timeout=10)
+    assert table(driver, "trends-total")[0]["inspected"] == "57"
+
+    # the filters change while "Load more" is offered (a slow server): more of the old list must not mix in
+    by_testid(driver, "trends-apply").click()
+    wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], expected[:50], "the first 50 again")
+    wait_for(driver, lambda d: by_testid(d, "records-more").is_displayed(), "Load more offered", timeout=10)
+    ng = newest_first([r for r in records if r.is_anomalous])
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 700,
+                                                                "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        Select(by_testid(driver, "trends-verdict")).select_by_value("ng")  # reloads by itself
+        if by_testid(driver, "records-more").is_displayed():
+            by_testid(driver, "records-more").click()
+        wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], ng, "only the NG records, once each",
+                   timeout=20)
+        time.sleep(2)  # what a stray answer would add arrives by now
+        assert [r["_id"] for r in rows(driver, "record-row")] == ng
+    finally:
+        driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                                                                    "downloadThroughput": -1, "uploadThroughput": -1})
+
+
+def test_review_queue_load_more(driver: WebDriver, server: ServerThread, state_dir: Path) -> None:  # noqa: F811
+    # 27 unreviewed NG and 4 borderline OK (the queue's two streams, 20 a page), interleaved in time; five NG and
+    # one OK share a time where the NG stream's first page ends (ties broken by id); judged and plain OK never show
+    start = now_ms() - 2 * HOUR_MS
+    records = [record_at(f"rq-{i:02d}", start + (7 if 5 <= i < 10 else i) * 60_000, PAGED, True, "line-q")
+               for i in range(27)]
+    records += [record_at(f"rq-b{i}", start + t * 60_000, PAGED, False, "line-q", needs_review=True)
+                for i, t in enumerate((2, 7, 17, 24))]
+    judged = [record_at(f"rq-j{i}", start + t * 60_000, PAGED, True, "line-q") for i, t in enumerate((5, 30))]
+    plain = [record_at(f"rq-ok{i}", start + t * 60_000, PAGED, False, "line-q") for i, t in enumerate((6, 31))]
+    write_records(state_dir, records + judged + plain, {r.id: "good" for r in judged})
+    expected = newest_first(records)
+
+    open_console(driver, server.url)
+    tab(driver, "review")
+    Select(by_testid(driver, "review-category")).select_by_value(PAGED)
+    wait_equal(driver, queue_ids, expected[:20], "the first page of the queue")
+    assert by_testid(driver, "review-summary").text == f"20+ waiting in {PAGED}"
+    wait_for(driver, lambda d: by_testid(d, "review-id").text == expected[0], "the newest selected", timeout=10)
+    more = by_testid(driver, "review-more")
+    assert more.is_displayed()
+    more.click()
+    wait_equal(driver, queue_ids, expected, "the whole queue, newest first, once each")
+    wait_for(driver, lambda d: not by_testid(d, "review-more").is_displayed(), "no more to load", timeout=10)
+    assert by_testid(driver, "review-summary").text == f"31 waiting in {PAGED}"
+    assert selected_id(driver) == expected[0]
     assert csp_violations(driver) == []
 
 

@@ -47,13 +47,14 @@
   async function refresh() {
     const generation = ++state.generation;
     state.filters = filters();
+    state.cursor = null; // the old list's next page is not one of this list's: no "Load more" until it loads
+    $("records-more").hidden = true;
     const bucket = $("trends-bucket").value;
     $("trends-summary").textContent = "Loading…";
     try {
       const stats = await C.api(`v1/stats?${new URLSearchParams({ ...state.filters, bucket })}`);
       if (generation !== state.generation) return;
       drawStats(stats.items || [], bucket);
-      state.cursor = null;
       C.clear($("records-table").tBodies[0]);
       await loadRecords(generation);
       V.hideInlineError("trends-error");
