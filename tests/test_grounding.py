@@ -11,7 +11,6 @@ from models.grounding.hqloc import (
     GENERAL_WORDS,
     POSITIONS,
     Detection,
-    PhraseMemo,
     best_valid_box,
     boxes_norm_to_frame,
     build_caption,
@@ -28,6 +27,7 @@ from models.grounding.hqloc import (
     select_queries,
     suppression_keep_mask,
 )
+from models.lru import LRUDict
 
 # ------------------------------------------------------------------------------------------ caption
 
@@ -293,7 +293,7 @@ def test_phrases_decode_each_token_set_once(tokenizer) -> None:
 
 
 def test_phrase_memo_keeps_the_most_recent_token_sets() -> None:
-    memo = PhraseMemo(maxsize=2)
+    memo = LRUDict(maxsize=2)
     memo[(1,)], memo[(2,)] = "a", "b"
     assert memo.get((1,)) == "a"  # used: now the most recent
     memo[(3,)] = "c"

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,13 +21,13 @@ from models.grounding.hqloc import (
     CaptionEncoding,
     Detection,
     Phrase,
-    PhraseMemo,
     build_caption,
     is_valid_phrase,
     keep_queries,
     phrases_from_posmaps,
 )
 from models.grounding.text_cache import TextPassCache
+from models.lru import LRUDict
 from models.standin import STANDIN_BANNER, STANDIN_KEY
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,7 @@ PROCESSOR_LONGEST_EDGE = 1333
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY_CONFIG = CONFIG_DIR / "grounding-dino-tiny.json"
 TINY_VOCAB = CONFIG_DIR / "bert-tiny-vocab.txt"
+PHRASE_MEMO_SIZE = 4096  # decoded token sets kept per detector (a few hundred bytes each)
 
 class GroundingWeightsNotFound(WeightsNotFoundError):
     """Grounding DINO weights (or tokenizer) are not available locally and could not be fetched.
@@ -144,9 +144,10 @@ class GroundingDetector:
         self.text_threshold = text_threshold
         self.area_threshold = area_threshold
         self.max_batch = max_batch
-        self.phrase_memo = PhraseMemo()  # decoded token sets, for every caption and batch of this tokenizer
-        self._caption_cache: OrderedDict[str, CaptionEncoding] = OrderedDict()
-        self._caption_cache_size = caption_cache_size
+        # decoded token sets, for every caption and batch of this tokenizer: with trained weights a category
+        # yields a handful of phrases, decoded once
+        self.phrase_memo: LRUDict[tuple[int, ...], Phrase] = LRUDict(PHRASE_MEMO_SIZE)
+        self._caption_cache: LRUDict[str, CaptionEncoding] = LRUDict(caption_cache_size)
         self.standin = False  # loaded from stand-in weights (models/standin.py): reported, never a real result
         self.text_cache: TextPassCache | None = None
         if text_cache > 0:
@@ -231,7 +232,6 @@ class GroundingDetector:
         """
         cached = self._caption_cache.get(caption)
         if cached is not None:
-            self._caption_cache.move_to_end(caption)
             return cached
         max_len = int(self.model.config.max_text_len)
         enc = self.tokenizer(caption, return_tensors="pt", truncation=True, max_length=max_len)
@@ -240,8 +240,6 @@ class GroundingDetector:
             token_type_ids = torch.zeros_like(enc["input_ids"])
         encoding = CaptionEncoding(caption, enc["input_ids"], enc["attention_mask"], token_type_ids)
         self._caption_cache[caption] = encoding
-        if len(self._caption_cache) > self._caption_cache_size:
-            self._caption_cache.popitem(last=False)
         return encoding
 
     # ----- image side -----
@@ -299,7 +297,7 @@ class GroundingDetector:
         each distinct token set decoded once (``phrases_from_posmaps``). A detection's ``phrase`` is the
         shown phrase (no [SEP]); its ``valid`` is judged on the released phrase (``hqloc.Phrase``), so
         validity, position and suppression are the released ones. ``memo`` (see ``phrases_from_posmaps``)
-        carries decoded phrases over batches of the same caption.
+        carries decoded phrases over batches and captions.
         """
         if len(descriptions) != probs.shape[0]:
             raise ValueError(f"{probs.shape[0]} images but {len(descriptions)} description lists")

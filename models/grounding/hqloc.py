@@ -20,7 +20,6 @@ detector are normalised (cx, cy, w, h) relative to the whole original image.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -150,29 +149,6 @@ def phrase_from_posmap(
     return tokenizer.decode(token_ids)
 
 
-class PhraseMemo(OrderedDict):
-    """Token ids -> decoded ``Phrase`` for one tokenizer, the ``maxsize`` most recently used kept.
-
-    Decoding depends on the token ids and the tokenizer alone, so one memo serves every caption and every
-    batch of a detector: with trained weights a category yields a handful of phrases, decoded once.
-    """
-
-    def __init__(self, maxsize: int = 4096) -> None:
-        super().__init__()
-        self.maxsize = maxsize
-
-    def get(self, key, default=None):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        return default
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        if len(self) > self.maxsize:
-            self.popitem(last=False)
-
-
 def phrases_from_posmaps(
     token_probs: torch.Tensor,
     input_ids: Sequence[int],
@@ -185,8 +161,8 @@ def phrases_from_posmaps(
     Equal, query by query, to ``phrase_from_posmap`` (shown) and ``phrase_from_posmap(keep_special=True)``
     (released). The posmaps are one tensor operation; the distinct ones are found by ``torch.unique`` and
     each distinct set of token ids is decoded once (queries share token sets far more often than not).
-    ``memo`` (token ids -> Phrase; a ``PhraseMemo`` bounds it) carries decodings across calls for the same
-    tokenizer.
+    ``memo`` (token ids -> Phrase; a ``models.lru.LRUDict`` bounds it) carries decodings across calls for the
+    same tokenizer: decoding depends on the token ids and the tokenizer alone.
     """
     probs = torch.as_tensor(token_probs)
     if probs.shape[0] == 0:

@@ -19,11 +19,12 @@ the README ("Speed options") for what has been checked there.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
+
+from models.lru import LRUDict
 
 
 class TextPassCache:
@@ -34,13 +35,11 @@ class TextPassCache:
     """
 
     def __init__(self, backbone: nn.Module, size: int = 8) -> None:
-        if size < 1:
-            raise ValueError(f"size must be at least 1, got {size}")
         self.backbone = backbone
         self.size = size
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple, tuple[type, torch.Tensor]] = OrderedDict()
+        self._entries: LRUDict[tuple, tuple[type, torch.Tensor]] = LRUDict(size)
         self._forward = None
 
     # ----- installing -----
@@ -100,11 +99,8 @@ class TextPassCache:
             out = forward(*(t[:1] for t in inputs), return_dict=True)
             entry = (type(out), out.last_hidden_state.detach())
             self._entries[key] = entry
-            if len(self._entries) > self.size:
-                self._entries.popitem(last=False)
         else:
             self.hits += 1
-            self._entries.move_to_end(key)
         output_type, hidden = entry
         hidden = hidden.expand(input_ids.shape[0], *hidden.shape[1:]).clone()  # the caller's own tensor
         if return_dict is False:
