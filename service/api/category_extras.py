@@ -113,18 +113,15 @@ async def require_category(backend: Backend, name: str) -> None:
         raise CategoryNotFoundError(name, names)
 
 
-async def store_refs(backend: Backend, name: str, refs: ReferenceSet) -> dict[str, int | None]:
-    return await store_extra(backend, name, REFERENCES_KIND, refs.to_json())
-
-
-async def replace_refs(backend: Backend, settings: Any, name: str, refs: ReferenceSet, actor: str
-                        ) -> dict[str, int | None]:
+async def replace_refs(backend: Backend, settings: Any, name: str, refs: ReferenceSet, actor: str,
+                       detail: dict[str, Any] | None = None) -> dict[str, int | None]:
     """Store a category's new reference set; its threshold follows (the references rule is measured again, a
-    labelled threshold lapses), and a change of the threshold is kept in its history."""
+    labelled threshold lapses), and a change of the threshold is kept in its history (with `detail`)."""
     before = await current_threshold(backend, settings, name)
-    applied = await store_refs(backend, name, refs)
+    applied = await store_extra(backend, name, REFERENCES_KIND, refs.to_json())
     await refresh_reference_threshold(backend, settings, name, refs)
-    await note_threshold_change(backend, settings, name, before, actor, "references", {"references": len(refs)})
+    await note_threshold_change(backend, settings, name, before, actor, "references",
+                                {"references": len(refs), **(detail or {})})
     return applied
 
 
@@ -144,8 +141,8 @@ async def refresh_reference_threshold(backend: Backend, settings: Any, name: str
     value = None
     if len(refs) >= 2:
         try:
-            result = (await score_image(backend, settings, name, refs.images[0].data,
-                                   decode_image(refs.images[0].data, settings.max_image_pixels))).result
+            image = decode_image(refs.images[0].data, settings.max_image_pixels)
+            result = (await score_image(backend, settings, name, refs.images[0].data, image)).result
         except ServiceError as exc:  # e.g. no live worker: inspections still resolve it themselves
             log.warning("category %s: could not read its references threshold back (%s)", name, exc.message)
             return

@@ -24,11 +24,10 @@ from service.api.category_extras import (
     current_threshold,
     load_refs,
     load_threshold,
-    note_threshold_change,
     refresh_reference_threshold,
+    replace_refs,
     require_category,
     score_image,
-    store_refs,
     store_threshold,
 )
 from service.api.deps import BackendDep, SettingsDep
@@ -198,11 +197,7 @@ async def learn(name: NameParam, request: Request, backend: BackendDep, settings
     new_refs = await _new_references(records, reviewed, refs, settings, notes)
     added = len(new_refs) - len(refs)
     if added and not dry_run:
-        before = await current_threshold(backend, settings, name)
-        await store_refs(backend, name, new_refs)
-        await refresh_reference_threshold(backend, settings, name, new_refs)
-        await note_threshold_change(backend, settings, name, before, who.name, "references",
-                                    {"references": len(new_refs), "by": "learn"})
+        await replace_refs(backend, settings, name, new_refs, who.name, {"by": "learn"})
     threshold = await _learn_threshold(backend, settings, name, reviewed, new_refs, who.name, dry_run, notes)
     _forget_margin(request, name)
     return {"category": name, "dry_run": dry_run, "reviewed": len(reviewed), "references_added": added,
