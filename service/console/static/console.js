@@ -121,6 +121,7 @@
     return headers;
   }
 
+  // `opts.json`: a JSON body; `opts.blob`: the answer's bytes as a Blob (a kept image, a CSV export), not JSON.
   async function api(path, options) {
     const opts = options || {};
     const headers = authHeaders(opts.admin, opts.key);
@@ -135,6 +136,7 @@
     } catch (_) {
       throw new ApiError(0, "unreachable", "the service did not answer", null);
     }
+    if (opts.blob && response.ok) return response.blob();
     let data = null;
     const type = response.headers.get("content-type") || "";
     if (type.includes("json")) {
@@ -606,14 +608,12 @@
         x: b.x1, y: b.y1, width: Math.max(0, b.x2 - b.x1), height: Math.max(0, b.y2 - b.y1),
         "vector-effect": "non-scaling-stroke",
       }));
-      if (b.valid) {
+      svg.appendChild(group);
+      if (b.valid) { // placed once in the page, where its laid-out size is known
         const label = svgEl("text", { "font-size": fontSize, "data-testid": "box-label" });
         label.textContent = shorten(boxText(b), 28);
         group.appendChild(label);
-        svg.appendChild(group);
         placeLabel(label, b, fontSize, width, height);
-      } else {
-        svg.appendChild(group);
       }
     }
   }
@@ -717,11 +717,16 @@
         r.request_id || "", r.model ? r.model.version : "",
       ].map(csvCell).join(","));
     }
-    const blob = new Blob([rows.join("\r\n") + "\r\n"], { type: "text/csv" });
+    download(new Blob([rows.join("\r\n") + "\r\n"], { type: "text/csv" }),
+      `filo-inspections-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`);
+  }
+
+  // A browser download of `blob` named `name` (a Blob URL: nothing leaves the page).
+  function download(blob, name) {
     const url = URL.createObjectURL(blob);
     const link = el("a");
     link.href = url;
-    link.download = `filo-inspections-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`;
+    link.download = name;
     document.body.appendChild(link);
     link.click();
     link.remove();
@@ -859,7 +864,7 @@
 
   // What review.js, trends.js and admin.js use (loaded after this file; same safety rule).
   window.FiloConsole = Object.freeze({
-    api, authHeaders, explain, showError, hideError, el, svgEl, clear, fact, num, sourceText, colourMap,
+    api, authHeaders, explain, showError, hideError, el, svgEl, clear, fact, num, download, sourceText, colourMap,
     storedKey, storeKey, apiKey, adminKey, adminStatus,
     category: () => $("category").value,
     categories: () => Array.from(state.categories.values()),

@@ -278,7 +278,7 @@
       say();
       return figure;
     }
-    V.authedBlob(`v1/inspections/${encodeURIComponent(id)}/image`).then((blob) => {
+    C.api(`v1/inspections/${encodeURIComponent(id)}/image`, { blob: true }).then((blob) => {
       if (state.shownId !== id) return;
       const url = URL.createObjectURL(blob);
       state.urls.push(url);
@@ -294,7 +294,7 @@
       say();
       return figure;
     }
-    V.authedBlob(`v1/inspections/${encodeURIComponent(id)}/heatmap`).then(async (blob) => {
+    C.api(`v1/inspections/${encodeURIComponent(id)}/heatmap`, { blob: true }).then(async (blob) => {
       if (state.shownId !== id) return;
       const url = URL.createObjectURL(blob);
       state.urls.push(url);

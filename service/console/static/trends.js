@@ -261,8 +261,8 @@
     button.disabled = true;
     const query = new URLSearchParams(filters());
     try {
-      const blob = await V.authedBlob(`v1/inspections/export?${query}`);
-      V.download(blob, `filo-records-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`);
+      const blob = await C.api(`v1/inspections/export?${query}`, { blob: true });
+      C.download(blob, `filo-records-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`);
       V.hideInlineError("trends-error");
       $("trends-summary").textContent = `Exported the records of these filters (${Math.ceil(blob.size / 1024)} KB).`;
     } catch (err) {

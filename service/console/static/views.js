@@ -80,41 +80,6 @@
     $(prefix).hidden = true;
   }
 
-  // The bytes behind an authorised URL (a kept image, the CSV export) as a Blob; throws an ApiError-like
-  // object the explain() sentences understand.
-  async function authedBlob(path, key) {
-    let response;
-    try {
-      response = await fetch(path, { headers: C.authHeaders(false, key), cache: "no-store" });
-    } catch (_) {
-      throw { status: 0, code: "unreachable", message: "the service did not answer", fields: [] };
-    }
-    if (!response.ok) {
-      let err = {};
-      try {
-        err = (await response.json()).error || {};
-      } catch (_) {
-        /* not JSON */
-      }
-      throw { status: response.status, code: err.code || `http_${response.status}`,
-        message: err.message || response.statusText || "no message", fields: err.fields || [],
-        retryAfter: response.headers.get("retry-after") };
-    }
-    return response.blob();
-  }
-
-  // A browser download of `blob` named `name` (a Blob URL: nothing leaves the page).
-  function download(blob, name) {
-    const url = URL.createObjectURL(blob);
-    const link = C.el("a");
-    link.href = url;
-    link.download = name;
-    document.body.appendChild(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 60000);
-  }
-
   // Keeps a "category" <select> (first option: all categories) in step with the Inspect view's list.
   function mirrorCategories(select) {
     const source = $("category");
@@ -149,7 +114,7 @@
   }
 
   window.FiloViews = Object.freeze({
-    showView, currentView, onShow, isTyping, showInlineError, hideInlineError, authedBlob, download,
+    showView, currentView, onShow, isTyping, showInlineError, hideInlineError,
     mirrorCategories, when, localToIso, pct,
   });
 
