@@ -336,28 +336,27 @@
     });
   }
 
+  // A labelled one-line text field appended to `form` (`id` is also its test hook).
+  function textField(form, label, id, maxLength, placeholder) {
+    const wrap = C.el("label", "", label);
+    const input = C.el("input");
+    input.type = "text";
+    input.maxLength = maxLength;
+    input.id = id;
+    input.dataset.testid = id;
+    input.placeholder = placeholder;
+    wrap.appendChild(input);
+    form.appendChild(wrap);
+    return input;
+  }
+
   function judgementForm(r) {
     const form = C.el("div", "judgement");
     form.appendChild(C.el("h3", "", "Judgement"));
-    const typeLabel = C.el("label", "", "Defect type ");
-    const type = C.el("input");
-    type.type = "text";
-    type.maxLength = 200;
-    type.id = "review-defect-type";
-    type.dataset.testid = "review-defect-type";
+    const type = textField(form, "Defect type ", "review-defect-type", 200,
+      "optional; the category's descriptions are offered");
     type.setAttribute("list", "review-types");
-    type.placeholder = "optional; the category's descriptions are offered";
-    typeLabel.appendChild(type);
-    form.appendChild(typeLabel);
-    const noteLabel = C.el("label", "", "Note ");
-    const note = C.el("input");
-    note.type = "text";
-    note.maxLength = 2000;
-    note.id = "review-note";
-    note.dataset.testid = "review-note";
-    note.placeholder = "optional";
-    noteLabel.appendChild(note);
-    form.appendChild(noteLabel);
+    const note = textField(form, "Note ", "review-note", 2000, "optional");
     for (const field of [type, note]) {
       field.addEventListener("keydown", (event) => {
         if (event.key === "Escape") { // back to the queue, where d / g / arrows work
