@@ -34,11 +34,12 @@
     $("admin-error-review").hidden = true;
   }
 
-  // Shows the error right after the row of buttons `row` (the one that was pressed).
-  function showError(err, what, row) {
+  // Shows the error right after the row of buttons `row` (the one that was pressed); `explained`: the
+  // page's own [title, sentence] instead of the one C.explain gives.
+  function showError(err, what, row, explained) {
     const box = $("admin-error");
     row.after(box);
-    let explained = C.explain(err, what, { admin: true });
+    explained = explained || C.explain(err, what, { admin: true });
     const offerLearn = err.code === "not_enough_references";
     if (offerLearn) { // the console's own way out, rather than the API's "send labelled images"
       const held = /holds (\d+)/.exec(err.message || "");
@@ -123,7 +124,6 @@
   async function putThreshold(body, done) {
     const name = category();
     if (!name) return;
-    C.storeKey("filo.console.adminKey", C.adminKey());
     try {
       const data = await C.api(path(name, "threshold"), { method: "PUT", json: body, admin: true });
       hideError();
@@ -148,8 +148,7 @@
       margin = readUnit("review-margin", "The review margin");
     } catch (problem) {
       const err = { status: 0, code: "not sent", message: problem.message, fields: [] };
-      $("threshold-actions").after($("admin-error"));
-      V.showInlineError("admin-error", err, "the threshold", { explained: ["Check the numbers", `${problem.message}.`] });
+      showError(err, "the threshold", $("threshold-actions"), ["Check the numbers", `${problem.message}.`]);
       return;
     }
     if (threshold === null && margin === null) {
@@ -202,7 +201,6 @@
   async function learn(dryRun) {
     const name = category();
     if (!name) return;
-    C.storeKey("filo.console.adminKey", C.adminKey());
     if (!dryRun && state.planFor !== name) return;
     $("learn-apply").disabled = true;
     C.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
