@@ -404,6 +404,15 @@ def test_admin_threshold_by_hand_history_and_the_calibration_refusal(driver: Web
     wait_for(driver, lambda d: "Preview for metal" in by_testid(d, "learn-plan").text, "the learn preview", timeout=30)
     assert not by_testid(driver, "admin-error").is_displayed()
 
+    by_testid(driver, "manual-threshold").send_keys("1.5")  # out of range: refused in the page, nothing sent
+    by_testid(driver, "set-threshold").click()
+    wait_for(driver, lambda d: by_testid(d, "admin-error").is_displayed(), "the number refused", timeout=10)
+    assert by_testid(driver, "admin-error-title").text == "Check the numbers"
+    assert "from 0 to 1" in by_testid(driver, "admin-error-message").text
+    assert not by_testid(driver, "admin-error-learn").is_displayed()
+    assert driver.execute_script("return document.getElementById('admin-error').previousElementSibling.id") == \
+        "threshold-actions"
+    by_testid(driver, "manual-threshold").clear()
     by_testid(driver, "manual-threshold").send_keys("0.42")
     by_testid(driver, "review-margin").send_keys("0.05")
     by_testid(driver, "set-threshold").click()
