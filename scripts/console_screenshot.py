@@ -86,14 +86,20 @@ def _calibrate(driver: webdriver.Chrome, wait: WebDriverWait, references: list[P
     driver.find_element(By.CSS_SELECTOR, '[data-testid="admin"] > summary').click()
 
 
+def _open_console(driver: webdriver.Chrome, page: str, timeout_s: float) -> WebDriverWait:
+    """The console at the screenshots' window size, once it lists the categories; the wait for what follows."""
+    driver.set_window_size(1440, 1000)
+    driver.get(page)
+    wait = WebDriverWait(driver, timeout_s, poll_frequency=0.2)
+    wait.until(lambda d: len(Select(_testid(d, "category")).options) > 0)
+    return wait
+
+
 def shoot(url: str, out: Path, samples: list[Path], category: str, good: Path | None) -> None:
     with tempfile.TemporaryDirectory(prefix="filo-shot-") as profile:
         driver = _browser(profile)
         try:
-            driver.set_window_size(1440, 1000)
-            driver.get(f"{url}/console")
-            wait = WebDriverWait(driver, 300, poll_frequency=0.2)
-            wait.until(lambda d: len(Select(_testid(d, "category")).options) > 0)
+            wait = _open_console(driver, f"{url}/console", 300)
             Select(_testid(driver, "category")).select_by_value(category)
             if good is not None:
                 _calibrate(driver, wait, _good_parts(Path(profile), good), category)
@@ -146,10 +152,7 @@ def shoot_views(url: str, review_out: Path, trends_out: Path) -> None:
         _records_for_views(url, Path(profile))
         driver = _browser(profile)
         try:
-            driver.set_window_size(1440, 1000)
-            driver.get(f"{url}/console#review")
-            wait = WebDriverWait(driver, 120, poll_frequency=0.2)
-            wait.until(lambda d: len(Select(_testid(d, "category")).options) > 0)
+            wait = _open_console(driver, f"{url}/console#review", 120)
             Select(_testid(driver, "review-category")).select_by_value("metal")
             wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="review-item"]')) == 4)
             wait.until(lambda d: d.execute_script("const i = document.querySelector('[data-testid=review-image]');"

@@ -558,30 +558,35 @@
     return lut;
   })();
 
-  function colourMap(url) {
+  // The image at `url` drawn on a canvas (scaled down to at most `maxSide` pixels a side when given).
+  function imageCanvas(url, maxSide) {
     return new Promise((resolve, reject) => {
       const img = new Image();
       img.onload = () => {
         const canvas = document.createElement("canvas");
-        canvas.width = img.naturalWidth;
-        canvas.height = img.naturalHeight;
+        canvas.width = maxSide ? Math.min(maxSide, img.naturalWidth) : img.naturalWidth;
+        canvas.height = maxSide ? Math.min(maxSide, img.naturalHeight) : img.naturalHeight;
         const ctx = canvas.getContext("2d");
-        ctx.drawImage(img, 0, 0);
-        const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-        const d = pixels.data;
-        for (let i = 0; i < d.length; i += 4) {
-          const v = d[i];
-          d[i] = JET[3 * v];
-          d[i + 1] = JET[3 * v + 1];
-          d[i + 2] = JET[3 * v + 2];
-          d[i + 3] = 255;
-        }
-        ctx.putImageData(pixels, 0, 0);
-        resolve(canvas.toDataURL("image/png"));
+        ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+        resolve({ canvas, ctx, pixels: ctx.getImageData(0, 0, canvas.width, canvas.height) });
       };
       img.onerror = reject;
       img.src = url;
     });
+  }
+
+  async function colourMap(url) {
+    const { canvas, ctx, pixels } = await imageCanvas(url);
+    const d = pixels.data;
+    for (let i = 0; i < d.length; i += 4) {
+      const v = d[i];
+      d[i] = JET[3 * v];
+      d[i + 1] = JET[3 * v + 1];
+      d[i + 2] = JET[3 * v + 2];
+      d[i + 3] = 255;
+    }
+    ctx.putImageData(pixels, 0, 0);
+    return canvas.toDataURL("image/png");
   }
 
   function boxText(b) {
@@ -864,7 +869,8 @@
 
   // What review.js, trends.js and admin.js use (loaded after this file; same safety rule).
   window.FiloConsole = Object.freeze({
-    api, authHeaders, explain, showError, hideError, el, svgEl, clear, fact, num, download, sourceText, colourMap,
+    api, authHeaders, explain, showError, hideError, el, svgEl, clear, fact, num, download, sourceText,
+    colourMap, imageCanvas,
     storedKey, storeKey, apiKey, adminKey, adminStatus,
     category: () => $("category").value,
     categories: () => Array.from(state.categories.values()),

@@ -313,27 +313,12 @@
   }
 
   // A raw 8-bit map (kept when the client asked for heatmap=map) is grey; a server overlay is coloured.
-  function isGrey(url) {
-    return new Promise((resolve, reject) => {
-      const img = new Image();
-      img.onload = () => {
-        const canvas = document.createElement("canvas");
-        canvas.width = Math.min(64, img.naturalWidth);
-        canvas.height = Math.min(64, img.naturalHeight);
-        const ctx = canvas.getContext("2d");
-        ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-        const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
-        for (let i = 0; i < d.length; i += 4) {
-          if (Math.abs(d[i] - d[i + 1]) > 8 || Math.abs(d[i] - d[i + 2]) > 8) {
-            resolve(false);
-            return;
-          }
-        }
-        resolve(true);
-      };
-      img.onerror = reject;
-      img.src = url;
-    });
+  async function isGrey(url) {
+    const d = (await C.imageCanvas(url, 64)).pixels.data;
+    for (let i = 0; i < d.length; i += 4) {
+      if (Math.abs(d[i] - d[i + 1]) > 8 || Math.abs(d[i] - d[i + 2]) > 8) return false;
+    }
+    return true;
   }
 
   // A labelled one-line text field appended to `form` (`id` is also its test hook).
