@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -464,6 +466,42 @@ def test_suppression_rejects_unknown_semantics() -> None:
         suppression_keep_mask([[0, 0, 1, 1]], semantics="nearest")
     with pytest.raises(ValueError):
         suppression_keep_mask([], semantics="nearest")
+
+
+def _keep_mask_box_by_box(boxes: np.ndarray, size: int, semantics: str) -> torch.Tensor:
+    """The plain path: one slice assignment per box, as the released code (and this module before) did."""
+    keep = torch.zeros(size, size, dtype=torch.bool)
+    for x1, y1, x2, y2 in boxes.tolist():
+        if semantics == "released":
+            keep[int(y1) : int(y2), int(x1) : int(x2)] = True
+        else:
+            c0, c1 = (min(max(math.ceil(v), 0), size) for v in (x1, x2))
+            r0, r1 = (min(max(math.ceil(v), 0), size) for v in (y1, y2))
+            keep[r0:r1, c0:c1] = True
+    return keep
+
+
+@pytest.mark.parametrize("semantics", ["released", "clamp"])
+@pytest.mark.parametrize("size", [518, 37])
+def test_suppression_equals_box_by_box_slicing(semantics: str, size: int) -> None:
+    """Hundreds of boxes (as stand-in weights keep) overflowing every edge, inverted, empty, on integer
+    corners and exactly at -size: the one-pass union equals slicing box by box."""
+    rng = np.random.default_rng(size)
+    lo = rng.uniform(-1.3 * size, 1.2 * size, (400, 2))
+    boxes = np.concatenate([lo, lo + rng.uniform(-0.1 * size, 0.3 * size, (400, 2))], axis=1)
+    boxes[::7] = np.round(boxes[::7])  # integer corners: trunc and ceil are the identity there
+    boxes[1::11, 0] = -size  # a start of exactly -size wraps to 0
+    kept = {}
+    for n in (0, 1, 3, 40, 400):
+        kept[n] = _keep_mask_box_by_box(boxes[:n], size, semantics)
+        assert torch.equal(suppression_keep_mask(boxes[:n], size, semantics=semantics), kept[n])
+    assert 0 < int(kept[40].sum()) < int(kept[400].sum()) < size * size  # overlapping, not covering
+
+
+@pytest.mark.parametrize("corner", [float("nan"), float("inf")])
+def test_suppression_refuses_corners_that_are_not_numbers(corner: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        suppression_keep_mask([[0.0, 0.0, corner, 10.0]])
 
 
 # ------------------------------------------------------------------------------------------ box mapping
