@@ -323,7 +323,8 @@ class InspectionEngine:
                 # given boxes are all valid and equally confident: the released tie rule picks the last
                 position = req.position or gd.choose_position(frame, np.ones(len(frame)), np.ones(len(frame), bool))
                 keep = gd.suppression_keep_mask(frame, size, semantics="clamp")
-                boxes = [_box(f, o, "given", 1.0, True) for f, o in zip(frame, geo.boxes_to_original(frame), strict=True)]
+                boxes = _boxes(frame, geo.boxes_to_original(frame), ["given"] * len(frame), [1.0] * len(frame),
+                               [True] * len(frame))
                 locs[i] = _Localisation(position, keep, boxes)
             elif self._will_detect(req):
                 to_detect.append(i)
@@ -347,7 +348,7 @@ class InspectionEngine:
         keep = gd.suppression_keep_mask(frame[valid], size, semantics="released")
         frame = frame.numpy()
         orig = FrameGeometry(hw[0], hw[1], size).boxes_to_original(frame)
-        boxes = [_box(f, o, d.phrase, d.confidence, d.valid) for f, o, d in zip(frame, orig, dets, strict=True)]
+        boxes = _boxes(frame, orig, [d.phrase for d in dets], [d.confidence for d in dets], valid.tolist())
         return _Localisation(req.position or position, keep, boxes)
 
 
@@ -357,8 +358,12 @@ def warmup_batch_size(settings: FiloSettings, device: str) -> int:
     return settings.max_batch_size if str(device).startswith("cuda") else 1
 
 
-def _box(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrase: str, confidence: float, valid: bool) -> Box:
-    x1, y1, x2, y2 = (float(v) for v in orig_xyxy)
-    return Box(x1, y1, x2, y2, phrase=phrase, confidence=float(confidence), valid=bool(valid),
-               frame=tuple(float(v) for v in frame_xyxy))
+def _boxes(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrases: Sequence[str], confidences: Sequence[float],
+           valid: Sequence[bool]) -> list[Box]:
+    """The answer's boxes from (n, 4) frame and original corners: one ``tolist`` per array rather than a
+    float() per corner (stand-in weights keep hundreds of boxes per image)."""
+    return [Box(*orig, phrase=phrase, confidence=float(conf), valid=bool(ok), frame=tuple(frame))
+            for frame, orig, phrase, conf, ok in zip(np.asarray(frame_xyxy, np.float64).tolist(),
+                                                     np.asarray(orig_xyxy, np.float64).tolist(),
+                                                     phrases, confidences, valid, strict=True)]
 
