@@ -6,7 +6,6 @@ both are the pipeline's business (service/engine/pipeline.py), since they need t
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ import torch.nn as nn
 from models import anomaly_maps as am
 from models.dual_path import DualPathEncoder, EncoderOutput, TapLayout
 from models.heads import FiLoHeads
+from models.lru import LRUDict
 from models.prompts import POSITIONS, PromptBank, build_prompt_bank, position_index
 from models.text_encoder import PromptTextEncoder
 
@@ -50,7 +50,9 @@ class FiLoModel(nn.Module):
         self.image_size = image_size
         self.precision = "fp32"  # "bf16": autocast for the frozen encoders and the heads; maps stay fp32
         self.shared_text_prefix = True  # False: every sentence runs its whole sequence (the plain path)
-        self._banks: OrderedDict[tuple[str, tuple[str, ...]], PromptBank] = OrderedDict()
+        # about 10 MB per category with ViT-L: categories registered and deleted over the API must not
+        # accumulate without bound
+        self._banks: LRUDict[tuple[str, tuple[str, ...]], PromptBank] = LRUDict(MAX_CACHED_CATEGORIES)
 
     # --- configuration ------------------------------------------------------------------------
     @property
@@ -77,23 +79,14 @@ class FiLoModel(nn.Module):
         key = (noun, tuple(descriptions))
         bank = self._banks.get(key)
         if bank is None:
-            bank = build_prompt_bank(noun, descriptions, self.tokenizer, self.clip.token_embedding, self.n_ctx)
-            self._remember(key, bank.to(self.device))
-            return self._banks[key]
-        self._banks.move_to_end(key)
+            bank = self._banks[key] = build_prompt_bank(
+                noun, descriptions, self.tokenizer, self.clip.token_embedding, self.n_ctx
+            ).to(self.device)
         return bank
 
     def put_prompt_bank(self, noun: str, descriptions: Sequence[str], bank: PromptBank) -> None:
         """Install a bank restored from a persisted cache (a restarted pod skips tokenisation)."""
-        self._remember((noun, tuple(descriptions)), bank.to(self.device))
-
-    def _remember(self, key: tuple[str, tuple[str, ...]], bank: PromptBank) -> None:
-        # about 10 MB per category with ViT-L: categories registered and deleted over the API
-        # must not accumulate without bound
-        self._banks[key] = bank
-        self._banks.move_to_end(key)
-        while len(self._banks) > MAX_CACHED_CATEGORIES:
-            self._banks.popitem(last=False)
+        self._banks[(noun, tuple(descriptions))] = bank.to(self.device)
 
     def cached_banks(self) -> dict[tuple[str, tuple[str, ...]], PromptBank]:
         return dict(self._banks)

@@ -311,8 +311,9 @@ def test_openai_torchscript_archive_loads_into_the_named_config(tmp_path):
 def test_prompt_bank_cache_is_bounded_lru(tiny_model, monkeypatch):
     import models.filo as filo
 
-    monkeypatch.setattr(filo, "MAX_CACHED_CATEGORIES", 2)
     m = tiny_model
+    assert m._banks.maxsize == filo.MAX_CACHED_CATEGORIES
+    monkeypatch.setattr(m._banks, "maxsize", 2)
     saved = m.cached_banks()
     try:
         m._banks.clear()
@@ -322,5 +323,6 @@ def test_prompt_bank_cache_is_bounded_lru(tiny_model, monkeypatch):
         m.prompt_bank("c", ["z"])  # evicts "b", the least recently used
         assert set(m.cached_banks()) == {("a", ("x",)), ("c", ("z",))}
     finally:
+        monkeypatch.undo()
         m._banks.clear()
         m._banks.update(saved)
