@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return run_service(args)
     import torch
 
-    from filo_lab.bench.model import bf16_map_deviation, build_random_engine, flops_per_image, profile_batch, run_bench
+    from filo_lab.bench.model import bf16_map_deviation, build_random_engine, flops_per_image, run_bench
     from service.engine.pipeline import GROUNDING_TEXT_CACHE_CAPTIONS
 
     if args.device == "auto":
@@ -99,20 +99,7 @@ def run(args: argparse.Namespace) -> int:
               f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x | "
               f"{'-' if row.peak_gib is None else f'{row.peak_gib:.1f}'} |", flush=True)
     if args.profile_batch:
-        engine = build_random_engine(args.arch, args.device, groundings[-1])
-        engine.precision = precisions[-1]
-        engine.pin_memory = not args.no_pin_memory
-        if args.compile or args.cuda_graphs:
-            engine.compile(cuda_graphs=args.cuda_graphs, max_batch_size=args.profile_batch)
-            engine.warmup()
-        prof = profile_batch(engine, args.profile_batch)
-        report["profile"] = prof
-        busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"
-        print(f"\n# one batch of {args.profile_batch}, {precisions[-1]}, grounding {'on' if groundings[-1] else 'off'}: "
-              f"{prof['wall_ms']:.1f} ms wall{busy}\n| operator | calls | self ms |\n|---|---:|---:|")
-        for op in prof["top"]:
-            print(f"| {op['name'][:80]} | {op['calls']} | {op['self_ms']:.2f} |")
-        del engine
+        report["profile"] = _profile(args, precisions[-1], groundings[-1])
     if args.flops:
         for grounding in groundings:
             parts = flops_per_image(build_random_engine(args.arch, args.device, grounding), grounding)
@@ -127,6 +114,26 @@ def run(args: argparse.Namespace) -> int:
     _write_json(args.json, report)
     sys.stdout.flush()
     return 0
+
+
+def _profile(args: argparse.Namespace, precision: str, grounding: bool) -> dict:
+    """One profiled batch of ``--profile-batch`` with the run's last precision and grounding, printed as the
+    top operators by self time: where the time goes when a target is missed."""
+    from filo_lab.bench.model import build_random_engine, profile_batch
+
+    engine = build_random_engine(args.arch, args.device, grounding)
+    engine.precision = precision
+    engine.pin_memory = not args.no_pin_memory
+    if args.compile or args.cuda_graphs:
+        engine.compile(cuda_graphs=args.cuda_graphs, max_batch_size=args.profile_batch)
+        engine.warmup()
+    prof = profile_batch(engine, args.profile_batch)
+    busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"
+    print(f"\n# one batch of {args.profile_batch}, {precision}, grounding {'on' if grounding else 'off'}: "
+          f"{prof['wall_ms']:.1f} ms wall{busy}\n| operator | calls | self ms |\n|---|---:|---:|")
+    for op in prof["top"]:
+        print(f"| {op['name'][:80]} | {op['calls']} | {op['self_ms']:.2f} |")
+    return prof
 
 
 def _write_json(path: str | None, report: dict) -> None:
