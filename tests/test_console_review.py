@@ -835,6 +835,47 @@ def test_trends_since_until_are_local_times_sent_as_utc(driver: WebDriver, serve
     assert csp_violations(driver) == []
 
 
+def test_trends_export_is_the_list_shown_not_the_fields(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                                       state_dir: Path, downloads: Path) -> None:  # noqa: F811
+    shown = [record_at(f"tx-{i}", now_ms() - (i + 1) * 60_000, "cable", i % 2 == 0, "csv-shown") for i in range(3)]
+    other = [record_at("tx-other", now_ms() - 30_000, "cable", True, "csv-other")]
+    write_records(state_dir, shown + other)
+
+    def listed(d: WebDriver) -> list[str]:
+        return [r["_id"] for r in rows(d, "record-row")]
+
+    def export() -> tuple[list[str], list[dict]]:
+        """The ids in the CSV the page saves, and the queries of the export calls it made."""
+        driver.get_log("performance")  # forget the calls so far
+        before = set(downloads.glob("*.csv"))
+        by_testid(driver, "trends-export").click()
+        ids = [r["id"] for r in read_download(downloads, before)]
+        sent = [parse_qs(urlsplit(u).query) for u, _ in api_requests(driver, server.url)
+                if urlsplit(u).path.endswith("/v1/inspections/export")]
+        return ids, sent
+
+    open_console(driver, server.url)
+    show_trends(driver, "csv-shown", "day")
+    wait_equal(driver, listed, newest_first(shown), "the list shown")
+    field = by_testid(driver, "trends-source")
+    field.clear()
+    field.send_keys("csv-other")  # typed, not applied with Show
+    assert export() == (newest_first(shown), [{"source": ["csv-shown"]}])  # the CSV is the list on the page
+    assert listed(driver) == newest_first(shown)
+
+    by_testid(driver, "trends-apply").click()  # now it is applied: the list and the CSV follow it
+    wait_equal(driver, listed, ["tx-other"], "the list of the applied filter")
+    assert export() == (["tx-other"], [{"source": ["csv-other"]}])
+
+    field.clear()
+    field.send_keys("bad source!")  # a Show the server refuses leaves the list as it was, and the CSV with it
+    by_testid(driver, "trends-apply").click()
+    wait_for(driver, lambda d: by_testid(d, "trends-error").is_displayed(), "the 422 explained", timeout=20)
+    assert listed(driver) == ["tx-other"]
+    assert export() == (["tx-other"], [{"source": ["csv-other"]}])
+    assert csp_violations(driver) == []
+
+
 def test_trends_records_load_more(driver: WebDriver, server: ServerThread, state_dir: Path) -> None:  # noqa: F811
     # 57 records (the page shows 50 at a time); ten share one time around the page's end (ties broken by id)
     records = [record_at(f"tm-{i:02d}", at(1, "12:00") - (45 if 45 <= i < 55 else i) * 60_000, "tile", i % 3 == 0,
