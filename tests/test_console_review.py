@@ -10,15 +10,20 @@ records). Every wait is bounded; screenshots land in out/console/.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import cv2
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -28,7 +33,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
 from service.records.db import open_engine
-from service.records.model import InspectionRecord, Review, now_ms
+from service.records.model import Artefact, InspectionRecord, Review, now_ms
 from service.records.store import RecordStore
 from tests.postgres_server import PostgresServer, postgres  # noqa: F401
 from tests.service_fixtures import (  # noqa: F401
@@ -77,6 +82,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 PAGED = "crate"  # a category only the paged review queue test writes records of
+KINDS = "tray"  # a category only the heatmap kind test has records of
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +90,8 @@ def paged_descriptions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("review-desc") / "paged.json"
     path.write_text(json.dumps({
         "format": "filo-descriptions/v1", "dataset": "paged",
-        "categories": [{"name": PAGED, "noun": "wooden crate", "descriptions": ["split plank", "bent nail"]}],
+        "categories": [{"name": PAGED, "noun": "wooden crate", "descriptions": ["split plank", "bent nail"]},
+                       {"name": KINDS, "noun": "metal tray", "descriptions": ["dent", "rust spot"]}],
     }))
     return path
 
@@ -279,6 +286,9 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
     wait_for(drv, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
                                                 by_testid(d, "review-image")), "the kept image", timeout=20)
     wait_for(drv, lambda d: by_testid(d, "review-heatmap-note").text, "the heatmap shown or explained", timeout=20)
+    # no heatmap asked for: the record kept its own JPEG overlay, and says so (embedded, and through the stream)
+    assert [i["heatmap_kind"] for i in expected["items"]] == ["overlay"] * len(ids)
+    assert by_testid(drv, "review-heatmap-note").text == "server-blended overlay"
     assert by_testid(drv, "review-verdict").text == "NG"
     assert by_testid(drv, "review-threshold").text == "0.000"
 
@@ -474,6 +484,94 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
     shot(driver, "hostile-review-trends")
     assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
     assert_no_alert(driver)
+    assert csp_violations(driver) == []
+
+
+# The shown heatmap's pixels at the given (x, y) points, drawn on a canvas at its own size (CSS opacity aside),
+# with where it came from: "data:" coloured by the page, "blob:" the kept bytes as they are.
+HEATMAP_PIXELS_JS = """const img = arguments[0];
+if (img.hidden || !img.complete || !img.naturalWidth) return null;
+const c = document.createElement("canvas");
+c.width = img.naturalWidth;
+c.height = img.naturalHeight;
+const ctx = c.getContext("2d");
+ctx.drawImage(img, 0, 0);
+const d = ctx.getImageData(0, 0, c.width, c.height).data;
+return {src: img.src.split(":")[0], width: c.width, height: c.height,
+        px: arguments[1].map(([x, y]) => [0, 1, 2].map(k => d[4 * (y * c.width + x) + k]))};"""
+
+
+def grey_png(level: int, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size), level, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shown_heatmap(drv: WebDriver, record_id: str, points: list[tuple[int, int]]) -> tuple[dict, str]:
+    """Selects `record_id` in the queue; its heatmap as drawn (see HEATMAP_PIXELS_JS) and the note under it."""
+    drv.find_element(By.CSS_SELECTOR, f'[data-testid="review-item"][data-id="{record_id}"]').click()
+    wait_for(drv, lambda d: by_testid(d, "review-id").text == record_id, f"{record_id} selected", timeout=10)
+    box: dict = {}
+
+    def drawn(d: WebDriver) -> bool:
+        box["img"] = d.execute_script(HEATMAP_PIXELS_JS, by_testid(d, "review-heatmap"), points)
+        box["note"] = by_testid(d, "review-heatmap-note").text
+        return bool(box["img"] and box["note"])
+
+    wait_for(drv, drawn, f"the heatmap of {record_id} shown", timeout=20)
+    return box["img"], box["note"]
+
+
+def test_review_shows_the_heatmap_by_its_recorded_kind(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                                       state_dir: Path) -> None:
+    # real inspections kept with heatmap=map (the raw grey map) and heatmap=jpeg (an overlay)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        make_ng(client, KINDS)
+        kept = {}
+        for asked in ("map", "jpeg"):
+            r = client.post("/v1/inspect", headers=AUTH, data={"category": KINDS, "heatmap": asked},
+                            files={"image": ("metal.png", (SAMPLES / "metal_good.png").read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+            kept[asked] = r.json()["request_id"]
+        wait_records(client, KINDS, 2)
+        assert [client.get(f"/v1/inspections/{kept[a]}", headers=AUTH).json()["heatmap_kind"] for a in kept] == \
+            ["map", "overlay"]
+        raw = client.get(f"/v1/inspections/{kept['map']}/heatmap", headers=AUTH)
+        grey = np.asarray(Image.open(io.BytesIO(raw.content)))
+        assert grey.ndim == 2
+    # written behind the API's back: an overlay that happens to be grey (the kind, not the pixels, decides),
+    # and a grey map kept before records said their kind (only then does the page tell by the pixels)
+    image = [Artefact("image", "image/png", grey_png(90, 64))]
+    grey_overlay = replace(record_at("kind-grey-overlay", now_ms() - 60_000, KINDS, True, "line-k"),
+                           artefacts=[*image, Artefact("heatmap", "image/png", grey_png(128))], heatmap_kind="overlay")
+    old_map = replace(record_at("kind-old-map", now_ms() - 120_000, KINDS, True, "line-k"),
+                      artefacts=[*image, Artefact("heatmap", "image/png", grey_png(200))])
+    write_records(state_dir, [grey_overlay, old_map])
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(1, 256), cv2.COLORMAP_JET)[0][:, ::-1].astype(int)
+
+    open_console(driver, server.url)
+    open_review(driver, KINDS, 4)
+
+    h, w = grey.shape
+    points = [(x, y) for y in range(0, h, max(1, h // 8)) for x in range(0, w, max(1, w // 8))]
+    img, note = shown_heatmap(driver, kept["map"], points)
+    assert (img["src"], img["width"], img["height"]) == ("data", w, h)  # coloured by the page, at the map's size
+    assert note == "jet colour map: blue low, red high"
+    coloured = np.array(img["px"])
+    assert int(np.abs(coloured - jet[[grey[y, x] for x, y in points]]).max()) <= 2  # JET of the kept map
+    assert len({tuple(p) for p in coloured}) > 1  # a map with something on it, not one flat colour
+    shot(driver, "review-heatmap-map")
+
+    img, note = shown_heatmap(driver, kept["jpeg"], [(0, 0)])
+    assert img["src"] == "blob" and note == "server-blended overlay"  # the kept JPEG as it is
+
+    img, note = shown_heatmap(driver, "kind-grey-overlay", [(0, 0), (16, 16), (31, 31)])
+    assert img["src"] == "blob" and note == "server-blended overlay"
+    assert img["px"] == [[128, 128, 128]] * 3  # grey, yet shown as kept: the recorded kind decides
+
+    img, note = shown_heatmap(driver, "kind-old-map", [(0, 0), (31, 31)])  # heatmap_kind null: the grey test
+    assert img["src"] == "data" and note == "jet colour map: blue low, red high"
+    assert all(abs(a - b) <= 2 for px in img["px"] for a, b in zip(px, jet[200]))
     assert csp_violations(driver) == []
 
 
@@ -734,6 +832,47 @@ def test_trends_since_until_are_local_times_sent_as_utc(driver: WebDriver, serve
     for path in ("stats", "inspections", "inspections/export"):  # the list, the counts and the CSV: the same UTC window
         assert {k: sent[path].get(k) for k in window} == window, (path, sent.get(path))
     shot(driver, "trends-since-until-kolkata")
+    assert csp_violations(driver) == []
+
+
+def test_trends_export_is_the_list_shown_not_the_fields(driver: WebDriver, server: ServerThread,  # noqa: F811
+                                                       state_dir: Path, downloads: Path) -> None:  # noqa: F811
+    shown = [record_at(f"tx-{i}", now_ms() - (i + 1) * 60_000, "cable", i % 2 == 0, "csv-shown") for i in range(3)]
+    other = [record_at("tx-other", now_ms() - 30_000, "cable", True, "csv-other")]
+    write_records(state_dir, shown + other)
+
+    def listed(d: WebDriver) -> list[str]:
+        return [r["_id"] for r in rows(d, "record-row")]
+
+    def export() -> tuple[list[str], list[dict]]:
+        """The ids in the CSV the page saves, and the queries of the export calls it made."""
+        driver.get_log("performance")  # forget the calls so far
+        before = set(downloads.glob("*.csv"))
+        by_testid(driver, "trends-export").click()
+        ids = [r["id"] for r in read_download(downloads, before)]
+        sent = [parse_qs(urlsplit(u).query) for u, _ in api_requests(driver, server.url)
+                if urlsplit(u).path.endswith("/v1/inspections/export")]
+        return ids, sent
+
+    open_console(driver, server.url)
+    show_trends(driver, "csv-shown", "day")
+    wait_equal(driver, listed, newest_first(shown), "the list shown")
+    field = by_testid(driver, "trends-source")
+    field.clear()
+    field.send_keys("csv-other")  # typed, not applied with Show
+    assert export() == (newest_first(shown), [{"source": ["csv-shown"]}])  # the CSV is the list on the page
+    assert listed(driver) == newest_first(shown)
+
+    by_testid(driver, "trends-apply").click()  # now it is applied: the list and the CSV follow it
+    wait_equal(driver, listed, ["tx-other"], "the list of the applied filter")
+    assert export() == (["tx-other"], [{"source": ["csv-other"]}])
+
+    field.clear()
+    field.send_keys("bad source!")  # a Show the server refuses leaves the list as it was, and the CSV with it
+    by_testid(driver, "trends-apply").click()
+    wait_for(driver, lambda d: by_testid(d, "trends-error").is_displayed(), "the 422 explained", timeout=20)
+    assert listed(driver) == ["tx-other"]
+    assert export() == (["tx-other"], [{"source": ["csv-other"]}])
     assert csp_violations(driver) == []
 
 

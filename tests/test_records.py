@@ -88,6 +88,126 @@ def test_insert_is_idempotent_on_the_id(store: RecordStore) -> None:
     assert got is not None and got.has_image and not got.has_heatmap and got.boxes[0]["phrase"] == "crack"
 
 
+def test_the_heatmap_kind_round_trips(store: RecordStore) -> None:
+    from dataclasses import replace
+
+    t = now_ms()
+    heat = [Artefact("image", "image/png", b"png"), Artefact("heatmap", "image/png", b"heat")]
+    plan = {"k-map": ("map", heat), "k-overlay": ("overlay", heat),
+            "k-old": (None, heat),  # kept before the kind was recorded
+            "k-stripped": ("map", [])}  # travelled without its artefacts (a long outage)
+    store.insert_many([replace(_record(i, t + i, ng=True), id=rid, heatmap_kind=kind, artefacts=arts)
+                       for i, (rid, (kind, arts)) in enumerate(plan.items())])
+    got = {rid: store.get(rid) for rid in plan}
+    assert {rid: (r.has_heatmap, r.heatmap_kind) for rid, r in got.items()} == {
+        "k-map": (True, "map"), "k-overlay": (True, "overlay"),
+        "k-old": (True, None),  # unknown, not guessed
+        "k-stripped": (False, None),  # no heatmap kept, so no kind
+    }
+    assert got["k-map"].out()["heatmap_kind"] == "map" and got["k-old"].out()["heatmap_kind"] is None
+    listed = {r.id: r.heatmap_kind for r in store.list(RecordQuery(), 10)[0]}
+    assert listed == {rid: r.heatmap_kind for rid, r in got.items()}
+
+
+def _wire(record: InspectionRecord) -> dict[bytes, bytes]:
+    """An entry as Redis hands it back: the field names as bytes."""
+    return {k.encode(): v for k, v in record.to_wire().items()}
+
+
+def test_the_heatmap_kind_on_the_wire() -> None:
+    import json
+    from dataclasses import replace
+
+    record = _record(1, now_ms(), ng=True)
+    record.artefacts = [Artefact("image", "image/png", b"png"), Artefact("heatmap", "image/png", b"heat")]
+    record.heatmap_kind = "map"
+    entry = _wire(record)
+    assert entry[b"heatmap:kind"] == b"map"
+    # not in the metadata: an older pod draining the stream takes its keys as the record's fields
+    assert "heatmap_kind" not in json.loads(entry[b"meta"])
+    back = InspectionRecord.from_wire(entry)
+    assert back == record
+    assert InspectionRecord.from_wire(_wire(replace(record, heatmap_kind="overlay"))).heatmap_kind == "overlay"
+    # an entry written before the kind was recorded still loads, kind unknown
+    del entry[b"heatmap:kind"]
+    assert InspectionRecord.from_wire(entry) == replace(record, heatmap_kind=None)
+    # a record that travels without its artefacts (a long outage) carries no kind either
+    stripped = _wire(replace(record, artefacts=[]))
+    assert b"heatmap:kind" not in stripped and InspectionRecord.from_wire(stripped).heatmap_kind is None
+    # a kind this version does not know: the record is kept, its kind unknown
+    assert InspectionRecord.from_wire({**_wire(record), b"heatmap:kind": b"sepia"}).heatmap_kind is None
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request, tmp_path: Path) -> Iterator[str]:
+    """The URL of a database no migration has touched yet."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'records.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    server: PostgresServer = request.getfixturevalue("postgres")
+    admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS filo_upgrade"))
+        conn.execute(text("CREATE DATABASE filo_upgrade"))
+    admin.dispose()
+    yield server.url.rsplit("/", 1)[0] + "/filo_upgrade"
+
+
+def test_migration_0003_upgrades_a_0002_database_with_rows(empty_database: str) -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect, text
+
+    from service.records.db import alembic_config
+    from service.records.schema import artefacts, inspections
+
+    def version(engine) -> str:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+
+    def columns(engine) -> set[str]:
+        return {c["name"] for c in inspect(engine).get_columns("inspections")}
+
+    engine = open_engine(empty_database)
+    try:
+        migrate(engine, "0002_catalog")
+        assert version(engine) == "0002_catalog" and "heatmap_kind" not in columns(engine)
+        old = _record(1, now_ms() - HOUR, ng=True)
+        row = {c.name: getattr(old, c.name) for c in inspections.columns
+               if c.name not in ("heatmap_kind", "review_label", "review_defect_type", "review_note", "reviewer",
+                                 "reviewed_ms")} | {"has_image": True, "has_heatmap": True}
+        with engine.begin() as conn:  # rows as a 0002 server wrote them
+            conn.execute(inspections.insert(), [row, {**row, "id": "r-plain", "has_image": False,
+                                                      "has_heatmap": False}])
+            conn.execute(artefacts.insert(), [{"inspection_id": old.id, "kind": "heatmap", "media_type": "image/png",
+                                               "data": b"grey"}])
+        migrate(engine)
+        assert version(engine) == "0003_heatmap_kind"
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        store = RecordStore(engine)
+        kept = store.get(old.id)
+        assert kept is not None and kept.has_heatmap and kept.heatmap_kind is None  # older rows stay NULL
+        assert (kept.category, kept.score, kept.boxes, kept.source) == (old.category, old.score, old.boxes, old.source)
+        assert store.get("r-plain").heatmap_kind is None and store.artefact(old.id, "heatmap").data == b"grey"
+        new = _record(2, now_ms(), ng=True)
+        new.artefacts, new.heatmap_kind = [Artefact("heatmap", "image/png", b"map")], "map"
+        assert store.insert_many([new]) == 1 and store.get(new.id).heatmap_kind == "map"
+
+        cfg = alembic_config(empty_database)  # and back down, rows kept
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0002_catalog")
+        assert version(engine) == "0002_catalog" and "heatmap_kind" not in columns(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM inspections")).scalar_one() == 3
+    finally:
+        engine.dispose()
+
+
 def test_keyset_pages_newest_first_and_filters(store: RecordStore) -> None:
     t = now_ms() - 10 * HOUR
     records = [_record(i, t + (i // 2) * 1000, category="bottle" if i % 3 else "cable", ng=i % 4 == 0,
@@ -200,10 +320,28 @@ def test_every_inspection_is_recorded_with_what_was_answered(api) -> None:
     heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=AUTH)
     assert heat.status_code == 200 and heat.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(heat.content)).size == (224, 224)
+    assert rec["heatmap_kind"] == "overlay"  # the record's own JPEG is an overlay
     # record=false leaves nothing
     quiet = _inspect(client, image, record="false")
     time.sleep(0.5)
     assert client.get(f"/v1/inspections/{quiet['request_id']}", headers=AUTH).status_code == 404
+
+
+def test_the_record_says_which_heatmap_it_kept(api) -> None:
+    client, _ = api
+    image = png_bytes(64, 48, seed=4)
+    for asked, kind, media in (("map", "map", "image/png"), ("png", "overlay", "image/png"),
+                               ("jpeg", "overlay", "image/jpeg")):
+        body = _inspect(client, image, heatmap=asked, source=f"kind-{asked}")
+        assert body["heatmap"]["kind"] == kind
+        rec = _wait_record(client, body["request_id"])
+        assert (rec["has_heatmap"], rec["heatmap_kind"]) == (True, kind), asked
+        heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=AUTH)
+        assert heat.headers["content-type"] == media
+        if kind == "map":
+            assert Image.open(io.BytesIO(heat.content)).mode == "L"  # the raw 8-bit map, as the client got it
+        listed = client.get(f"/v1/inspections?source=kind-{asked}", headers=AUTH).json()["items"]
+        assert [(i["id"], i["heatmap_kind"]) for i in listed] == [(body["request_id"], kind)]
 
 
 def test_bad_input_is_refused_clearly(api) -> None:

@@ -29,16 +29,18 @@ def record_heatmap_spec(asked: HeatmapSpec, settings: FiloSettings, record: bool
 def build_record(body: dict[str, Any], source: str | None, image: bytes, info: ImageInfo,
                  heatmap: Heatmap | None, settings: FiloSettings) -> InspectionRecord:
     artefacts: list[Artefact] = []
+    heatmap_kind = None
     if keeps_artefacts(settings.records_keep, settings.records_ok_sample, body["is_anomalous"]):
         artefacts.append(Artefact("image", Image.MIME.get(info.format.upper(), "application/octet-stream"), image))
         if heatmap is not None:
             artefacts.append(Artefact("heatmap", heatmap.media_type, heatmap.data))
+            heatmap_kind = heatmap.kind  # overlay (jpeg, png) or the raw map: readers need not guess
     return InspectionRecord(
         id=body["request_id"], created_ms=now_ms(), category=body["category"], score=body["score"],
         is_anomalous=body["is_anomalous"], needs_review=body["needs_review"], threshold=body["threshold"],
         threshold_source=body["threshold_source"], references=body["references"], position=body["position"],
         boxes=body["boxes"], top_types=body["top_types"], model_version=str(body["model"].get("version", "")),
-        timing_ms=body["timing_ms"], source=source, artefacts=artefacts,
+        timing_ms=body["timing_ms"], source=source, artefacts=artefacts, heatmap_kind=heatmap_kind,
     )
 
 

@@ -14,6 +14,8 @@ SOURCE_PATTERN = r"^[A-Za-z0-9\-_.:/]{1,64}$"
 SOURCE_RE = re.compile(SOURCE_PATTERN)
 LABELS = ("defect", "good")
 Label = Literal["defect", "good"]
+HEATMAP_KINDS = ("overlay", "map")
+HeatmapKind = Literal["overlay", "map"]  # a server-blended overlay (jpeg, png) or the raw 8-bit map (map)
 
 
 def now_ms() -> int:
@@ -70,6 +72,9 @@ class InspectionRecord:
     has_image: bool = False
     has_heatmap: bool = False
     review: Review | None = None
+    # which picture the kept heatmap is (`Heatmap.kind`); None where none was kept, and on records kept
+    # before it was recorded (migration 0003)
+    heatmap_kind: HeatmapKind | None = None
 
     def out(self) -> dict[str, Any]:
         """The JSON the records API answers."""
@@ -79,27 +84,37 @@ class InspectionRecord:
             "threshold": self.threshold, "threshold_source": self.threshold_source, "references": self.references,
             "position": self.position, "boxes": self.boxes, "top_types": self.top_types,
             "model_version": self.model_version, "timing_ms": self.timing_ms,
-            "has_image": self.has_image, "has_heatmap": self.has_heatmap,
+            "has_image": self.has_image, "has_heatmap": self.has_heatmap, "heatmap_kind": self.heatmap_kind,
             "review": self.review.out() if self.review else None,
         }
 
     def to_wire(self) -> dict[str, bytes]:
-        """Fields of one entry of the records hand-off stream: JSON metadata, artefacts as raw bytes."""
+        """Fields of one entry of the records hand-off stream: JSON metadata, artefacts as raw bytes.
+
+        The heatmap's kind travels beside the heatmap (`heatmap:kind`), not in the metadata: a pod of an
+        older version draining the stream ignores a field it does not know, while a metadata key it does not
+        know would make it drop the whole entry as unreadable."""
         meta = asdict(self)
         meta.pop("artefacts")
         meta.pop("review")
+        meta.pop("heatmap_kind")
         wire: dict[str, bytes] = {"id": self.id.encode(), "meta": json.dumps(meta).encode()}
         for art in self.artefacts:
             wire[f"{art.kind}:type"] = art.media_type.encode()
             wire[art.kind] = art.data
+            if art.kind == "heatmap" and self.heatmap_kind is not None:
+                wire["heatmap:kind"] = self.heatmap_kind.encode()
         return wire
 
     @classmethod
     def from_wire(cls, fields: dict[bytes, bytes]) -> InspectionRecord:
+        """An entry back; one written before the heatmap's kind was recorded loads with `heatmap_kind` None."""
         meta = json.loads(fields[b"meta"])
         arts = [Artefact(kind, fields[f"{kind}:type".encode()].decode(), fields[kind.encode()])  # type: ignore[arg-type]
                 for kind in ("image", "heatmap") if kind.encode() in fields]
-        return cls(**meta, artefacts=arts)
+        kind = fields.get(b"heatmap:kind", b"").decode() if b"heatmap" in fields else ""
+        # a kind this version does not know is not worth losing the record over: kept as unknown (None)
+        return cls(**meta, artefacts=arts, heatmap_kind=kind if kind in HEATMAP_KINDS else None)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ inspections = Table(
     Column("timing_ms", JSON, nullable=False),
     Column("has_image", Boolean, nullable=False, default=False),
     Column("has_heatmap", Boolean, nullable=False, default=False),
+    Column("heatmap_kind", String(16)),  # overlay | map; NULL: none kept, or kept before 0003 recorded it
     # the current judgement, beside the record so filters and stats need no join; history: `reviews`
     Column("review_label", String(16)),
     Column("review_defect_type", String(200)),

@@ -44,6 +44,7 @@ def _row_to_record(row: Any) -> InspectionRecord:
         threshold_source=m["threshold_source"], references=m["references"], position=m["position"],
         boxes=m["boxes"], top_types=m["top_types"], model_version=m["model_version"], timing_ms=m["timing_ms"],
         source=m["source"], has_image=bool(m["has_image"]), has_heatmap=bool(m["has_heatmap"]), review=review,
+        heatmap_kind=m["heatmap_kind"],
     )
 
 
@@ -56,6 +57,8 @@ def _record_row(record: InspectionRecord) -> dict[str, Any]:
         "references": record.references, "position": record.position, "boxes": record.boxes,
         "top_types": record.top_types, "model_version": record.model_version, "timing_ms": record.timing_ms,
         "has_image": "image" in kinds, "has_heatmap": "heatmap" in kinds,
+        # the kind only with the heatmap itself (a record may travel without its artefacts)
+        "heatmap_kind": record.heatmap_kind if "heatmap" in kinds else None,
     }
 
 

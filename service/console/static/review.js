@@ -298,7 +298,9 @@
       if (state.shownId !== id) return;
       const url = URL.createObjectURL(blob);
       state.urls.push(url);
-      const map = await isGrey(url);
+      // The record says which kind it kept; only records kept before it said so (heatmap_kind null) are
+      // told apart by the picture itself.
+      const map = r.heatmap_kind ? r.heatmap_kind === "map" : await isGrey(url);
       overlay.src = map ? await C.colourMap(url) : url;
       overlay.hidden = false;
       notes.push(map ? "jet colour map: blue low, red high" : "server-blended overlay");
@@ -312,7 +314,8 @@
     return figure;
   }
 
-  // A raw 8-bit map (kept when the client asked for heatmap=map) is grey; a server overlay is coloured.
+  // For old records without heatmap_kind only: a raw 8-bit map (kept when the client asked for
+  // heatmap=map) is grey; a server overlay is coloured.
   async function isGrey(url) {
     const d = (await C.imageCanvas(url, 64)).pixels.data;
     for (let i = 0; i < d.length; i += 4) {

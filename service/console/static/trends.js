@@ -14,7 +14,9 @@
   const PAD = { left: 44, right: 12, top: 12, bottom: 30 };
   const COUNTS = ["inspected", "ng", "ng_rate", "reviewed", "confirmed_defects", "false_alarms", "false_rate", "misses"];
 
-  const state = { generation: 0, cursor: null, filters: null };
+  // filters: those of the latest Show (still loading, perhaps); shown: those of the counts and records on
+  // the page, which the CSV export uses (the defaults the page loaded with until a Show has drawn).
+  const state = { generation: 0, cursor: null, filters: null, shown: null };
 
   // --- filters --------------------------------------------------------------------------------------
 
@@ -54,6 +56,7 @@
     try {
       const stats = await C.api(`v1/stats?${new URLSearchParams({ ...state.filters, bucket })}`);
       if (generation !== state.generation) return;
+      state.shown = state.filters; // from here on the page shows these filters' counts and records
       drawStats(stats.items || [], bucket);
       C.clear($("records-table").tBodies[0]);
       await loadRecords(generation);
@@ -259,12 +262,13 @@
   async function exportCsv() {
     const button = $("trends-export");
     button.disabled = true;
-    const query = new URLSearchParams(filters());
+    // the filters of the list shown, not the fields as they stand (edited, perhaps, without Show)
+    const query = new URLSearchParams(state.shown);
     try {
       const blob = await C.api(`v1/inspections/export?${query}`, { blob: true });
       C.download(blob, `filo-records-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`);
       V.hideInlineError("trends-error");
-      $("trends-summary").textContent = `Exported the records of these filters (${Math.ceil(blob.size / 1024)} KB).`;
+      $("trends-summary").textContent = `Exported the records of the filters shown (${Math.ceil(blob.size / 1024)} KB).`;
     } catch (err) {
       V.showInlineError("trends-error", err, "the CSV export");
     }
@@ -273,6 +277,7 @@
 
   function start() {
     V.mirrorCategories($("trends-category"));
+    state.shown = filters(); // the defaults the page loaded with
     $("trends-filters").addEventListener("submit", (event) => {
       event.preventDefault();
       refresh();
