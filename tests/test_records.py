@@ -138,6 +138,18 @@ def test_the_heatmap_kind_on_the_wire() -> None:
     assert InspectionRecord.from_wire({**_wire(record), b"heatmap:kind": b"sepia"}).heatmap_kind is None
 
 
+def test_an_entry_from_a_newer_pod_still_loads() -> None:
+    """A pod of an older version draining the stream meets metadata keys it does not know: it keeps the record
+    and the fields it knows rather than dropping the entry as unreadable."""
+    import json
+
+    record = _record(2, now_ms(), ng=True)
+    record.artefacts = [Artefact("image", "image/png", b"png")]
+    entry = _wire(record)
+    entry[b"meta"] = json.dumps({**json.loads(entry[b"meta"]), "camera_exposure_us": 800}).encode()
+    assert InspectionRecord.from_wire(entry) == record
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_database(request, tmp_path: Path) -> Iterator[str]:
     """The URL of a database no migration has touched yet."""

@@ -6,7 +6,7 @@ import base64
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -107,14 +107,19 @@ class InspectionRecord:
         return wire
 
     @classmethod
-    def from_wire(cls, fields: dict[bytes, bytes]) -> InspectionRecord:
+    def from_wire(cls, entry: dict[bytes, bytes]) -> InspectionRecord:
         """An entry back; one written before the heatmap's kind was recorded loads with `heatmap_kind` None."""
-        meta = json.loads(fields[b"meta"])
-        arts = [Artefact(kind, fields[f"{kind}:type".encode()].decode(), fields[kind.encode()])  # type: ignore[arg-type]
-                for kind in ("image", "heatmap") if kind.encode() in fields]
-        kind = fields.get(b"heatmap:kind", b"").decode() if b"heatmap" in fields else ""
+        # a metadata key a newer pod added is not worth losing the record over: read the keys this version has
+        meta = {k: v for k, v in json.loads(entry[b"meta"]).items() if k in _META_KEYS}
+        arts = [Artefact(kind, entry[f"{kind}:type".encode()].decode(), entry[kind.encode()])  # type: ignore[arg-type]
+                for kind in ("image", "heatmap") if kind.encode() in entry]
+        kind = entry.get(b"heatmap:kind", b"").decode() if b"heatmap" in entry else ""
         # a kind this version does not know is not worth losing the record over: kept as unknown (None)
         return cls(**meta, artefacts=arts, heatmap_kind=kind if kind in HEATMAP_KINDS else None)  # type: ignore[arg-type]
+
+
+# what to_wire writes in an entry's metadata (the rest travels in fields of its own)
+_META_KEYS = frozenset(f.name for f in fields(InspectionRecord)) - {"artefacts", "review", "heatmap_kind"}
 
 
 @dataclass(frozen=True)
