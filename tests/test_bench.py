@@ -57,3 +57,20 @@ def test_service_bench_measures_the_path_around_the_model(capsys):
     assert default["api_ratio"] <= 2.0 and default["response_kb"] < 400
     assert default["worker_ms"] > 0 and none["worker_ms"] > 0  # the worker reports its non-model stages
     assert none["response_kb"] < 5
+
+
+def test_host_work_after_the_detector_is_timed_on_the_engine_path():
+    """The bench times the engine's own function over every kept query, with an empty and a warm memo."""
+    import torch
+
+    from filo_lab.bench.grounding_post import DESCRIPTIONS, synthetic_outputs, time_whole_post_processing
+    from models.grounding.detector import GroundingDetector, load_tiny_tokenizer
+    from models.grounding.hqloc import build_caption
+
+    tokenizer = load_tiny_tokenizer()
+    ids = tokenizer(build_caption(DESCRIPTIONS))["input_ids"]
+    probs, boxes = synthetic_outputs(ids, queries=40, kept=30, patterns=5)
+    detector = GroundingDetector(torch.nn.Module(), None, tokenizer)
+    r = time_whole_post_processing(detector, probs, boxes, ids, repeat=2)
+    assert r["boxes"] == 30
+    assert 0 < r["warm_ms"] and 0 < r["cold_ms"]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from service.engine import gpu_imaging
 from service.engine.buckets import BucketedEncoder, bucket_sizes
 from service.engine.references import EngineReferences
 from service.settings import FiloSettings
+
+if TYPE_CHECKING:
+    from models.grounding.hqloc import Detection
 
 log = logging.getLogger(__name__)
 
@@ -335,20 +338,15 @@ class InspectionEngine:
                                               [list(cats[i].descriptions) for i in to_detect],
                                               [reqs[i].grounding_pixels for i in to_detect])
             for i, dets in zip(to_detect, detections, strict=True):
-                locs[i] = self._from_detections(reqs[i], dets, gd)
+                locs[i] = self._from_detections(reqs[i], dets)
         return locs  # type: ignore[return-value]
 
     def _grounding_on(self, req: InspectRequest) -> bool:
         return bool(self.grounding_default if req.grounding is None else req.grounding)
 
-    def _from_detections(self, req: InspectRequest, dets: list, gd) -> _Localisation:
-        size = self.image_size
-        hw = (int(req.image.shape[0]), int(req.image.shape[1]))
-        position, frame, valid = gd.localise(dets, hw, size)
-        keep = gd.suppression_keep_mask(frame[valid], size, semantics="released")
-        frame = frame.numpy()
-        orig = FrameGeometry(hw[0], hw[1], size).boxes_to_original(frame)
-        boxes = _boxes(frame, orig, [d.phrase for d in dets], [d.confidence for d in dets], valid.tolist())
+    def _from_detections(self, req: InspectRequest, dets: list) -> _Localisation:
+        position, keep, boxes = localise_detections(dets, (int(req.image.shape[0]), int(req.image.shape[1])),
+                                                    self.image_size)
         return _Localisation(req.position or position, keep, boxes)
 
 
@@ -356,6 +354,22 @@ def warmup_batch_size(settings: FiloSettings, device: str) -> int:
     """The largest batch on CUDA (allocator and kernel choice are shape-dependent); 1 on CPU, where
     warming a big batch only delays readiness."""
     return settings.max_batch_size if str(device).startswith("cuda") else 1
+
+
+def localise_detections(dets: Sequence[Detection], image_hw: tuple[int, int], size: int
+                        ) -> tuple[str, torch.Tensor, list[Box]]:
+    """HQ-Loc over one image's detections: the released position, the suppression mask and the answer's boxes.
+
+    The whole CPU cost of a detection result after the detector (`filo_lab.bench.grounding_post` times it
+    with stand-in weights, which keep hundreds of boxes)."""
+    from models.grounding import hqloc as gd
+
+    position, frame, valid = gd.localise(dets, image_hw, size)
+    keep = gd.suppression_keep_mask(frame[valid], size, semantics="released")
+    frame_np = frame.numpy()
+    orig = FrameGeometry(image_hw[0], image_hw[1], size).boxes_to_original(frame_np)
+    boxes = _boxes(frame_np, orig, [d.phrase for d in dets], [d.confidence for d in dets], valid.tolist())
+    return position, keep, boxes
 
 
 def _boxes(frame_xyxy: np.ndarray, orig_xyxy: np.ndarray, phrases: Sequence[str], confidences: Sequence[float],
