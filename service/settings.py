@@ -99,6 +99,10 @@ class FiloSettings(BaseSettings):
     category_apply_timeout_s: float = Field(
         10.0, ge=0, description="queue mode: how long a category PUT waits for live workers to build its caches"
     )
+    category_lock_s: float = Field(
+        120.0, gt=0, description="queue mode: how long one change of a category's references or threshold may hold "
+        "its lock (a dead holder's lock lapses after this; a change waiting longer is refused with 409)",
+    )
     claim_idle_ms: int = Field(
         15_000, ge=100, description="queue mode: pending requests idle this long are reclaimed, whoever holds them "
         "(the backstop: a dead worker's requests are taken over as soon as its heartbeat lapses)",

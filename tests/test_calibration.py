@@ -12,6 +12,8 @@ from service.catalog.thresholds import (
     LabelledScores,
     NotEnoughLabelled,
     ThresholdRecord,
+    ThresholdRule,
+    Verdict,
     f1_max_threshold,
     labelled_threshold,
     reference_threshold,
@@ -92,12 +94,27 @@ def test_reference_rule_is_max_plus_margin():
 
 def test_resolve_uses_a_record_only_where_it_still_holds():
     labelled = ThresholdRecord("labelled", 0.6, "abc", 3, 2)
-    assert resolve(labelled, "abc", (), 0.5) == (0.6, "labelled")
-    assert resolve(labelled, "other", (), 0.5) == (0.5, "default")  # references changed since
+    assert resolve(labelled, "abc", (), 0.5) == ThresholdRule(0.6, "labelled")
+    assert resolve(labelled, "other", (), 0.5) == ThresholdRule(0.5, "default")  # references changed since
     refs = ThresholdRecord("references")
-    assert resolve(refs, "abc", (0.2, 0.3), 0.5) == (pytest.approx(0.35), "references")
-    assert resolve(refs, "abc", (), 0.5) == (0.5, "default")  # no references left
-    assert resolve(None, "", (), 0.7) == (0.7, "default")
+    assert resolve(refs, "abc", (0.2, 0.3), 0.5) == ThresholdRule(pytest.approx(0.35), "references")
+    assert resolve(refs, "abc", (), 0.5) == ThresholdRule(0.5, "default")  # no references left
+    assert resolve(None, "", (), 0.7) == ThresholdRule(0.7, "default")
+
+
+def test_the_rule_carries_the_review_band_and_decides_the_verdict():
+    banded = ThresholdRecord("manual", 0.4, review_margin=0.05)
+    rule = resolve(banded, "", (), 0.5)
+    assert rule == ThresholdRule(0.4, "manual", 0.05)
+    assert rule.verdict(0.4) == Verdict(is_anomalous=True, needs_review=True)  # on the threshold: NG, and look
+    assert rule.verdict(0.36) == Verdict(is_anomalous=False, needs_review=True)
+    assert rule.verdict(0.3) == Verdict(is_anomalous=False, needs_review=False)
+    assert rule.verdict(0.46) == Verdict(is_anomalous=True, needs_review=False)
+    # a lapsed calibration falls back to the default, and keeps the band set beside it
+    lapsed = ThresholdRecord("labelled", 0.6, "old", review_margin=0.1)
+    assert resolve(lapsed, "new", (), 0.5) == ThresholdRule(0.5, "default", 0.1)
+    assert ThresholdRule(0.5, "default", 0.0).verdict(0.5) == Verdict(True, False)  # a margin of 0: never
+    assert ThresholdRule.from_dict(rule.to_dict()) == rule
 
 
 def test_threshold_record_round_trip_and_validation():
@@ -126,6 +143,6 @@ def test_filo_calibrate_writes_f1_max_thresholds_per_category(tmp_path):
 
 def test_a_labelled_threshold_holds_only_for_the_model_that_scored_it():
     rec = ThresholdRecord("labelled", 0.3, "", 2, 2, "filo-demo-tiny-aaa")
-    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-aaa") == (0.3, "labelled")
-    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-bbb") == (0.5, "default")  # new checkpoint: stale
+    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-aaa") == ThresholdRule(0.3, "labelled")
+    assert resolve(rec, "", (), 0.5, "filo-demo-tiny-bbb") == ThresholdRule(0.5, "default")  # new checkpoint: stale
     assert ThresholdRecord.from_json(rec.to_json()).model_version == "filo-demo-tiny-aaa"

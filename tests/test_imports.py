@@ -122,6 +122,7 @@ def test_every_import_of_our_modules_resolves_deferred_ones_too():
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("service.cli",),
     ("service.api",),
+    ("service.workflows",),
     ("service.backends", "service.worker"),
     ("service.queue", "service.engine"),
     ("service.catalog",),

@@ -187,7 +187,7 @@ def test_embedded_server_with_the_gpu_image_path_matches_the_cpu_path(monkeypatc
     image = _jpeg(300, 400, seed=5)
     # the demo's own frame (518) and its trained heads: the whole production path
     plain = _served(demo_settings(state_dir=tmp_path / "a", grounding=True, image_size=518), image)
-    _force_device_path(monkeypatch, "service.backends.embedded")
+    _force_device_path(monkeypatch, "service.engine.serving")
     device = _served(demo_settings(state_dir=tmp_path / "b", grounding=True, image_size=518, gpu_image_path=True),
                      image)
     assert abs(device["false"]["score"] - plain["false"]["score"]) < 1e-5
@@ -207,7 +207,7 @@ def test_worker_with_the_gpu_image_path_answers_like_the_cpu_path(monkeypatch, r
     from tests.service_fixtures import demo_settings, png_bytes
     from tests.test_worker_pipeline import running_worker
 
-    _force_device_path(monkeypatch, "service.worker.loop")
+    _force_device_path(monkeypatch, "service.engine.serving")
     jpeg = _jpeg(240, 320, seed=6)
     uploads = {"jpeg": jpeg, "png": png_bytes(200, 240, seed=7), "cut": jpeg[: len(jpeg) // 2]}
 

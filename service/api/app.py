@@ -16,7 +16,6 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.category_extras import ReviewMargins
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import install_error_handlers
 from service.api.routes import categories, console, health, inspect, inspections, learning, references
@@ -25,6 +24,7 @@ from service.core.errors import error_body
 from service.core.security import Authenticator, check_auth_config
 from service.core.telemetry import Metrics
 from service.settings import FiloSettings
+from service.workflows.inspection import Sinks, default_sinks
 
 API_VERSION = "1.0.0"
 NOSNIFF = (b"x-content-type-options", b"nosniff")
@@ -142,8 +142,9 @@ class MetricsMiddleware:
             self.metrics.requests.labels(label, code).inc()
 
 
-def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
-    """Build the app; raises AuthConfigError for a production service without API keys."""
+def create_app(settings: FiloSettings, backend: Backend, sinks: Sinks | None = None) -> FastAPI:
+    """Build the app; raises AuthConfigError for a production service without API keys. `sinks` get every
+    finished inspection (service/core/finished.py); by default the records, where the backend keeps them."""
     check_auth_config(settings)
 
     @asynccontextmanager
@@ -164,7 +165,7 @@ def create_app(settings: FiloSettings, backend: Backend) -> FastAPI:
     app.state.backend = backend
     app.state.metrics = backend.metrics
     app.state.auth = Authenticator(settings)
-    app.state.review_margins = ReviewMargins()
+    app.state.sinks = sinks if sinks is not None else default_sinks(backend, settings)
     install_error_handlers(app)
     app.include_router(inspect.router)
     app.include_router(categories.router)

@@ -181,8 +181,11 @@ class CategoryOut(BaseModel):
 class CategoryDetailOut(CategoryOut):
     """GET /v1/categories/{name}: the category with its decision threshold and references (docs/few-shot.md)."""
 
-    threshold: float = Field(..., description="the category's decision threshold")
+    threshold: float = Field(..., description="the category's decision threshold: the one its next inspection "
+                             "applies")
     threshold_source: Literal["default", "references", "labelled", "learned", "manual"]
+    review_margin: float = Field(0.0, description="results within this of the threshold are answered needs_review "
+                                 "(0: never)")
     references: int = Field(..., description="normal reference images the category holds")
 
 

@@ -5,19 +5,20 @@ provide it. Routes never reach past it."""
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from descriptions import Category
+from service.catalog.thresholds import ThresholdRule
 from service.core.imaging import Heatmap, HeatmapSpec
 from service.core.telemetry import Metrics
 from service.core.types import InspectResult
 from service.records.recorder import Records
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -74,6 +75,14 @@ class Backend(Protocol):
     async def put_category(self, category: Category) -> CategoryApplied: ...
     async def put_extra(self, name: str, kind: str, data: bytes) -> CategoryApplied: ...
     async def get_extra(self, name: str, kind: str) -> bytes | None: ...
+    def category_lock(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Held by every change of a category's references or threshold, across all API processes, so that a
+        change and the history entry it writes are one step (the entry's `previous` is the last one's value)."""
+        ...
+
+    async def threshold_rule(self, name: str) -> ThresholdRule:
+        """The category's decision rule as its next inspection applies it (threshold, source, review margin)."""
+        ...
     async def reference_memory_bytes(self, name: str) -> int: ...
     async def delete_category(self, name: str) -> None: ...
     async def refresh_gauges(self) -> None: ...

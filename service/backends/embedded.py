@@ -13,26 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
 from service.catalog.references import FileExtras, apply_extras
 from service.catalog.store import DiskCacheStore, FileCategoryStore, default_state_dir
+from service.catalog.thresholds import ThresholdRule
 from service.core.batching import MicroBatcher
 from service.core.errors import (
-    IMAGE_ERROR_STATUS,
     CategoryNotFoundError,
-    ServiceError,
     UnavailableError,
     error_from_slot,
+    image_error,
 )
 from service.core.imaging import ImageDecodeError
 from service.core.telemetry import Metrics
 from service.core.types import InspectRequest, InspectResult
-from service.engine.device_images import decode_uploads, render, uses_device_path
+from service.engine import serving
+from service.engine.contract import Engine, EngineFactory
 from service.engine.lifecycle import (
-    EngineFactory,
     StartReport,
     apply_categories,
     default_engine_factory,
@@ -64,12 +65,13 @@ class EmbeddedBackend:
         self.caches = DiskCacheStore(state_dir / "caches")
         self.extras = FileExtras(state_dir / "category-extras")
         self.records = Records(settings, self.metrics, records_url(settings, state_dir)) if settings.records else None
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.report: StartReport | None = None
         self.fatal: BaseException | None = None
         self._batcher: MicroBatcher | None = None
         self._load_task: asyncio.Task | None = None
         self._category_lock = asyncio.Lock()
+        self._change_locks: dict[str, asyncio.Lock] = {}  # per category: one change of its extras at a time
 
     async def start(self) -> None:
         self._batcher = MicroBatcher(
@@ -106,17 +108,19 @@ class EmbeddedBackend:
             await self.records.stop()
 
     def _run_batch(self, requests: list[InspectRequest]) -> list[Any]:
+        assert self.engine is not None
         return self.engine.inspect_batch(requests)
 
     def _decode_on_device(self, data: bytes) -> Any:
         """In the request's thread: nvJPEG on the engine's GPU where possible, else the CPU decode."""
-        on = uses_device_path(self.settings.gpu_image_path, self.engine.device)
-        image = decode_uploads([data], self.settings.max_image_pixels, self.engine.device if on else None)[0]
+        assert self.engine is not None
+        image = serving.decode_for(self.engine, [data], self.settings.max_image_pixels, self.settings.gpu_image_path)[0]
         if isinstance(image, ImageDecodeError):
-            raise ServiceError(IMAGE_ERROR_STATUS.get(image.code, 422), image.code, image.message)
+            raise image_error(image)
         return image
 
     def _observe(self, size: int, run_s: float, waits: list[float]) -> None:
+        assert self.engine is not None
         self.metrics.observe_batch(size, run_s, waits)
         self.metrics.update_gpu_memory(str(self.engine.device))
 
@@ -135,27 +139,39 @@ class EmbeddedBackend:
         return Readiness(True, {"device": str(self.engine.device), **self.report.__dict__})
 
     async def inspect(self, job: InspectJob) -> InspectOutcome:
+        """The serving steps the queue worker runs too (service/engine/serving.py), around this process's batcher."""
         self._require_ready()
-        assert self._batcher is not None
+        assert self._batcher is not None and self.engine is not None
         if job.category not in self.engine.catalog:
             raise CategoryNotFoundError(job.category, self.engine.catalog.names())
         image = job.image
-        if image is None:  # the GPU image path: this backend decodes (service/engine/device_images.py)
+        if image is None:  # the GPU image path: this backend decodes
             image = await asyncio.to_thread(self._decode_on_device, job.image_bytes)
         request = InspectRequest(image=image, category=job.category, top_k=job.top_k, grounding=job.grounding)
         # resize in this request's thread, not on the batch thread: other batches run meanwhile
-        with contextlib.suppress(Exception):  # the engine meets it again and fails this request alone
-            request = await asyncio.to_thread(self.engine.prepare, request)
+        request = await asyncio.to_thread(serving.prepared, self.engine, request)
         done = await self._batcher.submit(request, job.deadline)
         if isinstance(done.value, BaseException):
             raise error_from_slot(done.value)
         result: InspectResult = done.value
-        heatmap = None
-        if job.heatmap.wanted:
-            valid = [b for b in result.boxes if b.valid]
-            heatmap = await asyncio.to_thread(render, image, result.anomaly_map, job.heatmap,
-                                              [(b.x1, b.y1, b.x2, b.y2) for b in valid], [b.frame for b in valid])
+        heatmap = await asyncio.to_thread(serving.result_heatmap, image, result, job.heatmap) if job.heatmap.wanted \
+            else None
         return InspectOutcome(result, self.engine.model_info(), done.queue_wait_s * 1e3, done.run_s * 1e3, heatmap)
+
+    @contextlib.asynccontextmanager
+    async def category_lock(self, name: str) -> AsyncIterator[None]:
+        """One process holds the whole state: an asyncio lock per category serialises its changes."""
+        lock = self._change_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            yield
+
+    async def threshold_rule(self, name: str) -> ThresholdRule:
+        """The rule this process's engine applies to the category's next inspection (between batches)."""
+        self._require_ready()
+        assert self._batcher is not None and self.engine is not None
+        if name not in self.engine.catalog:
+            raise CategoryNotFoundError(name, self.engine.catalog.names())
+        return await self._batcher.run_exclusive(self.engine.references.category_rule, name)
 
     async def list_categories(self) -> list[Category]:
         self._require_ready()

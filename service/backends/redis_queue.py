@@ -8,17 +8,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
 
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
 from service.catalog.durable import CatalogKeeper
-from service.catalog.references import RedisExtras
+from service.catalog.references import REFERENCES_KIND, THRESHOLD_KIND, RedisExtras, ReferenceSet
 from service.catalog.store import CatalogNotPublishedError, RedisCategoryStore, default_state_dir
+from service.catalog.thresholds import ThresholdRecord, ThresholdRule, resolve
 from service.core.errors import (
     CategoryNotFoundError,
     DeadlineExceededError,
@@ -38,8 +38,6 @@ from service.records.recorder import Records, records_url
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
-
-EngineFactory = Callable[[FiloSettings], Any]
 
 
 class RedisBackend:
@@ -197,6 +195,43 @@ class RedisBackend:
     async def reference_memory_bytes(self, name: str) -> int:
         """The largest few-shot memory the live workers report for the category."""
         return await RedisExtras(self.store).memory_bytes(name)
+
+    @contextlib.asynccontextmanager
+    async def category_lock(self, name: str) -> AsyncIterator[None]:
+        """A Redis lock shared by every API pod. It lapses after `category_lock_s` in case its holder died; a
+        change still waiting for it after that long is refused (409 `category_busy`)."""
+        hold_s = self.settings.category_lock_s
+        lock = self.redis.lock(self.keys.category_lock(name), timeout=hold_s, blocking_timeout=hold_s)
+        try:
+            acquired = await lock.acquire()
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+        if not acquired:
+            raise ServiceError(409, "category_busy", f"another change of category {name!r} has been running for "
+                               f"{hold_s:.0f} s; try again once it is done")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError, LockError):
+                await lock.release()
+
+    async def threshold_rule(self, name: str) -> ThresholdRule:
+        """The rule the workers resolved when they applied the catalog (`publish_applied`, written before they
+        report the version applied, so after a write has waited for them this is the rule of the next
+        inspection). Before any worker has: the rule as far as the catalog alone decides it (a references rule
+        needs a worker's model, so it shows the default until then)."""
+        try:
+            extras = RedisExtras(self.store)
+            published = await extras.rule(name)
+            if published is not None:
+                return published
+            raw_t, raw_r = await extras.get(name, THRESHOLD_KIND), await extras.get(name, REFERENCES_KIND)
+        except RedisError as exc:
+            raise self._unavailable(exc, queued=False) from None
+        record = ThresholdRecord.from_json(raw_t) if raw_t else None
+        refs = ReferenceSet.from_json(raw_r) if raw_r else ReferenceSet()
+        default = self.settings.thresholds.get(name, self.settings.default_threshold)
+        return resolve(record, refs.digest if len(refs) else "", (), default)
 
     async def _store_and_wait(self, write: Awaitable[int]) -> CategoryApplied:
         try:

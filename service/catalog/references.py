@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.catalog.thresholds import ThresholdRule
 from service.core.keys import short_digest
 
 REFERENCES_FORMAT = "filo-references/v1"
@@ -175,6 +176,7 @@ REFERENCES_KIND = "references"
 THRESHOLD_KIND = "threshold"
 EXTRA_KINDS = (REFERENCES_KIND, THRESHOLD_KIND)  # the catalog's per-category extras (CATEGORY_EXTRA_KINDS)
 MEMORY_BYTES_KIND = "memory_bytes"  # written by each worker after building (not part of the catalog)
+RULE_KIND = "rule"  # the category's decision rule as the workers resolved it (not part of the catalog)
 
 
 class RedisExtras:
@@ -194,6 +196,11 @@ class RedisExtras:
     async def memory_bytes(self, name: str) -> int:
         raw = await self.get(name, MEMORY_BYTES_KIND)
         return int(raw or 0)
+
+    async def rule(self, name: str) -> ThresholdRule | None:
+        """The rule the workers resolved when they last applied the catalog (None: no worker has yet)."""
+        raw = await self.get(name, RULE_KIND)
+        return ThresholdRule.from_dict(json.loads(raw)) if raw else None
 
 
 class FileExtras:
@@ -276,7 +283,12 @@ def apply_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> dict[str, 
     return sizes
 
 
-async def publish_memory_bytes(redis: Any, keys: Any, sizes: dict[str, int]) -> None:
-    """Queue mode: what each category's memory takes on a worker's device, for `GET .../references`."""
-    if sizes:
-        await redis.mset({keys.category_extra(name, MEMORY_BYTES_KIND): str(n) for name, n in sizes.items()})
+async def publish_applied(redis: Any, keys: Any, sizes: dict[str, int], rules: dict[str, ThresholdRule]) -> None:
+    """Queue mode, after a worker applied the catalog: what each category's memory takes on its device (for
+    `GET .../references`) and each category's decision rule as the engine resolved it (for `GET
+    /v1/categories/{name}` and the threshold history), written before the worker reports the version applied,
+    so an API pod that waited for the workers reads the rule its next inspection gets."""
+    values = {keys.category_extra(name, MEMORY_BYTES_KIND): str(n) for name, n in sizes.items()}
+    values.update({keys.category_extra(name, RULE_KIND): json.dumps(rule.to_dict()) for name, rule in rules.items()})
+    if values:
+        await redis.mset(values)

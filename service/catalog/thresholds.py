@@ -1,8 +1,11 @@
 """Per-category decision thresholds: from labelled images (F1-max) or from the normal references alone.
 
 A threshold is stored with its category in the catalog (as a `ThresholdRecord`, see
-service/catalog/references.py for where) and resolved per inspection by the engine, so every worker and
-the embedded server decide `is_anomalous` the same way. Sources, in the response's `threshold_source`:
+service/catalog/references.py for where). `resolve` turns it into the category's `ThresholdRule` (threshold,
+source and review margin together), and `ThresholdRule.verdict` decides `is_anomalous` and `needs_review` of
+a score. This is the one rule: the engine applies it to every result it returns (so every worker and the
+embedded server decide alike, and the API only shapes the answer), and `GET /v1/categories/{name}` shows the
+rule the engine resolved, never a second computation. Sources, in the response's `threshold_source`:
 
 - `labelled`: the F1-max cut over the scores of labelled good and defective images (what APRIL-GAN's
   authors recommend to users); valid for the reference set it was measured with (its digest is
@@ -35,7 +38,6 @@ import numpy as np
 
 from service.core.errors import ServiceError
 
-THRESHOLD_SOURCES = ("default", "references", "labelled", "learned", "manual")
 STORED_SOURCES = ("labelled", "references", "learned", "manual")  # what a ThresholdRecord may say
 REFERENCE_MARGIN_SPREAD = 0.5
 REFERENCE_MARGIN_MIN = 0.01
@@ -180,18 +182,49 @@ def reference_threshold(loo_scores: Sequence[float]) -> float | None:
     return float(hi + max(REFERENCE_MARGIN_MIN, REFERENCE_MARGIN_SPREAD * (hi - lo)))
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What a score means for its category: defective or not, and whether a person should look."""
+
+    is_anomalous: bool
+    needs_review: bool
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A category's decision rule as it applies now: the threshold, where it comes from, and the review band
+    (results within `review_margin` of the threshold wait for a person's judgement; 0 turns the band off)."""
+
+    threshold: float
+    source: str
+    review_margin: float = 0.0
+
+    def verdict(self, score: float) -> Verdict:
+        return Verdict(is_anomalous=score >= self.threshold,
+                       needs_review=self.review_margin > 0 and abs(score - self.threshold) <= self.review_margin)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "source": self.source, "review_margin": self.review_margin}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ThresholdRule:
+        return cls(float(doc["threshold"]), str(doc["source"]), float(doc.get("review_margin") or 0.0))
+
+
 def resolve(record: ThresholdRecord | None, references_digest: str, loo_scores: Sequence[float],
-            default: float, model_version: str | None = None) -> tuple[float, str]:
-    """(threshold, source) for one inspection: the stored record where it still holds, else the default."""
+            default: float, model_version: str | None = None) -> ThresholdRule:
+    """The category's rule: the stored record where it still holds, else the default; the review margin is the
+    record's whichever threshold holds (a band set by hand outlives a lapsed calibration)."""
+    margin = float(record.review_margin) if record is not None and math.isfinite(record.review_margin) else 0.0
     if record is not None and record.source == "manual" and record.threshold is not None \
             and math.isfinite(record.threshold):
-        return float(record.threshold), "manual"
+        return ThresholdRule(float(record.threshold), "manual", margin)
     if record is not None and record.source in ("labelled", "learned") and record.threshold is not None \
             and record.references_digest == references_digest and math.isfinite(record.threshold) \
             and record.model_version in (None, model_version):
-        return float(record.threshold), record.source
+        return ThresholdRule(float(record.threshold), record.source, margin)
     if record is not None and record.source == "references":
         value = reference_threshold(loo_scores)
         if value is not None:
-            return value, "references"
-    return float(default), "default"
+            return ThresholdRule(value, "references", margin)
+    return ThresholdRule(float(default), "default", margin)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.core.imaging import ImageDecodeError
 from service.core.types import InspectError
 
 # ImageDecodeError.code -> HTTP status (see the table above)
@@ -70,6 +71,11 @@ class CategoryNotFoundError(ServiceError):
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
+
+
+def image_error(exc: ImageDecodeError) -> ServiceError:
+    """An image the service cannot use, as its HTTP caller sees it (415 or 422 by the decoder's code)."""
+    return ServiceError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.message)
 
 
 def error_from_slot(value: BaseException) -> ServiceError:

@@ -55,6 +55,10 @@ class Keys:
     def cache(self, key: str) -> str:
         return f"{self.stream}:cache:{key}"
 
+    def category_lock(self, name: str) -> str:
+        """The lock every change of a category's references or threshold holds (one change at a time)."""
+        return f"{self.stream}:category:lock:{name}"
+
     def category_extra(self, name: str, kind: str) -> str:
         """Per-category data beyond the descriptions (see `CATEGORY_EXTRA_KINDS` in service/catalog/store.py)."""
         return f"{self.stream}:category:{kind}:{name}"

@@ -57,8 +57,12 @@ class InspectResult:
     top_types: list[AnomalyType] = field(default_factory=list)
     timing_ms: dict[str, float] = field(default_factory=dict)
     references: int = 0  # normal reference images fused into this result (0: zero-shot)
-    threshold: float | None = None  # the category's decision threshold (service/catalog/thresholds.py); None: unknown
-    threshold_source: str = "default"  # "default" | "references" | "labelled"
+    # the verdict, decided once by the engine with the category's rule (service/catalog/thresholds.py)
+    threshold: float | None = None  # None: no rule applied (a result not from the engine)
+    threshold_source: str = "default"  # default | references | labelled | learned | manual
+    review_margin: float = 0.0
+    is_anomalous: bool = False
+    needs_review: bool = False
 
     def summary(self) -> dict:
         """JSON-friendly view without the map."""

@@ -17,14 +17,16 @@ from typing import Any
 from descriptions import Category
 from service.catalog.store import CacheStore, CategoryStore, pack_cache_state, unpack_cache_state
 from service.core.keys import cache_key
+from service.engine.contract import Engine, EngineFactory
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[FiloSettings], Any]
+__all__ = ["EngineFactory", "StartReport", "apply_categories", "default_engine_factory", "persist_caches",
+           "start_engine"]
 
 
-def default_engine_factory(settings: FiloSettings) -> Any:
+def default_engine_factory(settings: FiloSettings) -> Engine:
     try:
         from service.engine.pipeline import InspectionEngine  # torch: only processes that run the model import it
     except ImportError as exc:  # the slim API install has no torch
@@ -33,7 +35,7 @@ def default_engine_factory(settings: FiloSettings) -> Any:
     return InspectionEngine.from_settings(settings)
 
 
-def apply_categories(engine: Any, wanted: dict[str, Category], prepare: bool = True) -> list[str]:
+def apply_categories(engine: Engine, wanted: dict[str, Category], prepare: bool = True) -> list[str]:
     """Make the engine's catalog equal `wanted`; with `prepare`, build every category's caches.
 
     Runs on the engine's thread (the engine is single-threaded). Returns the names added or changed.
@@ -66,7 +68,7 @@ class StartReport:
 Run = Callable[..., Awaitable[Any]]
 
 
-async def start_engine(engine: Any, store: CategoryStore, caches: CacheStore, run: Run) -> StartReport:
+async def start_engine(engine: Engine, store: CategoryStore, caches: CacheStore, run: Run) -> StartReport:
     """Restore caches, seed and apply categories, warm up, persist caches; `run` calls onto the engine thread."""
     t0 = time.monotonic()
     await store.seed([engine.catalog.get(n) for n in engine.catalog.names()])
@@ -90,7 +92,7 @@ async def start_engine(engine: Any, store: CategoryStore, caches: CacheStore, ru
     return report
 
 
-async def persist_caches(engine: Any, caches: CacheStore, run: Run) -> None:
+async def persist_caches(engine: Engine, caches: CacheStore, run: Run) -> None:
     """Save the engine's caches again (after a category was registered)."""
     key = cache_key(engine.model_info())
     await _save_quietly(caches, key, pack_cache_state(await run(engine.cache_state)))

@@ -277,8 +277,11 @@ class InspectionEngine:
         for i, (req, cat, loc) in enumerate(zip(reqs, cats, locs, strict=True)):
             sims = all_sims[i]
             order = torch.argsort(sims, descending=True)[: req.top_k].tolist()
+            score = float(scores[i])
+            rule = self.references.rule(cat.name, memories[i])
+            verdict = rule.verdict(score)
             results.append(InspectResult(
-                score=float(scores[i]),
+                score=score,
                 text_score=float(text_abnormal[i]),
                 map_max=float(map_max[i]),
                 anomaly_map=finals_np[i],
@@ -287,7 +290,11 @@ class InspectionEngine:
                 top_types=[AnomalyType(cat.descriptions[j], float(sims[j])) for j in order],
                 timing_ms=dict(timing),
                 references=memories[i].n_images if memories[i] is not None else 0,
-                **self.references.threshold_fields(cat.name, memories[i]),
+                threshold=rule.threshold,
+                threshold_source=rule.source,
+                review_margin=rule.review_margin,
+                is_anomalous=verdict.is_anomalous,
+                needs_review=verdict.needs_review,
             ))
         return results
 

@@ -19,7 +19,7 @@ import torch
 
 from models import references as mr
 from service.catalog.references import MemoryCache, ReferenceSet
-from service.catalog.thresholds import ThresholdRecord, resolve
+from service.catalog.thresholds import ThresholdRecord, ThresholdRule, resolve
 from service.core.imaging import decode_image
 from service.core.keys import cache_key
 from service.settings import FiloSettings
@@ -51,6 +51,9 @@ class EngineReferences:
         self.image_size = image_size
         self.sets: dict[str, ReferenceSet] = {}
         self.thresholds: dict[str, ThresholdRecord] = {}  # per category, from the catalog
+        # per category: (reference digest, leave-one-out scores) of the last memory built, kept apart from the
+        # bounded memory cache so that the category's rule never needs an evicted memory rebuilt
+        self._loo: dict[str, tuple[str, tuple[float, ...]]] = {}
         self._lock = threading.RLock()
         self.configure(settings if settings is not None else FiloSettings())  # defaults: the settings' alone
 
@@ -81,6 +84,7 @@ class EngineReferences:
     def clear(self, category: str) -> None:
         with self._lock:
             self.sets.pop(category, None)
+            self._loo.pop(category, None)
             self.cache.drop(category)
 
     def count(self, category: str) -> int:
@@ -102,6 +106,7 @@ class EngineReferences:
             images = [decode_image(im.data, self.max_image_pixels) for im in refs.images]
             memory = self.build(images, self.catalog.get(category))
             self.cache.put(category, refs.digest, memory, memory.nbytes)
+            self._loo[category] = (refs.digest, tuple(memory.loo_scores))
             log.info("category %s: reference memory of %d image(s) built, %d bytes", category, len(images),
                      memory.nbytes)
             return memory
@@ -132,14 +137,29 @@ class EngineReferences:
         else:
             self.thresholds[category] = record
 
-    def threshold_fields(self, category: str, memory: mr.ReferenceMemory | None) -> dict[str, Any]:
-        """`threshold` and `threshold_source` of an inspection of `category` with `memory` (or none)."""
+    def rule(self, category: str, memory: mr.ReferenceMemory | None) -> ThresholdRule:
+        """The decision rule of an inspection of `category` with `memory` (None: zero-shot)."""
         refs = self.sets.get(category)
         digest = refs.digest if refs and memory is not None else ""
         loo = memory.loo_scores if memory is not None else ()
         default = self.default_thresholds.get(category, self.default_threshold)
-        value, source = resolve(self.thresholds.get(category), digest, loo, default, self.info.get("version"))
-        return {"threshold": value, "threshold_source": source}
+        return resolve(self.thresholds.get(category), digest, loo, default, self.info.get("version"))
+
+    def category_rule(self, category: str) -> ThresholdRule:
+        """The rule an inspection of `category` gets now, with its own references: what the catalog shows."""
+        refs = self.sets.get(category)
+        default = self.default_thresholds.get(category, self.default_threshold)
+        if not refs:
+            return resolve(self.thresholds.get(category), "", (), default, self.info.get("version"))
+        known = self._loo.get(category)
+        if known is None or known[0] != refs.digest:
+            memory = self.memory(category)  # not built yet with this model: build it, as an inspection would
+            known = (refs.digest, tuple(memory.loo_scores) if memory is not None else ())
+        return resolve(self.thresholds.get(category), known[0], known[1], default, self.info.get("version"))
+
+    def rules(self) -> dict[str, ThresholdRule]:
+        """Every registered category's rule (queue mode publishes them for the API pods)."""
+        return {name: self.category_rule(name) for name in self.catalog.names()}
 
     # --- inspection --------------------------------------------------------------------------------
     def memories_for(self, requests: Sequence[Any], categories: Sequence[Category]) -> list[mr.ReferenceMemory | None]:

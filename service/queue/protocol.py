@@ -214,6 +214,9 @@ def result_to_dict(result: InspectResult) -> dict[str, Any]:
         "references": int(result.references),
         "threshold": result.threshold,
         "threshold_source": result.threshold_source,
+        "review_margin": float(result.review_margin),
+        "is_anomalous": bool(result.is_anomalous),
+        "needs_review": bool(result.needs_review),
     }
 
 
@@ -231,4 +234,7 @@ def result_from_dict(data: dict[str, Any], anomaly_map: np.ndarray | None) -> In
         references=int(data.get("references", 0)),
         threshold=data.get("threshold"),
         threshold_source=str(data.get("threshold_source", "default")),
+        review_margin=float(data.get("review_margin") or 0.0),
+        is_anomalous=bool(data.get("is_anomalous", False)),
+        needs_review=bool(data.get("needs_review", False)),
     )

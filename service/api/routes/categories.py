@@ -12,13 +12,13 @@ from pydantic import ValidationError
 from descriptions import Category
 from service.api.auth import require_admin_key, require_api_key
 from service.api.body import invalid, json_body, json_request_body
-from service.api.category_extras import category_threshold
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
 from service.api.schemas import ERROR_RESPONSES, CategoryDetailOut, CategoryIn, CategoryList, CategoryOut
 from service.catalog.llm import LLMError, agenerate_descriptions, write_draft
 from service.catalog.store import default_state_dir
 from service.core.errors import CategoryNotFoundError, ServiceError
+from service.workflows.category_state import load_refs
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/categories", tags=["categories"])
@@ -36,13 +36,15 @@ async def list_categories(backend: BackendDep) -> CategoryList:
 
 @router.get("/{name}", response_model=CategoryDetailOut, responses=ERROR_RESPONSES,
             dependencies=[Depends(require_api_key)])
-async def get_category(name: NameParam, backend: BackendDep, settings: SettingsDep) -> CategoryDetailOut:
-    """The category, with its decision threshold, where that comes from, and its reference count."""
-
+async def get_category(name: NameParam, backend: BackendDep) -> CategoryDetailOut:
+    """The category, with the decision rule its next inspection applies (threshold, where it comes from,
+    review margin) and its reference count."""
     found = {c.name: c for c in await backend.list_categories()}
     if name not in found:
         raise CategoryNotFoundError(name, list(found))
-    return CategoryDetailOut(**_out(found[name]).model_dump(), **await category_threshold(backend, settings, name))
+    rule = await backend.threshold_rule(name)
+    return CategoryDetailOut(**_out(found[name]).model_dump(), threshold=rule.threshold, threshold_source=rule.source,
+                             review_margin=rule.review_margin, references=len(await load_refs(backend, name)))
 
 
 @router.put(

@@ -1,4 +1,5 @@
-"""POST /v1/inspect: parse and validate, hand to the backend, shape the answer. No logic beyond that.
+"""POST /v1/inspect: parse and validate, run the inspect workflow, shape the answer. No logic beyond that: the
+verdict is the engine's, and the record (and any other sink) is fed by the workflow (service/workflows/).
 
 Validation here is the image header (format, size, the pixel limit) in queue mode: the worker
 decodes the image, once, and refuses truncated files before they join a batch; it also renders the
@@ -22,9 +23,7 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import require_api_key
 from service.api.body import invalid, is_json, media_type, parse_json
-from service.api.category_extras import ReviewMargins
-from service.api.deps import BackendDep, SettingsDep
-from service.api.recording import build_record, needs_review, record_heatmap_spec
+from service.api.deps import BackendDep, SettingsDep, SinksDep
 from service.api.schemas import (
     ERROR_RESPONSES,
     IMAGE_RULES,
@@ -34,7 +33,8 @@ from service.api.schemas import (
     InspectResponse,
 )
 from service.backends.base import InspectJob
-from service.core.errors import IMAGE_ERROR_STATUS, ServiceError
+from service.core.errors import ServiceError, image_error
+from service.core.finished import FinishedInspection
 from service.core.imaging import (
     DEFAULT_HEATMAP_FORMAT,
     DEFAULT_HEATMAP_SIZE,
@@ -44,7 +44,7 @@ from service.core.imaging import (
     decode_image,
     probe_image,
 )
-from service.core.types import Box
+from service.workflows import inspection
 
 router = APIRouter(prefix="/v1", tags=["inspection"])
 
@@ -116,17 +116,13 @@ async def _read_body(request: Request) -> tuple[bytes, InspectParams]:
                        f"send multipart/form-data or application/json, not {ctype or 'no content type'!r}")
 
 
-def _image_error(exc: ImageDecodeError) -> ServiceError:
-    return ServiceError(IMAGE_ERROR_STATUS.get(exc.code, 422), exc.code, exc.message)
-
-
 async def _validate_image(data: bytes, max_pixels: int, decode: bool) -> tuple[ImageInfo, np.ndarray | None]:
     """The header always (microseconds, on the loop); the pixels only where this process runs the model."""
     try:
         info = probe_image(data, max_pixels)
         return info, (await anyio.to_thread.run_sync(decode_image, data, max_pixels) if decode else None)
     except ImageDecodeError as exc:
-        raise _image_error(exc) from None
+        raise image_error(exc) from None
 
 
 def _wants_png(request: Request) -> bool:
@@ -143,15 +139,6 @@ def _heatmap_spec(params: InspectParams, png_body: bool) -> HeatmapSpec:
     return HeatmapSpec("map" if params.heatmap == "map" else "png", size)
 
 
-def _box_out(box: Box, width: int, height: int) -> dict[str, Any]:
-    """A box in original pixels, clipped to the image (a detector may reach a little past its edge)."""
-    return {
-        "x1": min(max(box.x1, 0.0), width), "y1": min(max(box.y1, 0.0), height),
-        "x2": min(max(box.x2, 0.0), width), "y2": min(max(box.y2, 0.0), height),
-        "phrase": box.phrase, "confidence": box.confidence, "valid": box.valid,
-    }
-
-
 @router.post(
     "/inspect",
     summary="Inspect one image",
@@ -164,14 +151,14 @@ async def inspect(
     request: Request,
     settings: SettingsDep,
     backend: BackendDep,
+    sinks: SinksDep,
 ) -> Response:
     """Score one image of a registered category; multipart (`image` file) or JSON (`image_base64`)."""
     t0 = time.monotonic()
     data, params = await _read_body(request)
     info, image = await _validate_image(data, settings.max_image_pixels, backend.decodes_in_process)
     png = _wants_png(request)
-    record = params.record and backend.records is not None
-    spec, client_heatmap = record_heatmap_spec(_heatmap_spec(params, png), settings, record)
+    asked = _heatmap_spec(params, png)
     job = InspectJob(
         request_id=uuid.uuid4().hex,
         category=params.category,
@@ -179,45 +166,37 @@ async def inspect(
         image_bytes=data,
         top_k=params.top_k or settings.top_k,
         grounding=params.grounding,
-        heatmap=spec,
+        heatmap=asked,
         deadline=t0 + settings.request_timeout_s,
     )
-    outcome = await backend.inspect(job)
-    heat = outcome.heatmap
+    finished = await inspection.inspect(backend, sinks, job, info, t0, params.source, params.record)
     headers = {"X-Request-Id": job.request_id}
-    result = outcome.result
-    threshold, source = settings.thresholds.get(job.category, settings.default_threshold), "default"
-    if result.threshold_source != "default" and result.threshold is not None:  # calibrated (issue 10)
-        threshold, source = result.threshold, result.threshold_source
-    margin = await _margins(request).get(backend, job.category)
-    shown = heat if client_heatmap else None
+    if png:
+        if finished.heatmap is None:
+            raise ServiceError(500, "inspection_failed", "the worker returned no heatmap")
+        return Response(finished.heatmap.data, media_type=finished.heatmap.media_type, headers=headers)
+    return JSONResponse(_answer(finished, asked.wanted, params.heatmap == "png"), headers=headers)
+
+
+def _answer(finished: FinishedInspection, show_heatmap: bool, legacy_png: bool) -> dict[str, Any]:
+    """The JSON answer, shaped from the finished inspection every sink saw (the verdict is the engine's)."""
+    result = finished.result
+    shown = finished.heatmap if show_heatmap else None
     b64 = base64.b64encode(shown.data).decode() if shown is not None else None
-    body = InspectResponse(
-        request_id=job.request_id,
-        category=job.category,
+    return InspectResponse(
+        request_id=finished.request_id,
+        category=finished.category,
         score=result.score,
-        is_anomalous=result.score >= threshold,
-        needs_review=needs_review(result.score, threshold, margin),
-        threshold=threshold,
-        threshold_source=source,
+        is_anomalous=result.is_anomalous,
+        needs_review=result.needs_review,
+        threshold=result.threshold,
+        threshold_source=result.threshold_source,
         references=result.references,
         position=result.position,
-        boxes=[_box_out(b, info.width, info.height) for b in result.boxes],
-        top_types=[{"description": t.description, "similarity": t.similarity} for t in result.top_types],
+        boxes=finished.boxes(),
+        top_types=finished.top_types(),
         heatmap={**shown.meta(), "base64": b64} if shown is not None else None,
-        heatmap_png=b64 if shown is not None and params.heatmap == "png" else None,
-        model=outcome.model,
-        timing_ms={"queue_wait": outcome.queue_wait_ms, "model": outcome.model_ms,
-                   "total": (time.monotonic() - t0) * 1e3},
+        heatmap_png=b64 if shown is not None and legacy_png else None,
+        model=finished.model,
+        timing_ms=finished.timing_ms,
     ).model_dump(mode="json")
-    if record:  # after the answer is shaped, off its path: a buffer append (service/records/buffer.py)
-        backend.records.submit(build_record(body, params.source, data, info, heat, settings))
-    if png:
-        if heat is None:
-            raise ServiceError(500, "inspection_failed", "the worker returned no heatmap")
-        return Response(heat.data, media_type=heat.media_type, headers=headers)
-    return JSONResponse(body, headers=headers)
-
-
-def _margins(request: Request) -> ReviewMargins:
-    return request.app.state.review_margins

@@ -21,7 +21,8 @@ from service.api.deps import BackendDep
 from service.api.schemas import ERROR_RESPONSES
 from service.backends.base import Backend
 from service.core.errors import ServiceError
-from service.records.model import (
+from service.workflows import records as recs
+from service.workflows.records import (
     CSV_COLUMNS,
     LABELS,
     SOURCE_PATTERN,
@@ -33,7 +34,6 @@ from service.records.model import (
     iso,
     now_ms,
 )
-from service.records.recorder import Records
 
 router = APIRouter(prefix="/v1", tags=["records"])
 MAX_LIMIT = 500
@@ -88,19 +88,6 @@ class PageOut(BaseModel):
     next_cursor: str | None
 
 
-def _records(backend: Backend) -> Records:
-    if backend.records is None:
-        raise ServiceError(404, "records_disabled", "inspection records are off on this server (FILO_RECORDS=false)")
-    return backend.records
-
-
-async def _record(backend: Backend, record_id: str) -> InspectionRecord:
-    found = await _records(backend).get(record_id)
-    if found is None:
-        raise ServiceError(404, "unknown_inspection", f"no inspection record {record_id!r} (unknown or purged)")
-    return found
-
-
 @router.get("/inspections", response_model=PageOut, responses=ERROR_RESPONSES,
             summary="Inspection records, newest first (keyset pages)")
 async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
@@ -109,7 +96,7 @@ async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, 
     except ValueError:
         raise ServiceError(422, "invalid_cursor", "cursor is not one this server gave out (pass next_cursor as is)",
                            details={"fields": [{"field": "cursor", "message": "not a cursor"}]}) from None
-    items, nxt = await _records(backend).list(page.query(), page.limit, cursor)
+    items, nxt = await recs.records_of(backend).list(page.query(), page.limit, cursor)
     return {"items": [r.out() for r in items], "next_cursor": nxt.encode() if nxt else None}
 
 
@@ -122,7 +109,7 @@ def _cell(value: Any) -> str:
 @router.get("/inspections/export", responses={**ERROR_RESPONSES, 200: {"content": {"text/csv": {}}}},
             response_class=Response, summary="The filtered records as CSV (streamed)")
 async def export_inspections(filters: Annotated[Filters, Query()], backend: BackendDep, _: Reader) -> Response:
-    records = _records(backend)
+    records = recs.records_of(backend)
     first = records.export(filters.query())
     head = await anext(first)  # fails here (503) rather than mid-stream when the database is away
 
@@ -145,21 +132,18 @@ async def export_inspections(filters: Annotated[Filters, Query()], backend: Back
 
 @router.get("/stats", responses=ERROR_RESPONSES, summary="Counts per time bucket and category")
 async def stats(filters: Annotated[StatsFilters, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
-    rows = await _records(backend).stats(filters.query(), filters.bucket)
+    rows = await recs.records_of(backend).stats(filters.query(), filters.bucket)
     return {"bucket": filters.bucket,
             "items": [{"bucket_start": iso(r.pop("bucket_ms")), **r} for r in rows]}
 
 
 @router.get("/inspections/{record_id}", responses=ERROR_RESPONSES, summary="One inspection record")
 async def get_inspection(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
-    return (await _record(backend, record_id)).out()
+    return (await recs.record(backend, record_id)).out()
 
 
 async def _artefact(backend: Backend, record_id: str, kind: str) -> Response:
-    art = await _records(backend).artefact(record_id, kind)
-    if art is None:
-        await _record(backend, record_id)  # 404 unknown_inspection first, when that is the reason
-        raise ServiceError(404, "artefact_not_kept", f"the {kind} of {record_id!r} was not kept (FILO_RECORDS_KEEP)")
+    art = await recs.artefact(backend, record_id, kind)
     return Response(art.data, media_type=art.media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -179,14 +163,11 @@ async def get_heatmap(record_id: RecordId, backend: BackendDep, _: Reader) -> Re
              summary="Judge an inspection: defect or good (reviewer or admin key)")
 async def review(record_id: RecordId, body: ReviewIn, backend: BackendDep, who: Reviewer) -> dict[str, Any]:
     judged = Review(body.label, body.defect_type or None, body.note or None, who.name, now_ms())
-    done = await _records(backend).review(record_id, judged)
-    if done is None:
-        raise ServiceError(404, "unknown_inspection", f"no inspection record {record_id!r} (unknown or purged)")
-    return done.out()
+    return (await recs.review(backend, record_id, judged)).out()
 
 
 @router.get("/inspections/{record_id}/reviews", responses=ERROR_RESPONSES,
             summary="Every judgement of an inspection, oldest first")
 async def review_history(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
-    await _record(backend, record_id)
-    return {"items": [r.out() for r in await _records(backend).reviews(record_id)]}
+    await recs.record(backend, record_id)
+    return {"items": [r.out() for r in await recs.records_of(backend).reviews(record_id)]}
