@@ -1,12 +1,14 @@
 // FiLo Inspect QA console: the Admin section's threshold controls. A threshold and review margin by
 // hand, the threshold's history, "Learn from reviews" (a dry-run preview, then apply), and admin errors
-// shown beside the admin buttons. Same safety rule as console.js: API text reaches the page as text.
+// shown beside the admin buttons (the reference buttons themselves are inspect.js's). Uses the shared
+// library (lib.js) and keeps its safety rule: API text reaches the page only as text.
 "use strict";
 
 (function () {
   const C = window.FiloConsole;
-  const V = window.FiloViews;
-  const $ = (id) => document.getElementById(id);
+  const Inspect = window.FiloInspect;
+  const Tabs = window.FiloTabs;
+  const $ = C.$;
   const CHANGES = {
     manual: "set by hand",
     removed: "manual threshold removed",
@@ -19,7 +21,7 @@
   const state = { planFor: null, generation: 0 };
 
   function category() {
-    return C.category();
+    return Inspect.category();
   }
 
   function path(name, rest) {
@@ -29,7 +31,7 @@
   // --- errors beside the buttons ------------------------------------------------------------------------
 
   function hideError() {
-    V.hideInlineError("admin-error");
+    C.hideInlineError("admin-error");
     $("admin-error-learn").hidden = true;
     $("admin-error-review").hidden = true;
   }
@@ -50,7 +52,7 @@
         + "results in the Review view and use Learn from reviews: reviewed false alarms become references and "
         + "the threshold is set on the judged results."];
     }
-    V.showInlineError("admin-error", err, what, { explained });
+    C.showInlineError("admin-error", err, what, { explained });
     $("admin-error-learn").hidden = !offerLearn;
     $("admin-error-review").hidden = !offerLearn;
   }
@@ -93,7 +95,7 @@
         if (typeof detail.review_margin === "number") extra.push(`margin ${C.num(detail.review_margin, 3)}`);
         if (typeof detail.references === "number") extra.push(`${detail.references} references`);
         if (typeof detail.f1 === "number") extra.push(`F1 ${C.num(detail.f1, 3)}`);
-        const who = C.el("span", "muted", `${V.when(h.at)} UTC · by ${h.actor}${extra.length ? " · " + extra.join(", ") : ""}`);
+        const who = C.el("span", "muted", `${C.when(h.at)} UTC · by ${h.actor}${extra.length ? " · " + extra.join(", ") : ""}`);
         who.dataset.testid = "threshold-change-who";
         item.appendChild(who);
         list.appendChild(item);
@@ -107,7 +109,7 @@
   }
 
   function changed() {
-    C.refreshCategory();
+    Inspect.refreshCategory();
     loadThresholds();
   }
 
@@ -129,13 +131,13 @@
       hideError();
       C.hideError();
       const now = data.current || {};
-      C.adminStatus(`${done}: ${name} threshold ${C.num(now.threshold, 3)} (${C.sourceText(now.source)}), `
+      Inspect.adminStatus(`${done}: ${name} threshold ${C.num(now.threshold, 3)} (${C.sourceText(now.source)}), `
         + `review margin ${now.review_margin > 0 ? C.num(now.review_margin, 3) : "off"}.`);
       $("manual-threshold").value = "";
       $("review-margin").value = "";
       changed();
     } catch (err) {
-      C.adminStatus("The threshold is unchanged.");
+      Inspect.adminStatus("The threshold is unchanged.");
       showError(err, "setting the threshold", $("threshold-actions"));
     }
   }
@@ -152,7 +154,7 @@
       return;
     }
     if (threshold === null && margin === null) {
-      C.adminStatus("Type a threshold, a review margin, or both.");
+      Inspect.adminStatus("Type a threshold, a review margin, or both.");
       return;
     }
     const body = {};
@@ -203,7 +205,7 @@
     if (!name) return;
     if (!dryRun && state.planFor !== name) return;
     $("learn-apply").disabled = true;
-    C.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
+    Inspect.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
     try {
       const plan = await C.api(`${path(name, "learn")}${dryRun ? "?dry_run=true" : ""}`, { method: "POST", admin: true });
       if (name !== category()) return;
@@ -212,12 +214,12 @@
       showPlan(plan);
       state.planFor = dryRun ? name : null;
       $("learn-apply").disabled = !dryRun;
-      C.adminStatus(dryRun ? "Preview ready: press Apply to make these changes."
+      Inspect.adminStatus(dryRun ? "Preview ready: press Apply to make these changes."
         : `Learned: ${plan.category} holds ${plan.references} references`
           + (plan.threshold ? `, threshold ${C.num(plan.threshold.after, 3)} (learned from reviews).` : "."));
       if (!dryRun) changed();
     } catch (err) {
-      C.adminStatus("Nothing was learned.");
+      Inspect.adminStatus("Nothing was learned.");
       $("learn-apply").disabled = state.planFor !== name;
       showError(err, "learning from reviews", $("learn-actions"));
     }
@@ -250,7 +252,7 @@
     $("admin-error-review").addEventListener("click", () => {
       const select = $("review-category");
       if (Array.from(select.options).some((o) => o.value === category())) select.value = category();
-      V.showView("review", true);
+      Tabs.showView("review", true);
     });
     $("category").addEventListener("change", () => {
       resetPlan();
