@@ -30,7 +30,7 @@
 
   // --- errors beside the buttons ------------------------------------------------------------------------
 
-  function hideError() {
+  function hideAdminError() {
     C.hideInlineError("admin-error");
     $("admin-error-learn").hidden = true;
     $("admin-error-review").hidden = true;
@@ -38,7 +38,7 @@
 
   // Shows the error right after the row of buttons `row` (the one that was pressed); `explained`: the
   // page's own [title, sentence] instead of the one C.explain gives.
-  function showError(err, what, row, explained) {
+  function showAdminError(err, what, row, explained) {
     const box = $("admin-error");
     row.after(box);
     explained = explained || C.explain(err, what, { admin: true });
@@ -128,7 +128,7 @@
     if (!name) return;
     try {
       const data = await C.api(path(name, "threshold"), { method: "PUT", json: body, admin: true });
-      hideError();
+      hideAdminError();
       C.hideError();
       const now = data.current || {};
       Inspect.adminStatus(`${done}: ${name} threshold ${C.num(now.threshold, 3)} (${C.sourceText(now.source)}), `
@@ -138,7 +138,7 @@
       changed();
     } catch (err) {
       Inspect.adminStatus("The threshold is unchanged.");
-      showError(err, "setting the threshold", $("threshold-actions"));
+      showAdminError(err, "setting the threshold", $("threshold-actions"));
     }
   }
 
@@ -150,7 +150,7 @@
       margin = readUnit("review-margin", "The review margin");
     } catch (problem) {
       const err = { status: 0, code: "not sent", message: problem.message, fields: [] };
-      showError(err, "the threshold", $("threshold-actions"), ["Check the numbers", `${problem.message}.`]);
+      showAdminError(err, "the threshold", $("threshold-actions"), ["Check the numbers", `${problem.message}.`]);
       return;
     }
     if (threshold === null && margin === null) {
@@ -209,7 +209,7 @@
     try {
       const plan = await C.api(`${path(name, "learn")}${dryRun ? "?dry_run=true" : ""}`, { method: "POST", admin: true });
       if (name !== category()) return;
-      hideError();
+      hideAdminError();
       C.hideError();
       showPlan(plan);
       state.planFor = dryRun ? name : null;
@@ -221,7 +221,7 @@
     } catch (err) {
       Inspect.adminStatus("Nothing was learned.");
       $("learn-apply").disabled = state.planFor !== name;
-      showError(err, "learning from reviews", $("learn-actions"));
+      showAdminError(err, "learning from reviews", $("learn-actions"));
     }
   }
 
@@ -229,24 +229,24 @@
     state.planFor = null;
     $("learn-apply").disabled = true;
     C.clear($("learn-plan"));
-    hideError();
+    hideAdminError();
   }
 
   function start() {
     document.addEventListener("filo:admin-error", (event) => {
-      showError(event.detail.err, event.detail.what, $("reference-actions"));
+      showAdminError(event.detail.err, event.detail.what, $("reference-actions"));
     });
     // pressing any admin button starts afresh: the previous error goes
     $("admin").addEventListener("click", (event) => {
       const button = event.target.closest("button");
-      if (button && !button.closest("#admin-error")) hideError();
+      if (button && !button.closest("#admin-error")) hideAdminError();
     }, true);
     $("set-threshold").addEventListener("click", setThreshold);
     $("clear-manual-threshold").addEventListener("click", clearManual);
     $("learn-preview").addEventListener("click", () => learn(true));
     $("learn-apply").addEventListener("click", () => learn(false));
     $("admin-error-learn").addEventListener("click", () => {
-      hideError();
+      hideAdminError();
       learn(true).then(() => $("learn-plan").scrollIntoView({ block: "nearest" }));
     });
     $("admin-error-review").addEventListener("click", () => {

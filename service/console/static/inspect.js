@@ -488,7 +488,7 @@
     return `"${text.replace(/"/g, '""')}"`;
   }
 
-  function exportCsv() {
+  function exportHistoryCsv() {
     const header = ["time", "file", "category", "verdict", "score", "threshold", "threshold_source", "references",
       "position", "top_type", "top_similarity", "valid_boxes", "total_ms", "request_id", "model_version"];
     const rows = [header.map(csvCell).join(",")];
@@ -623,7 +623,7 @@
     $("box-labels").addEventListener("change", applyBoxLabels);
     applyBoxLabels();
     $("inspect").addEventListener("click", inspectAll);
-    $("export-csv").addEventListener("click", exportCsv);
+    $("export-csv").addEventListener("click", exportHistoryCsv);
     $("register-references").addEventListener("click", registerReferences);
     $("calibrate").addEventListener("click", calibrate);
     $("clear-references").addEventListener("click", clearReferences);

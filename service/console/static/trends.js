@@ -260,7 +260,7 @@
     return tr;
   }
 
-  async function exportCsv() {
+  async function exportRecordsCsv() {
     const button = $("trends-export");
     button.disabled = true;
     // the filters of the list shown, not the fields as they stand (edited, perhaps, without Show)
@@ -286,7 +286,7 @@
     for (const id of ["trends-category", "trends-verdict", "trends-reviewed", "trends-bucket"]) {
       $(id).addEventListener("change", refresh);
     }
-    $("trends-export").addEventListener("click", exportCsv);
+    $("trends-export").addEventListener("click", exportRecordsCsv);
     $("records-more").addEventListener("click", moreRecords);
     Tabs.onShow((view) => {
       if (view === "trends") refresh();
