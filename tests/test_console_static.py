@@ -26,7 +26,8 @@ TEST_IDS = {
     "trends-export", "chart-ng", "chart-false", "admin-error", "admin-error-learn", "manual-threshold",
     "review-margin", "set-threshold", "learn-preview", "learn-apply", "learn-plan", "threshold-history",
 }
-SCRIPTS = ["console.js", "views.js", "review.js", "trends.js", "admin.js"]
+# In load order: the shared library first, then the views that use it.
+SCRIPTS = ["lib.js", "inspect.js", "tabs.js", "review.js", "trends.js", "admin.js"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_javascript_never_parses_html_or_evaluates_strings(name: str) -> None:
     assert "localStorage" not in js  # the keys live for the tab only (sessionStorage)
     calls = re.findall(r"\bfetch\(([^;]*)", js)
     assert all("headers" in c for c in calls), calls  # every call carries the key (authHeaders)
-    if name == "console.js":  # the one that calls fetch (`api`); the others go through it
+    if name == "lib.js":  # the one that calls fetch (`api`); the others go through it
         assert calls
     else:
         assert not calls

@@ -43,8 +43,9 @@ SECURITY_HEADERS = {
 # The only files served: name -> media type. Nothing else under static/ is reachable by URL.
 STATIC_FILES = {
     "console.css": "text/css; charset=utf-8",
-    "console.js": "text/javascript; charset=utf-8",
-    "views.js": "text/javascript; charset=utf-8",
+    "lib.js": "text/javascript; charset=utf-8",
+    "inspect.js": "text/javascript; charset=utf-8",
+    "tabs.js": "text/javascript; charset=utf-8",
     "review.js": "text/javascript; charset=utf-8",
     "trends.js": "text/javascript; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",

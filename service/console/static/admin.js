@@ -1,12 +1,14 @@
 // FiLo Inspect QA console: the Admin section's threshold controls. A threshold and review margin by
 // hand, the threshold's history, "Learn from reviews" (a dry-run preview, then apply), and admin errors
-// shown beside the admin buttons. Same safety rule as console.js: API text reaches the page as text.
+// shown beside the admin buttons (the reference buttons themselves are inspect.js's). Uses the shared
+// library (lib.js) and keeps its safety rule: API text reaches the page only as text.
 "use strict";
 
 (function () {
   const C = window.FiloConsole;
-  const V = window.FiloViews;
-  const $ = (id) => document.getElementById(id);
+  const Inspect = window.FiloInspect;
+  const Tabs = window.FiloTabs;
+  const $ = C.$;
   const CHANGES = {
     manual: "set by hand",
     removed: "manual threshold removed",
@@ -19,7 +21,7 @@
   const state = { planFor: null, generation: 0 };
 
   function category() {
-    return C.category();
+    return Inspect.category();
   }
 
   function path(name, rest) {
@@ -28,15 +30,15 @@
 
   // --- errors beside the buttons ------------------------------------------------------------------------
 
-  function hideError() {
-    V.hideInlineError("admin-error");
+  function hideAdminError() {
+    C.hideInlineError("admin-error");
     $("admin-error-learn").hidden = true;
     $("admin-error-review").hidden = true;
   }
 
   // Shows the error right after the row of buttons `row` (the one that was pressed); `explained`: the
   // page's own [title, sentence] instead of the one C.explain gives.
-  function showError(err, what, row, explained) {
+  function showAdminError(err, what, row, explained) {
     const box = $("admin-error");
     row.after(box);
     explained = explained || C.explain(err, what, { admin: true });
@@ -50,7 +52,7 @@
         + "results in the Review view and use Learn from reviews: reviewed false alarms become references and "
         + "the threshold is set on the judged results."];
     }
-    V.showInlineError("admin-error", err, what, { explained });
+    C.showInlineError("admin-error", err, what, { explained });
     $("admin-error-learn").hidden = !offerLearn;
     $("admin-error-review").hidden = !offerLearn;
   }
@@ -93,7 +95,7 @@
         if (typeof detail.review_margin === "number") extra.push(`margin ${C.num(detail.review_margin, 3)}`);
         if (typeof detail.references === "number") extra.push(`${detail.references} references`);
         if (typeof detail.f1 === "number") extra.push(`F1 ${C.num(detail.f1, 3)}`);
-        const who = C.el("span", "muted", `${V.when(h.at)} UTC · by ${h.actor}${extra.length ? " · " + extra.join(", ") : ""}`);
+        const who = C.el("span", "muted", `${C.when(h.at)} UTC · by ${h.actor}${extra.length ? " · " + extra.join(", ") : ""}`);
         who.dataset.testid = "threshold-change-who";
         item.appendChild(who);
         list.appendChild(item);
@@ -107,7 +109,7 @@
   }
 
   function changed() {
-    C.refreshCategory();
+    Inspect.refreshCategory();
     loadThresholds();
   }
 
@@ -126,17 +128,17 @@
     if (!name) return;
     try {
       const data = await C.api(path(name, "threshold"), { method: "PUT", json: body, admin: true });
-      hideError();
+      hideAdminError();
       C.hideError();
       const now = data.current || {};
-      C.adminStatus(`${done}: ${name} threshold ${C.num(now.threshold, 3)} (${C.sourceText(now.source)}), `
+      Inspect.adminStatus(`${done}: ${name} threshold ${C.num(now.threshold, 3)} (${C.sourceText(now.source)}), `
         + `review margin ${now.review_margin > 0 ? C.num(now.review_margin, 3) : "off"}.`);
       $("manual-threshold").value = "";
       $("review-margin").value = "";
       changed();
     } catch (err) {
-      C.adminStatus("The threshold is unchanged.");
-      showError(err, "setting the threshold", $("threshold-actions"));
+      Inspect.adminStatus("The threshold is unchanged.");
+      showAdminError(err, "setting the threshold", $("threshold-actions"));
     }
   }
 
@@ -148,11 +150,11 @@
       margin = readUnit("review-margin", "The review margin");
     } catch (problem) {
       const err = { status: 0, code: "not sent", message: problem.message, fields: [] };
-      showError(err, "the threshold", $("threshold-actions"), ["Check the numbers", `${problem.message}.`]);
+      showAdminError(err, "the threshold", $("threshold-actions"), ["Check the numbers", `${problem.message}.`]);
       return;
     }
     if (threshold === null && margin === null) {
-      C.adminStatus("Type a threshold, a review margin, or both.");
+      Inspect.adminStatus("Type a threshold, a review margin, or both.");
       return;
     }
     const body = {};
@@ -203,23 +205,23 @@
     if (!name) return;
     if (!dryRun && state.planFor !== name) return;
     $("learn-apply").disabled = true;
-    C.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
+    Inspect.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
     try {
       const plan = await C.api(`${path(name, "learn")}${dryRun ? "?dry_run=true" : ""}`, { method: "POST", admin: true });
       if (name !== category()) return;
-      hideError();
+      hideAdminError();
       C.hideError();
       showPlan(plan);
       state.planFor = dryRun ? name : null;
       $("learn-apply").disabled = !dryRun;
-      C.adminStatus(dryRun ? "Preview ready: press Apply to make these changes."
+      Inspect.adminStatus(dryRun ? "Preview ready: press Apply to make these changes."
         : `Learned: ${plan.category} holds ${plan.references} references`
           + (plan.threshold ? `, threshold ${C.num(plan.threshold.after, 3)} (learned from reviews).` : "."));
       if (!dryRun) changed();
     } catch (err) {
-      C.adminStatus("Nothing was learned.");
+      Inspect.adminStatus("Nothing was learned.");
       $("learn-apply").disabled = state.planFor !== name;
-      showError(err, "learning from reviews", $("learn-actions"));
+      showAdminError(err, "learning from reviews", $("learn-actions"));
     }
   }
 
@@ -227,30 +229,30 @@
     state.planFor = null;
     $("learn-apply").disabled = true;
     C.clear($("learn-plan"));
-    hideError();
+    hideAdminError();
   }
 
   function start() {
     document.addEventListener("filo:admin-error", (event) => {
-      showError(event.detail.err, event.detail.what, $("reference-actions"));
+      showAdminError(event.detail.err, event.detail.what, $("reference-actions"));
     });
     // pressing any admin button starts afresh: the previous error goes
     $("admin").addEventListener("click", (event) => {
       const button = event.target.closest("button");
-      if (button && !button.closest("#admin-error")) hideError();
+      if (button && !button.closest("#admin-error")) hideAdminError();
     }, true);
     $("set-threshold").addEventListener("click", setThreshold);
     $("clear-manual-threshold").addEventListener("click", clearManual);
     $("learn-preview").addEventListener("click", () => learn(true));
     $("learn-apply").addEventListener("click", () => learn(false));
     $("admin-error-learn").addEventListener("click", () => {
-      hideError();
+      hideAdminError();
       learn(true).then(() => $("learn-plan").scrollIntoView({ block: "nearest" }));
     });
     $("admin-error-review").addEventListener("click", () => {
       const select = $("review-category");
       if (Array.from(select.options).some((o) => o.value === category())) select.value = category();
-      V.showView("review", true);
+      Tabs.showView("review", true);
     });
     $("category").addEventListener("change", () => {
       resetPlan();

@@ -1,12 +1,13 @@
 // FiLo Inspect QA console: the Review view. The queue of unreviewed NG results and borderline ones
 // (needs_review), newest first; one-key judgements (d = defect, g = good, arrow keys move).
-// Same safety rule as console.js: API text reaches the page only as text.
+// Uses the shared library (lib.js) and keeps its safety rule: API text reaches the page only as text.
 "use strict";
 
 (function () {
   const C = window.FiloConsole;
-  const V = window.FiloViews;
-  const $ = (id) => document.getElementById(id);
+  const Inspect = window.FiloInspect;
+  const Tabs = window.FiloTabs;
+  const $ = C.$;
   const REVIEWER_STORE = "filo.console.reviewerKey";
   const PAGE = 20;
 
@@ -87,11 +88,11 @@
     $("review-summary").textContent = "Loading…";
     try {
       if (!(await fill(PAGE, generation))) return;
-      V.hideInlineError("review-error");
+      C.hideInlineError("review-error");
     } catch (err) {
       if (generation !== state.generation) return;
       $("review-summary").textContent = "";
-      V.showInlineError("review-error", err, "loading the review queue");
+      C.showInlineError("review-error", err, "loading the review queue");
     }
     const again = state.items.findIndex((r) => r.id === keep);
     state.selected = again >= 0 ? again : (state.items.length ? 0 : -1);
@@ -103,9 +104,9 @@
     $("review-more").disabled = true;
     try {
       await fill(PAGE, generation);
-      V.hideInlineError("review-error");
+      C.hideInlineError("review-error");
     } catch (err) {
-      V.showInlineError("review-error", err, "loading more results");
+      C.showInlineError("review-error", err, "loading more results");
     }
     $("review-more").disabled = false;
     if (state.selected < 0 && state.items.length) state.selected = 0;
@@ -138,7 +139,7 @@
       text.appendChild(head);
       text.appendChild(C.el("span", "muted", `${C.num(r.score, 3)} ${r.is_anomalous ? "≥" : "<"} ${C.num(r.threshold, 3)}`
         + ` · ${r.source || "no source"}`));
-      text.appendChild(C.el("span", "muted", V.when(r.created_at)));
+      text.appendChild(C.el("span", "muted", C.when(r.created_at)));
       item.appendChild(text);
       item.addEventListener("click", () => select(i));
       list.appendChild(item);
@@ -222,7 +223,7 @@
     facts.appendChild(top);
     const meta = C.el("dl", "meta");
     C.fact(meta, "Source", r.source || "none given", "review-source");
-    C.fact(meta, "Time (UTC)", V.when(r.created_at), "review-time");
+    C.fact(meta, "Time (UTC)", C.when(r.created_at), "review-time");
     C.fact(meta, "Boxes", String((r.boxes || []).filter((b) => b.valid).length));
     C.fact(meta, "Position", r.position || "all nine averaged");
     C.fact(meta, "Model", r.model_version || "–");
@@ -260,11 +261,7 @@
     note.dataset.testid = "review-heatmap-note";
     caption.appendChild(note);
     figure.appendChild(caption);
-    const applyOpacity = () => {
-      overlay.style.opacity = String(Number(slider.value) / 100);
-    };
-    slider.addEventListener("input", applyOpacity);
-    applyOpacity();
+    C.linkOpacity(slider, overlay);
 
     const id = r.id;
     const notes = [];
@@ -377,7 +374,7 @@
   function fillTypes(category) {
     const list = $("review-types");
     C.clear(list);
-    const cat = C.categories().find((c) => c.name === category);
+    const cat = Inspect.categories().find((c) => c.name === category);
     for (const text of (cat && cat.descriptions) || []) {
       const option = C.el("option");
       option.value = text;
@@ -416,12 +413,12 @@
     try {
       const done = await C.api(`v1/inspections/${encodeURIComponent(r.id)}/review`,
         { method: "POST", json: body, key: judgeKey() });
-      V.hideInlineError("review-error");
+      C.hideInlineError("review-error");
       addDone(done || { ...r, review: { label, ...body } });
       leave(r.id);
     } catch (err) {
       if (status) status.textContent = "Not judged.";
-      V.showInlineError("review-error", err, "the judgement", { explained: explainJudgement(err) });
+      C.showInlineError("review-error", err, "the judgement", { explained: explainJudgement(err) });
       if (err.status === 404 && err.code === "unknown_inspection") leave(r.id);
     } finally {
       state.judging = false;
@@ -470,7 +467,7 @@
   // --- keys: d, g, arrows (never while typing in a field) ---------------------------------------------
 
   function onKey(event) {
-    if (V.currentView() !== "review" || event.ctrlKey || event.metaKey || event.altKey || V.isTyping(event)) return;
+    if (Tabs.currentView() !== "review" || event.ctrlKey || event.metaKey || event.altKey || C.isTyping(event)) return;
     const key = event.key;
     if (key === "d" || key === "D") {
       event.preventDefault();
@@ -490,13 +487,13 @@
   function start() {
     $("reviewer-key").value = C.storedKey(REVIEWER_STORE);
     $("reviewer-key").addEventListener("input", () => C.storeKey(REVIEWER_STORE, reviewerKey()));
-    V.mirrorCategories($("review-category"));
+    Inspect.mirrorCategories($("review-category"));
     $("review-category").addEventListener("change", reload);
     $("review-refresh").addEventListener("click", reload);
     $("review-more").addEventListener("click", loadMore);
     $("review-queue").tabIndex = 0;
     document.addEventListener("keydown", onKey);
-    V.onShow((view) => {
+    Tabs.onShow((view) => {
       if (view === "review") reload();
     });
   }

@@ -1,12 +1,13 @@
 // FiLo Inspect QA console: the Trends view. NG rate and false-alarm rate per category over time (an
 // SVG drawn here with createElementNS), the counts per bucket, the filtered records and their CSV.
-// Same safety rule as console.js: API text reaches the page only as text.
+// Uses the shared library (lib.js) and keeps its safety rule: API text reaches the page only as text.
 "use strict";
 
 (function () {
   const C = window.FiloConsole;
-  const V = window.FiloViews;
-  const $ = (id) => document.getElementById(id);
+  const Inspect = window.FiloInspect;
+  const Tabs = window.FiloTabs;
+  const $ = C.$;
   const PAGE = 50;
   const SERIES = 8; // colours series-0 .. series-7 in console.css
   const W = 560;
@@ -29,8 +30,8 @@
     set("source", $("trends-source").value.trim());
     set("verdict", $("trends-verdict").value);
     set("reviewed", $("trends-reviewed").value);
-    set("since", V.localToIso($("trends-since").value));
-    set("until", V.localToIso($("trends-until").value));
+    set("since", C.localToIso($("trends-since").value));
+    set("until", C.localToIso($("trends-until").value));
     return out;
   }
 
@@ -60,11 +61,11 @@
       drawStats(stats.items || [], bucket);
       C.clear($("records-table").tBodies[0]);
       await loadRecords(generation);
-      V.hideInlineError("trends-error");
+      C.hideInlineError("trends-error");
     } catch (err) {
       if (generation !== state.generation) return;
       $("trends-summary").textContent = "";
-      V.showInlineError("trends-error", err, "the trends");
+      C.showInlineError("trends-error", err, "the trends");
     }
   }
 
@@ -84,9 +85,9 @@
     $("records-more").disabled = true;
     try {
       await loadRecords(state.generation);
-      V.hideInlineError("trends-error");
+      C.hideInlineError("trends-error");
     } catch (err) {
-      V.showInlineError("trends-error", err, "more records");
+      C.showInlineError("trends-error", err, "more records");
     }
     $("records-more").disabled = false;
   }
@@ -111,11 +112,11 @@
   function countCells(tr, c) {
     cell(tr, String(c.inspected), "inspected");
     cell(tr, String(c.ng), "ng");
-    cell(tr, V.pct(c.ng, c.inspected), "ng_rate");
+    cell(tr, C.pct(c.ng, c.inspected), "ng_rate");
     cell(tr, String(c.reviewed), "reviewed");
     cell(tr, String(c.confirmed_defects), "confirmed_defects");
     cell(tr, String(c.false_alarms), "false_alarms");
-    cell(tr, V.pct(c.false_alarms, c.false_alarms + c.confirmed_defects), "false_rate");
+    cell(tr, C.pct(c.false_alarms, c.false_alarms + c.confirmed_defects), "false_rate");
     cell(tr, String(c.misses), "misses");
   }
 
@@ -132,7 +133,7 @@
     for (const r of newestFirst) {
       const tr = C.el("tr");
       tr.dataset.testid = "trends-row";
-      cell(tr, V.when(r.bucket_start), "bucket");
+      cell(tr, C.when(r.bucket_start), "bucket");
       cell(tr, r.category, "category");
       countCells(tr, r);
       body.appendChild(tr);
@@ -154,7 +155,7 @@
     const sum = [...totals.values()].reduce((a, t) => ({ inspected: a.inspected + t.inspected, ng: a.ng + t.ng,
       reviewed: a.reviewed + t.reviewed, false_alarms: a.false_alarms + t.false_alarms }),
     { inspected: 0, ng: 0, reviewed: 0, false_alarms: 0 });
-    $("trends-summary").textContent = `${sum.inspected} inspected, ${sum.ng} NG (${V.pct(sum.ng, sum.inspected)}), `
+    $("trends-summary").textContent = `${sum.inspected} inspected, ${sum.ng} NG (${C.pct(sum.ng, sum.inspected)}), `
       + `${sum.reviewed} reviewed, ${sum.false_alarms} false alarms · per ${bucket}, times in UTC`;
 
     const colour = new Map(categories.map((c, i) => [c, i % SERIES]));
@@ -229,7 +230,7 @@
       for (const p of points) {
         const dot = C.svgEl("circle", { cx: px(p.ms).toFixed(1), cy: y(p.v).toFixed(1), r: 4, "data-testid": "chart-point" });
         const tip = C.svgEl("title");
-        tip.textContent = `${category} · ${V.when(p.r.bucket_start)} UTC · ${(100 * p.v).toFixed(1)} % (${explainPoint(p.r)})`;
+        tip.textContent = `${category} · ${C.when(p.r.bucket_start)} UTC · ${(100 * p.v).toFixed(1)} % (${explainPoint(p.r)})`;
         dot.appendChild(tip);
         group.appendChild(dot);
       }
@@ -244,7 +245,7 @@
     tr.dataset.testid = "record-row";
     tr.dataset.id = r.id;
     const review = r.review || {};
-    cell(tr, V.when(r.created_at), "time");
+    cell(tr, C.when(r.created_at), "time");
     cell(tr, r.category, "category");
     cell(tr, r.source || "", "source");
     const verdict = cell(tr, "", "verdict");
@@ -259,7 +260,7 @@
     return tr;
   }
 
-  async function exportCsv() {
+  async function exportRecordsCsv() {
     const button = $("trends-export");
     button.disabled = true;
     // the filters of the list shown, not the fields as they stand (edited, perhaps, without Show)
@@ -267,16 +268,16 @@
     try {
       const blob = await C.api(`v1/inspections/export?${query}`, { blob: true });
       C.download(blob, `filo-records-${new Date().toISOString().replace(/[:.]/g, "-")}.csv`);
-      V.hideInlineError("trends-error");
+      C.hideInlineError("trends-error");
       $("trends-summary").textContent = `Exported the records of the filters shown (${Math.ceil(blob.size / 1024)} KB).`;
     } catch (err) {
-      V.showInlineError("trends-error", err, "the CSV export");
+      C.showInlineError("trends-error", err, "the CSV export");
     }
     button.disabled = false;
   }
 
   function start() {
-    V.mirrorCategories($("trends-category"));
+    Inspect.mirrorCategories($("trends-category"));
     state.shown = filters(); // the defaults the page loaded with
     $("trends-filters").addEventListener("submit", (event) => {
       event.preventDefault();
@@ -285,9 +286,9 @@
     for (const id of ["trends-category", "trends-verdict", "trends-reviewed", "trends-bucket"]) {
       $(id).addEventListener("change", refresh);
     }
-    $("trends-export").addEventListener("click", exportCsv);
+    $("trends-export").addEventListener("click", exportRecordsCsv);
     $("records-more").addEventListener("click", moreRecords);
-    V.onShow((view) => {
+    Tabs.onShow((view) => {
       if (view === "trends") refresh();
     });
   }
