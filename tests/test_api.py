@@ -88,7 +88,7 @@ def test_multipart_inspection_returns_everything(client: httpx.Client) -> None:
     assert set(body["model"]) >= {"name", "version", "tap_layout"}
     assert set(body["timing_ms"]) == {"queue_wait", "model", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["model"] > 0
-    # the default heatmap: a JPEG overlay, never enlarged past the image; the legacy field stays empty
+    # the default heatmap: a JPEG overlay, never enlarged past the image; the deprecated heatmap_png stays empty
     assert body["heatmap_png"] is None
     meta = body["heatmap"]
     assert (meta["media_type"], meta["kind"], meta["width"], meta["height"]) == ("image/jpeg", "overlay", w, h)

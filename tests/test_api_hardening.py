@@ -1,4 +1,4 @@
-"""The API, hardened (issue 16, section 3), each point on the wire: a real uvicorn server under the
+"""The API's hardening, each point checked on the wire: a real uvicorn server under the
 configuration `filo serve` uses, the real demo engine, raw sockets where the HTTP client would hide it."""
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def test_a_bomb_past_pillows_own_limit_names_the_configured_one(client: httpx.Client) -> None:
-    bomb = _png_header(10_000, 9_500)  # 95 MP: past Pillow's 89 MP warning (which used to answer first)
+    bomb = _png_header(10_000, 9_500)  # 95 MP: past Pillow's 89 MP warning, which must not answer before our limit does
     assert Image.open(io.BytesIO(bomb)).size == (10_000, 9_500)
     with pytest.raises(ImageDecodeError) as exc:
         probe_image(bomb, 40_000_000)

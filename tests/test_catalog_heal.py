@@ -153,7 +153,8 @@ def _served_as_before(api: str) -> bool:
 
 def test_the_race_a_new_worker_on_an_emptied_redis_while_old_ones_pause(own_redis: RedisServer,  # noqa: F811
                                                                         worker_pool: WorkerPool) -> None:  # noqa: F811
-    """Issue 16's race without the database: the paused worker's snapshot heals it, loudly."""
+    """Redis emptied while an old worker is paused, and a new worker publishes the bundled categories alone
+    as version 1; no records database: the paused worker, resumed, re-publishes its snapshot, loudly."""
     old = worker_pool.start(own_redis.url)
     worker_pool.wait_ready(old)
     settings = demo_settings(redis_url=own_redis.url, records=False)

@@ -23,7 +23,7 @@ from tests.conftest import synthetic_image
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")]
 
-MAP_ATOL_FP32 = 1e-4  # CPU fp32 vs CUDA fp32, every map pixel (issue 17)
+MAP_ATOL_FP32 = 1e-4  # CPU fp32 vs CUDA fp32, every map pixel
 SCORE_ATOL_FP32 = 1e-5
 # bf16 autocast vs fp32 on CUDA, real architectures with random weights: README "GPU path" states these bounds
 BF16_MAP_ATOL = 2e-2

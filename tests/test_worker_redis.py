@@ -159,7 +159,7 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, worker_pool: Work
     assert r.xlen(STREAM) == 0 and r.xpending(STREAM, GROUP)["pending"] == 0
 
 
-# --- failover under load (issue 16 §2): one of two workers SIGKILLed while clients keep sending ---------------
+# --- failover under load: one of two workers SIGKILLed while clients keep sending -----------------------------
 FAILOVER_LOAD = {"concurrency": 8, "duration_s": 12.0, "max_requests": 600}  # the load the README figures are for
 FAILOVER_HELD = 3  # the victim dies holding at least this many requests: more than 1% of the load, so p99 sees them
 FAILOVER_BOUNDS = {"p99_ms": 5000.0, "lost": 0, "drop_s": 5.0}  # p99, lost requests, dead worker out of /readyz

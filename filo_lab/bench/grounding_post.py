@@ -5,8 +5,8 @@
    (whole-batch tensor operations, each distinct token set decoded once), on synthetic outputs shaped like
    the stand-in weights' (900 queries, 756 over the box threshold, token sets drawn from a pool so that
    queries share them) or, with ``--standin``, on the real architecture's outputs for one random image.
-   "before" is the code before this change (one decode per query, [SEP] shown), "plain" the same loop
-   with the shown phrase (two decodes), "batched" the detector's;
+   "before" is the per-query loop with one decode per query and the released phrase shown ([SEP] and
+   all), "plain" the same loop with the shown phrase (two decodes), "batched" the detector's;
 2. the text pass cache (``FILO_GROUNDING_TEXT_CACHE``): ``forward_batch`` of the tiny test model with and
    without it, the BERT-base text backbone of the real architecture alone (one row kept vs B rows run) and,
    with ``--standin``, the real architecture's ``forward_batch`` for one image;
@@ -40,14 +40,14 @@ from models.grounding.text_cache import TextPassCache
 DESCRIPTIONS = ["uneven shape ", "Unusual consistency", "crack", "broken edge", "burn mark", "bent"]
 
 
-# ----- the plain paths (what the detector did before), restated to time them ---------------------------------
+# ----- the per-query paths the detector's batched one replaces, restated to time them -------------------------
 
 
 def plain_detections(detector: GroundingDetector, probs: torch.Tensor, boxes: torch.Tensor,
                      input_ids: Sequence[int], descriptions: Sequence[str], shown: bool = True) -> list[Detection]:
     """One image, query by query: a host sync for the fallback, then per kept query a posmap, a
     ``.tolist()``, two decodes (shown and released phrase) and three ``.item()``-like transfers.
-    ``shown=False`` is the code before the shown phrase existed: one decode, the released phrase shown."""
+    ``shown=False``: one decode, the released phrase shown as it is (the "before" column)."""
     best = probs.max(dim=1).values
     keep = (best > detector.box_threshold) & (boxes[:, 2] * boxes[:, 3] < detector.area_threshold)
     if not bool(keep.any()):

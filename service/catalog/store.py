@@ -54,9 +54,10 @@ return tonumber(redis.call('GET', KEYS[3]))
 
 
 # Per-category data stored beside a category's descriptions (one Redis string per category and kind, at
-# `Keys.category_extra(name, kind)`), included in every snapshot and restored with the category. Issue 10's
-# normal reference images belong here: add their kind, store them with `put_extra`, and bump the version.
-CATEGORY_EXTRA_KINDS: tuple[str, ...] = EXTRA_KINDS  # normal references and thresholds (service/catalog/references.py)
+# `Keys.category_extra(name, kind)`), included in every snapshot, restored with the category and deleted with
+# it: the kinds service/catalog/references.py defines (normal reference images and the threshold record).
+# `put_extra` stores one and bumps the version, so workers and their snapshots pick it up.
+CATEGORY_EXTRA_KINDS: tuple[str, ...] = EXTRA_KINDS
 
 _WRITE_LUA = """
 -- KEYS[1] categories hash, KEYS[2] deleted set, KEYS[3] version, KEYS[4..] the category's extras (delete);
@@ -216,8 +217,7 @@ class RedisCategoryStore:
         args: list[str] = []
         for c in categories:
             args += [c.name, c.model_dump_json()]
-        keys = [self.keys.categories, self.keys.categories_deleted, self.keys.categories_version]
-        return int(await self._seed(keys=keys, args=args))
+        return int(await self._seed(keys=self._catalog_keys, args=args))
 
 
 class FileCategoryStore:
@@ -320,7 +320,7 @@ class DiskCacheStore:
         os.replace(tmp, self._path(key))
 
 
-# --- start-up: restore what persisted, build the rest, persist again --------------------------------------
+# --- the cache blob: the engine's {key: blob} prompt caches as one byte string, as a CacheStore keeps it ------
 
 
 def pack_cache_state(state: dict[str, bytes]) -> bytes:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 SOURCE_PATTERN = r"^[A-Za-z0-9\-_.:/]{1,64}$"
-SOURCE_RE = re.compile(SOURCE_PATTERN)
 LABELS = ("defect", "good")
 Label = Literal["defect", "good"]
 HEATMAP_KINDS = ("overlay", "map")

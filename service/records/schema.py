@@ -87,7 +87,7 @@ threshold_changes = Table(
 )
 
 
-# --- the catalog's durable home (issue 16): a mirror of the Redis catalog at its latest version ---------------
+# --- the catalog's durable home: a mirror of the Redis catalog at its latest version ----------------------------
 catalog_state = Table(
     "catalog_state", metadata,
     Column("id", Integer, primary_key=True),  # one row

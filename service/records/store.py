@@ -6,7 +6,7 @@ died between the insert and its acknowledgement) and it is still kept once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
@@ -29,7 +29,6 @@ _INSERT_IGNORE: dict[str, Callable[[Any], Any]] = {
     "sqlite": lambda table: sqlite.insert(table).on_conflict_do_nothing(),
 }
 BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000}
-_COLUMNS = [c.name for c in inspections.columns]
 
 
 def _row_to_record(row: Any) -> InspectionRecord:
@@ -162,15 +161,6 @@ class RecordStore:
         items = [_row_to_record(r) for r in rows[:limit]]
         more = len(rows) > limit
         return items, (Cursor(items[-1].created_ms, items[-1].id) if more and items else None)
-
-    def iter_all(self, query: RecordQuery, page: int = 500) -> Iterator[InspectionRecord]:
-        """Every matching record, newest first, a page per query (what the CSV export streams)."""
-        cursor: Cursor | None = None
-        while True:
-            items, cursor = self.list(query, page, cursor)
-            yield from items
-            if cursor is None:
-                return
 
     def reviews(self, record_id: str) -> list[Review]:
         with self.engine.connect() as conn:
