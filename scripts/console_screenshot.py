@@ -1,7 +1,7 @@
-"""Takes the README's screenshots of the QA console (docs/console.png, docs/console-review.png,
+"""Takes docs/console.md's screenshots of the QA console (docs/console.png, docs/console-review.png,
 docs/console-trends.png) from a real run on the samples.
 
-Starts `filo serve --embedded --profile demo` with the sample categories exactly as the README says,
+Starts `filo serve --embedded --profile demo` with the sample categories exactly as docs/console.md says,
 opens http://127.0.0.1:PORT/console in Debian's headless Chromium (driver path explicit: nothing is
 downloaded), registers a good fabric part (and three mirrored copies) as references and calibrates
 from them in the admin panel, inspects two fabric samples and saves the window. Then (unless --no-views)
@@ -110,7 +110,7 @@ def shoot(url: str, out: Path, samples: list[Path], category: str, good: Path | 
                 "return [...document.querySelectorAll('[data-testid=overlay]')].every(i => i.naturalWidth > 0)"))
             out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(out))
-            # a 256-colour palette: the README image at under half the size, no visible loss
+            # a 256-colour palette: the docs image at under half the size, no visible loss
             Image.open(out).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT,
                                                     dither=Image.Dither.NONE).save(out, optimize=True)
         finally:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Debian's redis-server when missing and starts one on 127.0.0.1:${FILO_TEST_REDIS_PORT:-6390}.
-# Used by the tests and the README; never binds anything but loopback.
+# Used by the tests (scripts/test.sh, docs/setup.md); never binds anything but loopback.
 set -euo pipefail
 port=${FILO_TEST_REDIS_PORT:-6390}
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -25,11 +25,11 @@ pytestmark = [pytest.mark.cuda,
 
 MAP_ATOL_FP32 = 1e-4  # CPU fp32 vs CUDA fp32, every map pixel
 SCORE_ATOL_FP32 = 1e-5
-# bf16 autocast vs fp32 on CUDA, real architectures with random weights: README "GPU path" states these bounds
+# bf16 autocast vs fp32 on CUDA, real architectures with random weights: docs/gpu.md states these bounds
 BF16_MAP_ATOL = 2e-2
 BF16_SCORE_ATOL = 2e-2
 # Peak CUDA memory (GiB) allowed per batch size, bf16, Grounding DINO on, real architectures: the budget
-# README "GPU path" gives for choosing FILO_MAX_BATCH_SIZE (weights plus a per-image share)
+# docs/gpu.md gives for choosing FILO_MAX_BATCH_SIZE (weights plus a per-image share)
 MEMORY_BASE_GIB = 6.0
 MEMORY_PER_IMAGE_GIB = 0.5
 
@@ -114,7 +114,7 @@ def test_grounding_text_cache_on_cuda(bf16):
     """FILO_GROUNDING_TEXT_CACHE on CUDA: the kept one-row text pass, expanded, against the plain model's
     B-row pass, for a first call, a repeated call and other batch sizes. Bit-identical on the CPU
     (tests/test_grounding.py); here cuBLAS may pick other kernels for other row counts. If this fails, the
-    setting must stay off by default (README "GPU path")."""
+    setting must stay off by default (docs/gpu.md, "Speed options")."""
     from models.grounding.detector import GroundingDetector
     from models.grounding.hqloc import build_caption
 
@@ -240,7 +240,7 @@ def test_cuda_graphs_equal_eager_and_keep_each_batch_its_own_outputs():
 
 @pytest.mark.parametrize("batch_size", [1, 8, 32])
 def test_peak_memory_within_the_stated_budget(real_pair, batch_size):
-    """README "GPU path": peak memory per batch size, bf16, Grounding DINO on, for FILO_MAX_BATCH_SIZE."""
+    """docs/gpu.md: peak memory per batch size, bf16, Grounding DINO on, for FILO_MAX_BATCH_SIZE."""
     _, gpu = real_pair
     reqs = [gpu.prepare(InspectRequest(synthetic_image(480, 640, seed=i), "pcb1")) for i in range(batch_size)]
     gpu.precision = "bf16"

@@ -177,7 +177,7 @@ def _served(settings, image: bytes) -> dict[str, dict]:
 
 
 def test_embedded_server_with_the_gpu_image_path_matches_the_cpu_path(monkeypatch, tmp_path):
-    """The stated deviation (README "GPU path"): one grey level per resized pixel moves the demo model's
+    """The stated deviation (docs/gpu.md): one grey level per resized pixel moves the demo model's
     score by under 1e-5 without Grounding DINO; with it, the detector's own input moves too, and a box near
     the two-decimal confidence ranking can pick another box: 4.7e-3 on this image, position top left -> all nine."""
     import base64

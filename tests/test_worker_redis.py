@@ -160,7 +160,7 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, worker_pool: Work
 
 
 # --- failover under load: one of two workers SIGKILLed while clients keep sending -----------------------------
-FAILOVER_LOAD = {"concurrency": 8, "duration_s": 12.0, "max_requests": 600}  # the load the README figures are for
+FAILOVER_LOAD = {"concurrency": 8, "duration_s": 12.0, "max_requests": 600}  # the load of docs/service.md's figures
 FAILOVER_HELD = 3  # the victim dies holding at least this many requests: more than 1% of the load, so p99 sees them
 FAILOVER_BOUNDS = {"p99_ms": 5000.0, "lost": 0, "drop_s": 5.0}  # p99, lost requests, dead worker out of /readyz
 
@@ -208,7 +208,7 @@ def _seconds_until_counted(api_url: str, workers: int, since: float, within_s: f
 def test_failover_under_load_after_sigkill(redis_url: str, worker_pool: WorkerPool) -> None:  # noqa: F811
     """Two workers under steady load, one SIGKILLed while it holds requests: the survivor takes its requests
     over as soon as its heartbeat lapses (not after `claim_idle_ms`, left at its 15 s default here), nothing
-    is lost, and the API stops counting the dead worker within 5 s. Prints the figures the README quotes."""
+    is lost, and the API stops counting the dead worker within 5 s. Prints the figures docs/service.md quotes."""
     env = {"FILO_MAX_BATCH_SIZE": "4"}
     victim, survivor = worker_pool.start(redis_url, **env), worker_pool.start(redis_url, **env)
     victim_name = worker_pool.wait_ready(victim)["detail"]["worker"]

@@ -1,4 +1,4 @@
-"""How many bytes one inspection record takes in the records database, measured (README "Inspection records").
+"""How many bytes one inspection record takes in the records database, measured (docs/records.md).
 
 Writes `--n` records shaped like the service's (3 boxes, 5 top types, timings, a source) into a fresh
 SQLite file, or into `--url` (a PostgreSQL database: its tables' own size), and prints bytes per record,

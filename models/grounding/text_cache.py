@@ -14,7 +14,7 @@ Exactness: the kept row is what a one-row pass gives, and the uncached model run
 one pass. Both are the same arithmetic as long as the backbone computes each row independently of the
 batch size, which holds bit for bit on the CPU (fp32 and bf16 autocast: ``tests/test_grounding.py``).
 On CUDA, matrix-product kernels may be chosen by batch shape and round differently in the last bit: see
-the README ("Speed options") for what has been checked there.
+docs/gpu.md ("Speed options") for what has been checked there.
 """
 
 from __future__ import annotations

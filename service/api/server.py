@@ -1,7 +1,7 @@
 """How the API is served: uvicorn on the h11 protocol, with the request head bounded.
 
 A request's head (request line and headers together) is held in memory until it is complete, so
-it is bounded by `max_header_bytes` (README "Limits"): a longer head is answered 431
+it is bounded by `max_header_bytes` (docs/service.md, limits): a longer head is answered 431
 `headers_too_large` and the connection closed, having read at most the limit plus one socket read.
 The protocol is chosen explicitly (h11, never uvicorn's "auto", which picks httptools when it is
 installed and reads a head of any size): h11 holds an incomplete head to

@@ -257,7 +257,7 @@ def heatmap_png(image: np.ndarray, anomaly_map: np.ndarray, image_size: int | No
 HeatmapFormat = Literal["jpeg", "png", "map", "none"]
 HeatmapSize = Literal["original", "frame"] | int
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "map": "image/png"}
-# Chosen by measurement (README, "Service path costs"): a 1.5 MP photo's JPEG overlay at a long side of
+# Chosen by measurement (docs/benchmarks.md, "Service path costs"): a 1.5 MP photo's JPEG overlay at a long side of
 # 768 px was 42 KB and 3.8 ms of worker CPU, against 131 KB at the original size (2.1 MB as PNG).
 DEFAULT_HEATMAP_FORMAT: HeatmapFormat = "jpeg"
 DEFAULT_HEATMAP_SIZE: HeatmapSize = 768

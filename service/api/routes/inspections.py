@@ -1,4 +1,4 @@
-"""Inspection records: list, read, export, count and judge them (README "Inspection records").
+"""Inspection records: list, read, export, count and judge them (docs/records.md).
 
 Reads need any key; judging needs a reviewer or admin key. The store is reached through the backend's
 `records` only; times are ISO-8601 (UTC when no offset is given).
