@@ -50,18 +50,18 @@ MODEL = Section("Model", "Which networks run and where their weights and texts c
                 "also flags of the commands that build a model (`--profile`, `--checkpoint`, ...), which win over "
                 "the environment.")
 DEVICE = Section("Device and GPU speed", "Where the model runs and the GPU options, each tested against the "
-                 "plain path (README \"The GPU path\").")
+                 "plain path (docs/gpu.md).")
 HTTP = Section("HTTP server and request limits", "`filo serve`'s address and what one request may be.")
-KEYS = Section("Access keys", "Who may inspect, judge records and change categories (README \"Inspection "
-               "records and the review loop\", Roles).")
+KEYS = Section("Access keys", "Who may inspect, judge records and change categories (docs/records.md, "
+               "Roles).")
 QUEUE = Section("Batching, queue and workers", "How requests are batched, and in queue mode how API pods and "
-                "workers meet through Redis and notice a dead worker (README \"The inspection service\").")
+                "workers meet through Redis and notice a dead worker (docs/service.md).")
 ANSWERS = Section("Answer defaults", "What an answer uses when neither the request nor the category says otherwise.")
 REFERENCES = Section("Few-shot references", "Normal reference images per category and how they are matched "
                      "(docs/few-shot.md).")
 STATE = Section("State and catalog", "Where categories and caches persist, and how the catalog stays whole.")
 RECORDS = Section("Inspection records", "The record of every inspection, its kept images and its way into the "
-                  "database (README \"Inspection records and the review loop\").")
+                  "database (docs/records.md).")
 LLM = Section("Description generation (LLM)", "The OpenAI-compatible chat endpoint that drafts category "
               "descriptions (`filo describe`, PUT /v1/categories/{name} with `generate`).")
 
@@ -121,11 +121,11 @@ class FiloSettings(BaseSettings):
     )
     gpu_image_path: bool = DEVICE.field(
         False, description="CUDA worker: decode JPEGs with nvJPEG and resize and render heatmaps on the GPU; PNG and "
-        "whatever nvJPEG refuses take the CPU path (deviation from the CPU preprocessing: README 'GPU path')",
+        "whatever nvJPEG refuses take the CPU path (deviation from the CPU preprocessing: docs/gpu.md)",
     )
     grounding_text_cache: bool = DEVICE.field(
         False, description="keep Grounding DINO's BERT text pass per caption (a few captions, least recently used "
-        "out) instead of running it for every batch; bit-identical to the plain model on the CPU (README 'GPU path')",
+        "out) instead of running it for every batch; bit-identical to the plain model on the CPU (docs/gpu.md)",
     )
 
     host: str = HTTP.field("127.0.0.1", description="address `filo serve` listens on")
