@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "train",
     "eval",
     "calibrate",
+    "learn",
     "convert_grounding",
     "standin",
 )
