@@ -92,9 +92,12 @@ class FiLoModel(nn.Module):
         return dict(self._banks)
 
     # --- image side ------------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> EncoderOutput:
+    def encode_images(self, images: torch.Tensor, encoder: Callable[[torch.Tensor], EncoderOutput] | None = None
+                      ) -> EncoderOutput:
+        """The dual-path encoder's taps; `encoder` runs instead of `self.encoder` where a caller holds a compiled
+        or bucketed form of it (the module itself is never replaced)."""
         with torch.no_grad(), self._low_precision():
-            return self.encoder(images)
+            return (encoder if encoder is not None else self.encoder)(images)
 
     def image_features(self, enc: EncoderOutput, with_adapter: bool = True) -> torch.Tensor:
         feats = enc.global_feature.float()
@@ -161,9 +164,11 @@ class FiLoModel(nn.Module):
         return anomaly_map, (two_ch if return_layer_maps else None)
 
     def forward(self, images: torch.Tensor, banks: Sequence[PromptBank], positions: Sequence[str | None],
-                with_adapter: bool = True, return_layer_maps: bool = False) -> FiLoOutput:
-        """images (B, 3, S, S) preprocessed; one bank and one position (None = all nine) per image."""
-        enc = self.encode_images(images)
+                with_adapter: bool = True, return_layer_maps: bool = False,
+                encoder: Callable[[torch.Tensor], EncoderOutput] | None = None) -> FiLoOutput:
+        """images (B, 3, S, S) preprocessed; one bank and one position (None = all nine) per image; `encoder` as
+        in `encode_images`."""
+        enc = self.encode_images(images, encoder)
         img = self.image_features(enc, with_adapter)
         text, type_sims = self.text_features(img, banks, positions)
         with self._full_precision():

@@ -133,13 +133,8 @@ def test_bf16_on_cuda_within_the_stated_bound(real_pair):
     _, gpu = real_pair
     reqs = _requests(518)
     with exact_fp32():
-        gpu.precision = "fp32"
         full = _results(gpu, reqs)
-    gpu.precision = "bf16"
-    try:
-        low = _results(gpu, reqs)
-    finally:
-        gpu.precision = "fp32"
+    low = _results(gpu.with_options(precision="bf16"), reqs)
     for a, b in zip(full, low, strict=True):
         assert np.isfinite(b.anomaly_map).all()
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= BF16_MAP_ATOL
@@ -150,12 +145,9 @@ def test_bf16_on_cuda_within_the_stated_bound(real_pair):
 def test_mixed_batch_equals_one_by_one_on_cuda(real_pair, precision):
     _, gpu = real_pair
     reqs = _requests(518)
-    gpu.precision = precision
-    try:
-        batch = _results(gpu, reqs)
-        single = [_results(gpu, [r])[0] for r in reqs]
-    finally:
-        gpu.precision = "fp32"
+    engine = gpu.with_options(precision=precision)
+    batch = _results(engine, reqs)
+    single = [_results(engine, [r])[0] for r in reqs]
     # batched kernels choose other tilings than batch 1: float rounding, amplified by bf16's 8 bits
     _assert_close(batch, single, 1e-4 if precision == "fp32" else BF16_MAP_ATOL,
                   1e-5 if precision == "fp32" else BF16_SCORE_ATOL)
@@ -188,25 +180,22 @@ def test_no_host_synchronisation_inside_the_batched_forward(real_pair):
     banks = [gpu.model.prompt_bank(c.noun, c.descriptions) for c in cats]
     pixels = torch.stack([r.pixels for r in reqs]).pin_memory().to("cuda", non_blocking=True)
     for precision in ("fp32", "bf16"):
-        gpu.model.precision = precision
+        model = gpu.with_options(precision=precision).model
         with torch.no_grad():
-            gpu.model(pixels, banks, ["top left", None, "bottom"])  # warm: lazy initialisation may sync
+            model(pixels, banks, ["top left", None, "bottom"])  # warm: lazy initialisation may sync
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                out = gpu.model(pixels, banks, ["top left", None, "bottom"])
+                out = model(pixels, banks, ["top left", None, "bottom"])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert out.anomaly_map.shape == (3, 518, 518)
-    gpu.model.precision = "fp32"
 
 
 def test_pinned_copies_change_nothing(tiny_pair):
     _, gpu = tiny_pair
-    gpu.pin_memory = False
-    plain = _results(gpu, _requests(518))
-    gpu.pin_memory = True
-    pinned = _results(gpu, _requests(518))
+    plain = _results(gpu.with_options(pin_memory=False), _requests(518))
+    pinned = _results(gpu.with_options(pin_memory=True), _requests(518))
     for a, b in zip(plain, pinned, strict=True):
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
         assert a.score == b.score
@@ -214,8 +203,7 @@ def test_pinned_copies_change_nothing(tiny_pair):
 
 def test_compiled_encoder_on_cuda_equals_eager():
     eager = build_random_engine("tiny", "cuda", grounding=False)
-    compiled = build_random_engine("tiny", "cuda", grounding=False)
-    compiled.compile()
+    compiled = eager.with_options(compile=True)
     reqs = _requests(518)
     with exact_fp32():
         _assert_close(_results(eager, reqs), _results(compiled, reqs), 1e-4, 1e-5)
@@ -225,8 +213,7 @@ def test_cuda_graphs_equal_eager_and_keep_each_batch_its_own_outputs():
     """FILO_CUDA_GRAPHS: graphed, bucketed encoder = eager; a later replay (another bucket, then the same
     one) must not overwrite the results an earlier batch already returned."""
     eager = build_random_engine("tiny", "cuda", grounding=False)
-    graphed = build_random_engine("tiny", "cuda", grounding=False)
-    graphed.compile(cuda_graphs=True, max_batch_size=4)
+    graphed = eager.with_options(cuda_graphs=True, max_batch_size=4)
     graphed.warmup()
     with exact_fp32():
         first, second = _requests(518), _requests(300)[:2]
@@ -243,14 +230,11 @@ def test_peak_memory_within_the_stated_budget(real_pair, batch_size):
     """docs/gpu.md: peak memory per batch size, bf16, Grounding DINO on, for FILO_MAX_BATCH_SIZE."""
     _, gpu = real_pair
     reqs = [gpu.prepare(InspectRequest(synthetic_image(480, 640, seed=i), "pcb1")) for i in range(batch_size)]
-    gpu.precision = "bf16"
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        _results(gpu, reqs)
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    finally:
-        gpu.precision = "fp32"
+    bf16 = gpu.with_options(precision="bf16")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    _results(bf16, reqs)
+    peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"peak GiB at batch {batch_size}: {peak:.2f}")
     assert peak <= MEMORY_BASE_GIB + MEMORY_PER_IMAGE_GIB * batch_size
 

@@ -59,14 +59,14 @@ def test_prepared_requests_give_the_same_results(engine):
 
 
 def test_warmup_runs_the_largest_batch_on_cuda_only(engine, monkeypatch):
-    from service.engine.pipeline import warmup_batch_size
+    from service.engine.pipeline import EngineOptions, InspectionEngine, warmup_batch_size
 
-    settings = FiloSettings(profile="demo", max_batch_size=12)
-    assert warmup_batch_size(settings, "cuda:0") == 12 and warmup_batch_size(settings, "cpu") == 1
+    options = EngineOptions.from_settings(FiloSettings(profile="demo", max_batch_size=12))
+    assert warmup_batch_size(options, "cuda:0") == 12 and warmup_batch_size(options, "cpu") == 1
     seen: list[int] = []
     real = engine.inspect_batch
     monkeypatch.setattr(engine, "inspect_batch", lambda reqs: seen.append(len(reqs)) or real(reqs))
-    monkeypatch.setattr(engine, "warmup_batch_size", 3)
+    monkeypatch.setattr(InspectionEngine, "warmup_batch_size", property(lambda self: 3))
     engine.warmup()
     assert seen == [3]
 
@@ -123,11 +123,10 @@ def test_prompt_cache_round_trip(engine):
 def test_bf16_autocast_stays_close_to_fp32(engine):
     req = [_requests()[2]]  # grounding off: compares FiLo's own arithmetic, not shifted boxes
     ref = engine.inspect_batch(req)[0]
-    engine.precision = "bf16"
-    try:
-        low = engine.inspect_batch(req)[0]
-    finally:
-        engine.precision = "fp32"
+    bf16 = engine.with_options(precision="bf16")
+    low = bf16.inspect_batch(req)[0]
+    assert engine.precision == engine.model.precision == "fp32"  # the other engine's choice changed nothing here
+    assert bf16.precision == bf16.model.precision == "bf16" and bf16.model.heads is engine.model.heads
     assert low.anomaly_map.dtype == np.float32
     assert np.abs(low.anomaly_map - ref.anomaly_map).max() < 0.05
     assert len(np.unique(low.anomaly_map)) > 10_000  # maps computed in fp32, not quantised to bf16

@@ -37,10 +37,9 @@ def _jpeg(h: int, w: int, seed: int) -> bytes:
 @pytest.mark.slow
 def test_compiled_encoder_equals_eager():
     eager = build_random_engine("tiny", "cpu", grounding=False)
-    compiled = build_random_engine("tiny", "cpu", grounding=False)
-    compiled.compile()
-    compiled.compile()  # idempotent: one wrapper
-    assert compiled.compiled and type(compiled.model.encoder).__name__ == "OptimizedModule"
+    compiled = eager.with_options(compile=True)
+    assert compiled.compiled and type(compiled.encoder).__name__ == "OptimizedModule"
+    assert compiled.model.encoder is eager.model.encoder is eager.encoder  # the model itself is never replaced
     reqs = [InspectRequest(synthetic_image(240, 320, seed=s), c, grounding=False) for s, c in ((1, "bottle"), (2, "pcb1"))]
     for a, b in zip(eager.inspect_batch(reqs), compiled.inspect_batch(reqs), strict=True):
         assert isinstance(a, InspectResult) and isinstance(b, InspectResult)
@@ -72,13 +71,14 @@ def test_padded_batches_give_the_unpadded_results():
     """Three images padded to a bucket of 4 (and 1 to 4): the blank images change nothing in the others."""
     plain = build_random_engine("tiny", "cpu", grounding=False)
     padded = build_random_engine("tiny", "cpu", grounding=False)
-    padded.model.encoder = BucketedEncoder(padded.model.encoder, (4, 8))
+    padded.encoder = BucketedEncoder(padded.model.encoder, (4, 8))
     assert padded.model.tap_layout == plain.model.tap_layout
     for n in (3, 1, 4):
         reqs = _mixed_requests(n)
         _assert_same_results(plain.inspect_batch(reqs), padded.inspect_batch(reqs), 1e-5, 1e-6)
     # past the largest bucket the batch runs as it is
-    assert padded.model.encode_images(torch.zeros(9, 3, plain.image_size, plain.image_size)).global_feature.shape[0] == 9
+    zeros = torch.zeros(9, 3, plain.image_size, plain.image_size)
+    assert padded.model.encode_images(zeros, padded.encoder).global_feature.shape[0] == 9
 
 
 @pytest.mark.slow
@@ -86,10 +86,8 @@ def test_cuda_graph_option_compiles_every_bucket_and_equals_eager():
     """FILO_CUDA_GRAPHS on the CPU: the same compiled, bucketed encoder (inductor records graphs only for
     CUDA tensors), warmed at every bucket, equal to eager for batch sizes between the buckets."""
     eager = build_random_engine("tiny", "cpu", grounding=False)
-    graphed = build_random_engine("tiny", "cpu", grounding=False)
-    graphed.compile(cuda_graphs=True, max_batch_size=4)
-    graphed.compile(cuda_graphs=True, max_batch_size=4)  # idempotent
-    assert isinstance(graphed.model.encoder, BucketedEncoder) and graphed.warmup_buckets == (1, 2, 4)
+    graphed = eager.with_options(cuda_graphs=True, max_batch_size=4)
+    assert isinstance(graphed.encoder, BucketedEncoder) and graphed.warmup_buckets == (1, 2, 4)
     graphed.warmup()
     for n in (3, 2):
         reqs = _mixed_requests(n)
@@ -99,10 +97,9 @@ def test_cuda_graph_option_compiles_every_bucket_and_equals_eager():
 def test_pinned_copy_option_changes_no_value():
     engine = build_random_engine("tiny", "cpu", grounding=False)
     reqs = [InspectRequest(synthetic_image(200, 260, seed=4), "bottle", grounding=False)]
-    engine.pin_memory = True
+    assert engine.pin_memory
     (a,) = engine.inspect_batch(reqs)
-    engine.pin_memory = False
-    (b,) = engine.inspect_batch(reqs)
+    (b,) = engine.with_options(pin_memory=False).inspect_batch(reqs)
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     host = torch.ones(2, 3)
     assert engine._to_device(host) is host or torch.equal(engine._to_device(host), host)  # CPU: a plain .to()

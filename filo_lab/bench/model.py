@@ -96,14 +96,8 @@ def time_batches(engine: InspectionEngine, batch_size: int, iters: int, warmup: 
 def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: str = "pcb1") -> float:
     """Largest absolute difference of the final maps between bf16 autocast and fp32."""
     reqs = [InspectRequest(image=im, category=category) for im in _images(batch_size, seed=1)]
-    saved = engine.precision
-    try:
-        engine.precision = "fp32"
-        ref = engine.inspect_batch(reqs)
-        engine.precision = "bf16"
-        low = engine.inspect_batch(reqs)
-    finally:
-        engine.precision = saved
+    ref = engine.with_options(precision="fp32").inspect_batch(reqs)
+    low = engine.with_options(precision="bf16").inspect_batch(reqs)
     return max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ref, low))
 
 
@@ -111,21 +105,20 @@ def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[s
               iters: int, warmup: int, compile: bool = False, pin_memory: bool = True,
               cuda_graphs: bool = False, text_cache: int = 0) -> Iterator[BenchRow]:
     for grounding in groundings:
-        engine = build_random_engine(arch, device, grounding, text_cache=text_cache)
-        engine.pin_memory = pin_memory
-        if compile or cuda_graphs:
+        base = build_random_engine(arch, device, grounding, text_cache=text_cache)
+        for precision in precisions:
             # CUDA graphs: buckets up to the largest batch measured, recorded before timing (the service
             # records them at warm-up too)
-            engine.compile(cuda_graphs=cuda_graphs, max_batch_size=max(batch_sizes))
+            engine = base.with_options(precision=precision, pin_memory=pin_memory, compile=compile,
+                                       cuda_graphs=cuda_graphs, max_batch_size=max(batch_sizes))
             if cuda_graphs:
                 engine.warmup()
-        for precision in precisions:
-            engine.precision = precision
             for bs in batch_sizes:
                 ips, ms, peak = time_batches(engine, bs, iters, warmup)
                 yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile or cuda_graphs, pin_memory,
                                text_cache > 0 and grounding)
-        del engine
+            del engine
+        del base
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -139,13 +132,8 @@ def flops_per_image(engine: InspectionEngine, grounding: bool, category: str = "
     from torch.utils.flop_counter import FlopCounterMode
 
     req = InspectRequest(image=_images(1)[0], category=category, grounding=grounding)
-    saved = engine.precision
-    engine.precision = "fp32"
-    try:
-        with FlopCounterMode(display=False) as counter:
-            engine.inspect_batch([req])
-    finally:
-        engine.precision = saved
+    with FlopCounterMode(display=False) as counter:
+        engine.with_options(precision="fp32").inspect_batch([req])
     by_module = {name: sum(ops.values()) / 1e9 for name, ops in counter.get_flop_counts().items()}
     total = counter.get_total_flops() / 1e9
     parts = {

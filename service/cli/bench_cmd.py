@@ -121,11 +121,10 @@ def _profile(args: argparse.Namespace, precision: str, grounding: bool) -> dict:
     top operators by self time: where the time goes when a target is missed."""
     from filo_lab.bench.model import build_random_engine, profile_batch
 
-    engine = build_random_engine(args.arch, args.device, grounding)
-    engine.precision = precision
-    engine.pin_memory = not args.no_pin_memory
-    if args.compile or args.cuda_graphs:
-        engine.compile(cuda_graphs=args.cuda_graphs, max_batch_size=args.profile_batch)
+    engine = build_random_engine(args.arch, args.device, grounding).with_options(
+        precision=precision, pin_memory=not args.no_pin_memory, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        max_batch_size=args.profile_batch)
+    if args.cuda_graphs:
         engine.warmup()
     prof = profile_batch(engine, args.profile_batch)
     busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"

@@ -8,6 +8,7 @@ on its image) comes back as an `InspectError` in its own slot; its neighbours ar
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -52,23 +53,50 @@ class _Localisation:
     boxes: list[Box]
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs, fixed when it is built: nothing changes it between batches.
+
+    `precision`: "bf16" autocasts the frozen encoders, the heads and Grounding DINO (maps stay fp32).
+    `compile`: torch.compile the image encoder, the bulk of the FLOPs (880 of 1505 GFLOP per image); the text
+    side and the maps run per category and position with varying shapes, where recompiling would cost more than
+    it saves. `cuda_graphs`: the compiled encoder also CUDA-graphed, its batches padded to bucket sizes up to
+    `max_batch_size` (service/engine/buckets.py), each recorded once at warm-up. `pin_memory`: on CUDA, the
+    batch's pixels staged in pinned memory and copied without blocking the host. `max_batch_size`: the largest
+    batch the process runs (on CUDA the warm-up runs it, so allocator and kernel choice are settled before
+    readiness).
+    """
+
+    precision: str = "fp32"
+    compile: bool = False
+    cuda_graphs: bool = False
+    pin_memory: bool = True
+    max_batch_size: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: FiloSettings) -> EngineOptions:
+        return cls(settings.precision, settings.compile, settings.cuda_graphs, settings.pin_memory,
+                   settings.max_batch_size)
+
+
 class InspectionEngine:
     def __init__(self, model: FiLoModel, model_info: dict[str, Any], catalog: CategoryCatalog,
                  device: str, detector: Any | None = None, grounding_default: bool = True,
-                 precision: str = "fp32", settings: FiloSettings | None = None):
+                 options: EngineOptions | None = None, settings: FiloSettings | None = None):
         self.model = model
         self.info = model_info
         self.catalog = catalog
         self.device = device
         self.detector = detector
         self.grounding_default = grounding_default and detector is not None
-        self.precision = precision
+        self.options = options or EngineOptions()
+        self.model.precision = self.options.precision  # the engine's model runs at the engine's precision
         self.image_size = model.image_size
         self.preprocess = make_preprocess(model.image_size)
-        self.warmup_batch_size = 1
-        self.pin_memory = True  # CUDA: pinned staging + non-blocking copy of the batch's pixels
-        self.compiled = False
-        self.warmup_buckets: tuple[int, ...] = ()  # batch sizes recorded at warm-up (CUDA graphs)
+        # the image encoder as this engine calls it: the model's own module, or a compiled (bucketed) wrapper of it;
+        # the model is never modified
+        self.encoder, self.warmup_buckets = _encoder_for(model, self.options)
+        self._settings = settings
         # Resizing a camera image to the model frame costs ~13 ms of CPU (1024 px, bicubic); done one
         # after another it would cap a GPU worker near 75 images/s, so images are prepared in parallel
         # (PIL and torch release the GIL while they resize and normalise).
@@ -107,30 +135,31 @@ class InspectionEngine:
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
             if detector.standin and not info.get("standin"):
                 info.update(standin=True, version="standin-" + info["version"])
-        engine = cls(model, info, catalog, device, detector, settings.grounding, settings.precision, settings)
-        engine.warmup_batch_size = warmup_batch_size(settings, device)
-        engine.pin_memory = settings.pin_memory
-        if settings.compile or settings.cuda_graphs:
-            engine.compile(cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size)
-        return engine
+        return cls(model, info, catalog, device, detector, settings.grounding, EngineOptions.from_settings(settings),
+                   settings)
 
-    def compile(self, cuda_graphs: bool = False, max_batch_size: int = 1) -> None:
-        """torch.compile the image encoder, the bulk of the FLOPs (880 of 1505 GFLOP per image).
+    def with_options(self, **changes: Any) -> InspectionEngine:
+        """Another engine over the same weights, detector and catalog, built with other options (benchmarks and
+        tests compare them side by side); it starts without this one's references."""
+        view = copy.copy(self.model)  # shares every parameter and submodule; its own precision
+        return InspectionEngine(view, self.info, self.catalog, self.device, self.detector, self.grounding_default,
+                                replace(self.options, **changes), self._settings)
 
-        The text side and the maps run per category and position with varying shapes, where recompiling
-        would cost more than it saves. With ``cuda_graphs`` the encoder is also CUDA-graphed and its
-        batches padded to bucket sizes (service/engine/buckets.py), each recorded once at warm-up.
-        Idempotent.
-        """
-        if self.compiled:
-            return
-        if cuda_graphs:
-            compiled = torch.compile(self.model.encoder, mode="reduce-overhead", dynamic=False)
-            self.model.encoder = BucketedEncoder(compiled, bucket_sizes(max_batch_size), cuda_graphs=True)
-            self.warmup_buckets = bucket_sizes(max_batch_size)
-        else:
-            self.model.encoder = torch.compile(self.model.encoder)
-        self.compiled = True
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.options.pin_memory
+
+    @property
+    def compiled(self) -> bool:
+        return self.options.compile or self.options.cuda_graphs
+
+    @property
+    def warmup_batch_size(self) -> int:
+        return warmup_batch_size(self.options, self.device)
 
     def model_info(self) -> dict[str, Any]:
         return dict(self.info)
@@ -256,9 +285,8 @@ class InspectionEngine:
         t2 = time.perf_counter()
         banks = [self.model.prompt_bank(c.noun, c.descriptions) for c in cats]
         memories = self.references.memories_for(reqs, cats)  # None each: zero-shot, untouched below
-        self.model.precision = self.precision
         with torch.no_grad():
-            out = self.model(pixels, banks, [loc.position for loc in locs])
+            out = self.model(pixels, banks, [loc.position for loc in locs], encoder=self.encoder)
         maps = self.references.fuse(out.anomaly_map.float(), out.stream, memories)
         t3 = time.perf_counter()
         timing = {"preprocess": (t1 - t0) * 1e3, "grounding": (t2 - t1) * 1e3, "model": (t3 - t2) * 1e3,
@@ -301,11 +329,10 @@ class InspectionEngine:
     def _encode_references(self, images: Sequence[np.ndarray], category: Category) -> Any:
         """Normal reference images through FiLo, zero-shot and without Grounding DINO: what a memory is built of."""
         bank = self.model.prompt_bank(category.noun, category.descriptions)
-        self.model.precision = self.precision
         reqs = [self.prepare(InspectRequest(image=im, category=category.name, grounding=False)) for im in images]
         pixels = self._to_device(torch.stack([r.pixels for r in reqs]))
         with torch.no_grad():
-            return self.model(pixels, [bank] * len(reqs), [None] * len(reqs))
+            return self.model(pixels, [bank] * len(reqs), [None] * len(reqs), encoder=self.encoder)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """The batch's pixels on the device; from pinned memory without blocking the host on CUDA (the
@@ -357,10 +384,21 @@ class InspectionEngine:
         return _Localisation(req.position or position, keep, boxes)
 
 
-def warmup_batch_size(settings: FiloSettings, device: str) -> int:
-    """The largest batch on CUDA (allocator and kernel choice are shape-dependent); 1 on CPU, where
-    warming a big batch only delays readiness."""
-    return settings.max_batch_size if str(device).startswith("cuda") else 1
+def warmup_batch_size(options: EngineOptions, device: str) -> int:
+    """The largest batch on CUDA (allocator and kernel choice are shape-dependent); 1 on CPU, where warming
+    a big batch only delays readiness."""
+    return options.max_batch_size if str(device).startswith("cuda") else 1
+
+
+def _encoder_for(model: FiLoModel, options: EngineOptions) -> tuple[Any, tuple[int, ...]]:
+    """The encoder an engine with `options` calls, and the batch sizes to record at warm-up (CUDA graphs)."""
+    if options.cuda_graphs:
+        compiled = torch.compile(model.encoder, mode="reduce-overhead", dynamic=False)
+        buckets = bucket_sizes(options.max_batch_size)
+        return BucketedEncoder(compiled, buckets, cuda_graphs=True), buckets
+    if options.compile:
+        return torch.compile(model.encoder), ()
+    return model.encoder, ()
 
 
 def localise_detections(dets: Sequence[Detection], image_hw: tuple[int, int], size: int
