@@ -111,6 +111,9 @@ class HeatmapOut(BaseModel):
     base64: str
 
 
+ThresholdSource = Literal["default", "references", "labelled", "learned", "manual"]
+
+
 class InspectResponse(BaseModel):
     request_id: str
     category: str
@@ -120,7 +123,7 @@ class InspectResponse(BaseModel):
         False, description="the score lies within the category's review margin of the threshold: the result "
         "waits in the review queue for a person's judgement")
     threshold: float
-    threshold_source: Literal["default", "references", "labelled", "learned", "manual"] = Field(
+    threshold_source: ThresholdSource = Field(
         "default", description="where the threshold comes from: the configured default, the category's normal "
         "references, a calibration on labelled images (docs/few-shot.md), one learned from reviewed records, or "
         "set by hand")
@@ -183,7 +186,7 @@ class CategoryDetailOut(CategoryOut):
 
     threshold: float = Field(..., description="the category's decision threshold: the one its next inspection "
                              "applies")
-    threshold_source: Literal["default", "references", "labelled", "learned", "manual"]
+    threshold_source: ThresholdSource
     review_margin: float = Field(0.0, description="results within this of the threshold are answered needs_review "
                                  "(0: never)")
     references: int = Field(..., description="normal reference images the category holds")
@@ -231,3 +234,107 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         504: "deadline exceeded",
     }.items()
 }
+
+
+# --- the records API: inspection records, reviews, counts, the threshold's history, learning -------------------
+
+
+class ReviewOut(BaseModel):
+    label: Literal["defect", "good"]
+    defect_type: str | None = Field(None, description="what the defect is, as the reviewer typed it")
+    note: str | None = None
+    reviewer: str = Field(..., description="the name of the key that judged it")
+    reviewed_at: str = Field(..., description="ISO-8601, UTC")
+
+
+class InspectionRecordOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str = Field(..., description="the inspection's request id")
+    created_at: str = Field(..., description="ISO-8601, UTC")
+    category: str
+    source: str | None = Field(None, description="the request's `source` (a line or camera)")
+    score: float
+    is_anomalous: bool
+    needs_review: bool
+    threshold: float
+    threshold_source: ThresholdSource
+    references: int
+    position: str | None
+    boxes: list[BoxOut]
+    top_types: list[AnomalyTypeOut]
+    model_version: str
+    timing_ms: dict[str, float]
+    has_image: bool = Field(..., description="the uploaded image was kept (GET .../image)")
+    has_heatmap: bool = Field(..., description="a heatmap was kept (GET .../heatmap)")
+    heatmap_kind: Literal["overlay", "map"] | None = Field(None, description="which picture the kept heatmap is")
+    review: ReviewOut | None = Field(None, description="the current judgement; null: not reviewed")
+
+
+class InspectionPageOut(BaseModel):
+    items: list[InspectionRecordOut]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page; null: the last page")
+
+
+class ReviewHistoryOut(BaseModel):
+    items: list[ReviewOut] = Field(..., description="every judgement, oldest first")
+
+
+class StatsRowOut(BaseModel):
+    bucket_start: str = Field(..., description="ISO-8601, UTC: the hour or day this row counts")
+    category: str
+    inspected: int
+    ng: int
+    reviewed: int
+    confirmed_defects: int = Field(..., description="NG judged defect")
+    false_alarms: int = Field(..., description="NG judged good")
+    misses: int = Field(..., description="OK judged defect")
+
+
+class StatsOut(BaseModel):
+    bucket: Literal["hour", "day"]
+    items: list[StatsRowOut]
+
+
+class ThresholdNowOut(BaseModel):
+    threshold: float = Field(..., description="the threshold the category's next inspection applies")
+    source: ThresholdSource
+    review_margin: float
+
+
+class ThresholdChangeOut(BaseModel):
+    at: str = Field(..., description="ISO-8601, UTC")
+    actor: str = Field(..., description="the key (or `cli:<user>`) that made the change")
+    source: Literal["manual", "calibrated", "learned", "references", "removed", "review_margin"] = Field(
+        ..., description="what changed it")
+    threshold: float | None = Field(None, description="the value after the change")
+    previous: float | None = Field(None, description="the value before it")
+    detail: dict[str, Any]
+
+
+class ThresholdsOut(BaseModel):
+    category: str
+    current: ThresholdNowOut
+    history: list[ThresholdChangeOut] = Field(..., description="newest first")
+
+
+class LearnedThresholdOut(BaseModel):
+    before: float
+    after: float
+    source: Literal["learned"]
+    f1: float
+    how: str = Field(..., description="which scores the cut was set on")
+    n_good: int
+    n_defective: int
+
+
+class LearnOut(BaseModel):
+    category: str
+    dry_run: bool
+    reviewed: int = Field(..., description="the category's judged records")
+    references_added: int = Field(..., description="false alarms (NG judged good) with their image kept, added")
+    references: int = Field(..., description="the references the category holds after learning")
+    threshold: LearnedThresholdOut | None = Field(None, description="null: left as it was (see notes)")
+    suggested_descriptions: list[str] = Field(..., description="defect types reviewers typed that the category "
+                                              "lacks; not added")
+    notes: list[str]

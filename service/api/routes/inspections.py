@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import Reader, Reviewer
 from service.api.deps import BackendDep
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import (
+    ERROR_RESPONSES,
+    InspectionPageOut,
+    InspectionRecordOut,
+    ReviewHistoryOut,
+    StatsOut,
+)
 from service.backends.base import Backend
 from service.core.errors import ServiceError
 from service.workflows import records as recs
@@ -83,12 +89,7 @@ class ReviewIn(BaseModel):
     note: str | None = Field(None, max_length=2000)
 
 
-class PageOut(BaseModel):
-    items: list[dict[str, Any]]
-    next_cursor: str | None
-
-
-@router.get("/inspections", response_model=PageOut, responses=ERROR_RESPONSES,
+@router.get("/inspections", response_model=InspectionPageOut, responses=ERROR_RESPONSES,
             summary="Inspection records, newest first (keyset pages)")
 async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
     try:
@@ -130,14 +131,14 @@ async def export_inspections(filters: Annotated[Filters, Query()], backend: Back
                              headers={"Content-Disposition": 'attachment; filename="inspections.csv"'})
 
 
-@router.get("/stats", responses=ERROR_RESPONSES, summary="Counts per time bucket and category")
+@router.get("/stats", response_model=StatsOut, responses=ERROR_RESPONSES, summary="Counts per time bucket and category")
 async def stats(filters: Annotated[StatsFilters, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
     rows = await recs.records_of(backend).stats(filters.query(), filters.bucket)
     return {"bucket": filters.bucket,
             "items": [{"bucket_start": iso(r.pop("bucket_ms")), **r} for r in rows]}
 
 
-@router.get("/inspections/{record_id}", responses=ERROR_RESPONSES, summary="One inspection record")
+@router.get("/inspections/{record_id}", response_model=InspectionRecordOut, responses=ERROR_RESPONSES, summary="One inspection record")
 async def get_inspection(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
     return (await recs.record(backend, record_id)).out()
 
@@ -159,14 +160,14 @@ async def get_heatmap(record_id: RecordId, backend: BackendDep, _: Reader) -> Re
     return await _artefact(backend, record_id, "heatmap")
 
 
-@router.post("/inspections/{record_id}/review", responses=ERROR_RESPONSES,
+@router.post("/inspections/{record_id}/review", response_model=InspectionRecordOut, responses=ERROR_RESPONSES,
              summary="Judge an inspection: defect or good (reviewer or admin key)")
 async def review(record_id: RecordId, body: ReviewIn, backend: BackendDep, who: Reviewer) -> dict[str, Any]:
     judged = Review(body.label, body.defect_type or None, body.note or None, who.name, now_ms())
     return (await recs.review(backend, record_id, judged)).out()
 
 
-@router.get("/inspections/{record_id}/reviews", responses=ERROR_RESPONSES,
+@router.get("/inspections/{record_id}/reviews", response_model=ReviewHistoryOut, responses=ERROR_RESPONSES,
             summary="Every judgement of an inspection, oldest first")
 async def review_history(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
     await recs.record(backend, record_id)

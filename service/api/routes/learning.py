@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.auth import Admin, Reader
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, LearnOut, ThresholdsOut
 from service.workflows import learn as learning
 from service.workflows import thresholds
 
@@ -28,18 +28,18 @@ class ThresholdIn(BaseModel):
                                         "are answered needs_review and wait in the review queue; 0 turns it off")
 
 
-@router.put("/{name}/threshold", responses=ERROR_RESPONSES, summary="Set the threshold and review band by hand")
+@router.put("/{name}/threshold", response_model=ThresholdsOut, responses=ERROR_RESPONSES, summary="Set the threshold and review band by hand")
 async def put_threshold(name: NameParam, body: ThresholdIn, backend: BackendDep, who: Admin) -> dict[str, Any]:
     await thresholds.set_by_hand(backend, name, body.model_dump(exclude_unset=True), who.name)
     return await thresholds.overview(backend, name)
 
 
-@router.get("/{name}/thresholds", responses=ERROR_RESPONSES, summary="The threshold now and every change to it")
+@router.get("/{name}/thresholds", response_model=ThresholdsOut, responses=ERROR_RESPONSES, summary="The threshold now and every change to it")
 async def get_thresholds(name: NameParam, backend: BackendDep, _: Reader) -> dict[str, Any]:
     return await thresholds.overview(backend, name)
 
 
-@router.post("/{name}/learn", responses=ERROR_RESPONSES,
+@router.post("/{name}/learn", response_model=LearnOut, responses=ERROR_RESPONSES,
              summary="Turn reviewed records into references, a threshold and suggested descriptions (admin)")
 async def learn(name: NameParam, backend: BackendDep, settings: SettingsDep, who: Admin,
                 dry_run: Annotated[bool, Query(description="show the plan, change nothing")] = False
