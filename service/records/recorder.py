@@ -147,6 +147,3 @@ class Records:
             yield items
             if cursor is None:
                 return
-
-    async def purge_now(self) -> int:
-        return await self._read(self.store.purge, int(self.settings.records_retention_days * 86_400_000))
