@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from filo_lab.bench.load_client import is_loopback_url, percentile
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
 from service.cli import main as cli_main
-from service.cli.loadtest_cmd import is_loopback_url, percentile
 from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_ready
 
 

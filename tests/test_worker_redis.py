@@ -29,10 +29,10 @@ from PIL import Image
 from redis.asyncio import Redis as AsyncRedis
 
 from descriptions import Category
+from filo_lab.bench.load_client import LoadReport, run_load
 from service.api.app import create_app
 from service.backends.redis_queue import RedisBackend
 from service.catalog.store import RedisCategoryStore
-from service.cli.loadtest_cmd import LoadReport, run_load
 from service.core.keys import Keys
 from service.queue.protocol import Reply
 from tests.service_fixtures import (  # noqa: F401

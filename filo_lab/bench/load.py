@@ -2,9 +2,10 @@
 
 Starts real processes on loopback (`filo serve --embedded`, or a redis-server, one `filo worker` and one
 `filo serve`), sends photo-like JPEGs through `POST /v1/inspect` from `concurrency` clients for a bounded
-time (`filo loadtest`'s client), and reads each process's CPU from the kernel's accounting, so the figures
-include everything a process does (HTTP, decode, resize, the model's host side, rendering). The worker's
-own stage counters (`filo_worker_cpu_seconds_total{stage}`) split out its non-model work.
+time (`load_client`, the client `filo loadtest` drives too), and reads each process's CPU from the kernel's
+accounting, so the figures include everything a process does (HTTP, decode, resize, the model's host side,
+rendering). The worker's own stage counters (`filo_worker_cpu_seconds_total{stage}`) split out its non-model
+work.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filo_lab.bench.load_client import run_load
 from filo_lab.bench.stack import (
     IMAGE_SIZES,
     _free_port,
@@ -31,7 +33,6 @@ from filo_lab.bench.stack import (
     stop_processes,
     worker_stage_cpu_s,
 )
-from service.cli.loadtest_cmd import run_load
 
 REPO = Path(__file__).resolve().parents[2]
 
