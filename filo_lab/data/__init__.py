@@ -17,39 +17,17 @@ with the anomaly map's, then is binarised at 0.5 (spec section 9).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from descriptions import CategoryCatalog, UnknownCategoryError
+from filo_lab.data.samples import GOOD, DatasetError, Sample
 from models.frame import center_crop_offsets, resized_size
-from service.core.imaging import IMAGE_EXTENSIONS, list_images  # noqa: F401 (the readers import them from here)
 
 LAYOUTS = ("auto", "mvtec", "visa", "folder")
 SPLITS = ("train", "test")
-GOOD = "good"  # defect_type of normal images, in every layout
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be read as asked; the message names the offending path."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image of a dataset and where its ground truth lies."""
-
-    image_path: Path
-    mask_path: Path | None  # None: a normal image, or an anomalous one whose mask is unknown
-    category: str
-    label: int  # 0 normal, 1 anomalous
-    defect_type: str  # "good" for normal images
-
-
-def category_name(folder: str) -> str:
-    """Category name of a dataset folder, as the released code spells it ("metal_nut" -> "metal nut")."""
-    return folder.replace("_", " ")
 
 
 def read_dataset(
@@ -74,7 +52,7 @@ def read_dataset(
         raise DatasetError(f"unknown split {split!r} for {root}; expected one of {', '.join(SPLITS)}")
     if layout == "auto":
         layout = detect_layout(root)
-    from filo_lab.data import folder, mvtec, visa  # the readers import this module's names
+    from filo_lab.data import folder, mvtec, visa
 
     reader = {"mvtec": mvtec.read, "visa": visa.read, "folder": folder.read}[layout]
     return reader(root, categories, split)
@@ -93,28 +71,6 @@ def detect_layout(root: Path) -> str:
         f"cannot tell the layout of {root}: expected split_csv/1cls.csv (VisA), "
         "<category>/test/ (MVTec AD) or <category>/good/ (folder)"
     )
-
-
-def select_categories(found: dict[str, object], requested: list[str] | None, root: Path) -> list[str]:
-    """The requested category names (all when None), in name order; unknown ones are an error."""
-    if not found:
-        raise DatasetError(f"no category found under {root}")
-    if requested is None:
-        return sorted(found)
-    chosen = []
-    for name in requested:
-        canonical = category_name(name.strip())
-        if canonical not in found:
-            raise DatasetError(f"unknown category {name!r} in {root}; known: {', '.join(sorted(found))}")
-        chosen.append(canonical)
-    return sorted(set(chosen))
-
-
-def require_samples(samples: list[Sample], category: str, where: Path, split: str) -> list[Sample]:
-    """An empty category is an error: it would silently vanish from the metrics."""
-    if not samples:
-        raise DatasetError(f"category {category!r} has no {split} images under {where}")
-    return samples
 
 
 # ----------------------------------------------------------------------------- loading

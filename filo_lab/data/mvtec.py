@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from filo_lab.data import (
+from filo_lab.data.samples import (
     GOOD,
     DatasetError,
     Sample,
     category_name,
-    list_images,
     require_samples,
     select_categories,
 )
+from service.core.imaging import list_images
 
 
 def read(root: Path, categories: list[str] | None, split: str) -> list[Sample]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from filo_lab.data import GOOD, DatasetError, Sample, category_name, require_samples, select_categories
+from filo_lab.data.samples import GOOD, DatasetError, Sample, category_name, require_samples, select_categories
 
 SPLIT_FILE = Path("split_csv") / "1cls.csv"
 COLUMNS = ("object", "split", "label", "image", "mask")
