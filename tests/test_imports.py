@@ -3,6 +3,8 @@
 - `models/` is the network and its weights only: it imports nothing else of this repository.
 - The service never reaches into the offline lab (`filo_lab/`): the lab builds on the service, not back;
   only the command line (`service/cli/`), everyone's entry point, offers the lab's commands (train, eval, bench).
+- The lab stands beside the API, below the command line: it builds on what lies below, and never imports a
+  command or the API (`LAYERS`).
 - Every module imports, so a deferred import cannot break late (a moved module, a missing name).
 """
 
@@ -114,14 +116,15 @@ def test_every_import_of_our_modules_resolves_deferred_ones_too():
     assert unresolved == []
 
 
-# --- the service's layers ------------------------------------------------------------------------------------
+# --- the layers of the service, the lab and the model ---------------------------------------------------------
 
 # highest first; a module may import from its own package and from lower layers only. Packages of one layer
 # are siblings and may not import each other; packages joined by "|" form one level (core, the settings and
-# the console's static files).
+# the console's static files). The lab is the API's sibling: the command line offers it, and it builds on what
+# lies below (today the engine and under it), never on a command or the API (nor they on it).
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("service.cli",),
-    ("service.api",),
+    ("service.api", "filo_lab"),
     ("service.workflows",),
     ("service.backends", "service.worker"),
     ("service.queue", "service.engine"),
@@ -133,7 +136,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 
 def layer_of(module: str) -> tuple[int, str] | None:
-    """(level, package) of a module of ours; None for third-party modules and the lab."""
+    """(level, package) of a module of ours; None for third-party modules."""
     for level, packages in enumerate(LAYERS):
         for group in packages:
             for package in group.split("|"):
@@ -160,9 +163,10 @@ def real_module(name: str) -> str:
 
 
 def import_graph(root: Path = REPO) -> dict[str, set[tuple[int, str]]]:
-    """module -> {(line, imported module of ours)} over service/, models/ and descriptions/."""
+    """module -> {(line, imported module of ours)} over every package of ours (service/, filo_lab/, models/,
+    descriptions/)."""
     graph: dict[str, set[tuple[int, str]]] = {}
-    for top in ("service", "models", "descriptions"):
+    for top in OURS:
         for path in sorted((root / top).rglob("*.py")):
             mods = set()
             for line, name in imported_modules(path):
@@ -227,22 +231,31 @@ def circles(graph: dict[str, set[tuple[int, str]]]) -> list[list[str]]:
     return found
 
 
-def test_the_service_imports_only_downwards_and_in_no_circle():
+def test_the_service_and_the_lab_import_only_downwards_and_in_no_circle():
     graph = import_graph()
+    assert {m.split(".")[0] for m in graph} == set(OURS)
     assert layering_violations(graph) == []
     assert circles(graph) == []
 
 
 def test_the_layering_check_fails_on_a_violation_and_a_circle():
-    """The check itself: an engine module importing the API, two catalog modules importing each other."""
+    """The check itself: an engine module importing the API, two catalog modules importing each other; the lab
+    importing a command or the API, and the engine importing the lab."""
     graph = {
         "service.engine.pipeline": {(3, "service.api.errors"), (4, "service.catalog.store")},
         "service.worker.loop": {(5, "service.backends.embedded")},
         "service.catalog.store": {(1, "service.catalog.references")},
         "service.catalog.references": {(2, "service.catalog.store"), (9, "service.core.types")},
+        "filo_lab.bench.load": {(34, "service.cli.loadtest_cmd"), (35, "filo_lab.bench.stack"),
+                                (36, "service.engine.pipeline")},
+        "filo_lab.bench.stack": {(7, "service.api.app"), (8, "models.frame"), (9, "descriptions")},
+        "service.engine.prepare": {(12, "filo_lab.data")},
     }
     assert layering_violations(graph) == [
+        "filo_lab.bench.load:34 imports service.cli.loadtest_cmd (a higher layer: service.cli)",
+        "filo_lab.bench.stack:7 imports service.api.app (sibling layer service.api)",
         "service.engine.pipeline:3 imports service.api.errors (a higher layer: service.api)",
+        "service.engine.prepare:12 imports filo_lab.data (a higher layer: filo_lab)",
         "service.worker.loop:5 imports service.backends.embedded (sibling layer service.backends)",
     ]
     assert circles(graph) == [["service.catalog.references", "service.catalog.store"]]
