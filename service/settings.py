@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -70,7 +70,8 @@ SECTIONS = (MODEL, DEVICE, HTTP, KEYS, QUEUE, ANSWERS, REFERENCES, STATE, RECORD
 
 
 class FiloSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FILO_", extra="ignore")
+    # populate_by_name: a field read from other environment names too (hub_offline) is still set by its name
+    model_config = SettingsConfigDict(env_prefix="FILO_", extra="ignore", populate_by_name=True)
 
     profile: Profile = MODEL.field(
         "production",
@@ -102,6 +103,11 @@ class FiloSettings(BaseSettings):
     )
     cache_dir: Path | None = MODEL.field(
         None, description="where open_clip and Hugging Face weights are cached (default: the Hugging Face cache)"
+    )
+    hub_offline: bool = MODEL.field(
+        False, validation_alias=AliasChoices("FILO_HUB_OFFLINE", "HF_HUB_OFFLINE"),
+        description="load Hugging Face models (Grounding DINO, a conversion's base) from local files only, never "
+        "the hub; read from FILO_HUB_OFFLINE, else Hugging Face's own HF_HUB_OFFLINE (1/on/yes/true, as it reads it)",
     )
 
     device: str = DEVICE.field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -296,6 +302,13 @@ class FiloSettings(BaseSettings):
         if v <= 0:
             raise ValueError("image_size must be positive")
         return v
+
+    @field_validator("hub_offline", mode="before")
+    @classmethod
+    def _flag_as_hugging_face_reads_it(cls, v: object) -> object:
+        """HF_HUB_OFFLINE is Hugging Face's variable: read it by their rule (anything else, empty included, is
+        off) rather than refuse a value their libraries accept."""
+        return v.strip().upper() in {"1", "ON", "YES", "TRUE"} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _heartbeat_outlives_a_late_beat(self) -> FiloSettings:

@@ -667,10 +667,27 @@ def test_missing_weights_raise_with_instructions(tmp_path) -> None:
         GroundingDetector.from_pretrained(str(tmp_path), local_files_only=True)
 
 
-def test_offline_env_means_local_files_only(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(GroundingWeightsNotFound):
-        GroundingDetector.from_pretrained(cache_dir=str(tmp_path))
+def test_the_engine_loads_grounding_dino_as_the_settings_say(monkeypatch) -> None:
+    """The engine hands `hub_offline` to the detector; the detector itself reads no environment."""
+    from service.engine import pipeline
+    from service.settings import FiloSettings
+
+    class Loaded(Exception):
+        pass
+
+    asked: list[dict] = []
+
+    def from_pretrained(cls, name_or_dir, **kwargs):
+        asked.append(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(pipeline, "build_model", lambda spec, **kwargs: (None, {}))
+    monkeypatch.setattr(GroundingDetector, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the settings, not the environment, decide
+    for offline in (True, False):
+        with pytest.raises(Loaded):
+            pipeline.InspectionEngine.from_settings(FiloSettings(hub_offline=offline, device="cpu"))
+    assert [a["local_files_only"] for a in asked] == [True, False]
 
 
 def test_save_and_load_round_trip_and_incomplete_checkpoint(detector: GroundingDetector, tmp_path) -> None:

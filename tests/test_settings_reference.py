@@ -108,3 +108,21 @@ def test_bounds_and_validators_still_hold(clean_env: pytest.MonkeyPatch) -> None
     clean_env.setenv("FILO_RECORDS_KEEP", "ngg")
     with pytest.raises(ValidationError):
         FiloSettings()
+
+
+@pytest.mark.parametrize(("env", "offline"), [
+    ({"HF_HUB_OFFLINE": "1"}, True),
+    ({"HF_HUB_OFFLINE": "yes"}, True),
+    ({"HF_HUB_OFFLINE": ""}, False),  # Hugging Face's rule: anything but 1/on/yes/true is off, never an error
+    ({"HF_HUB_OFFLINE": "0"}, False),
+    ({}, False),
+    ({"FILO_HUB_OFFLINE": "true"}, True),
+    ({"HF_HUB_OFFLINE": "1", "FILO_HUB_OFFLINE": "0"}, False),  # ours first
+])
+def test_hub_offline_reads_its_own_name_and_hugging_faces(clean_env: pytest.MonkeyPatch, env: dict[str, str],
+                                                          offline: bool) -> None:
+    clean_env.delenv("HF_HUB_OFFLINE", raising=False)
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert FiloSettings().hub_offline is offline
+    assert FiloSettings(hub_offline=not offline).hub_offline is (not offline)  # a flag or a test sets it by name

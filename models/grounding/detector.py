@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,10 +50,6 @@ class GroundingWeightsNotFound(WeightsNotFoundError):
 # Grounding DINO ties its box/class heads across decoder layers (stored once in the checkpoint) and
 # carries non-learned buffers; transformers may list those as "missing" although nothing is random.
 _TIED_OR_BUFFER = re.compile(r"(bbox_embed|class_embed)\.\d+\.|position_ids$|num_batches_tracked$")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _missing_weights_message(name_or_dir: str, cache_dir: str | None, reason: str) -> str:
@@ -160,11 +155,12 @@ class GroundingDetector:
         cls,
         name_or_dir: str = DEFAULT_GROUNDING_MODEL,
         device: str | torch.device = "cpu",
-        local_files_only: bool | None = None,
+        local_files_only: bool = False,
         cache_dir: str | None = None,
         **kwargs,
     ) -> GroundingDetector:
-        """Load real weights (hub id or local directory). ``local_files_only`` defaults to HF_HUB_OFFLINE.
+        """Load real weights (hub id or local directory); with ``local_files_only`` the hub is never asked. The
+        caller decides that from its configuration: this module reads no environment.
 
         Raises ``GroundingWeightsNotFound`` when the files are missing or the checkpoint lacks weights the
         model needs (transformers would otherwise fill them randomly). ``kwargs`` go to ``__init__``
@@ -172,8 +168,6 @@ class GroundingDetector:
         """
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
-        if local_files_only is None:
-            local_files_only = _env_flag("HF_HUB_OFFLINE")
         name_or_dir = str(name_or_dir)
         try:
             model, info = GroundingDinoForObjectDetection.from_pretrained(

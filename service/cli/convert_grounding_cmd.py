@@ -70,9 +70,9 @@ def _load_base(base: str):
     """(config, processor) of --base; raises OSError/ValueError with transformers' message when unavailable."""
     from transformers import AutoConfig, AutoProcessor
 
-    from models.grounding.detector import _env_flag
+    from service.settings import FiloSettings
 
-    local_only = _env_flag("HF_HUB_OFFLINE")
+    local_only = FiloSettings().hub_offline
     config = AutoConfig.from_pretrained(base, local_files_only=local_only)
     if getattr(config, "model_type", None) != "grounding-dino":
         raise ValueError(f"--base {base} is a {getattr(config, 'model_type', '?')!r} config, not grounding-dino")

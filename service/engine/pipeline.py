@@ -131,7 +131,8 @@ class InspectionEngine:
             text_cache = GROUNDING_TEXT_CACHE_CAPTIONS if settings.grounding_text_cache else 0
             detector = (GroundingDetector.tiny(device=device, text_cache=text_cache) if settings.is_demo
                         else GroundingDetector.from_pretrained(settings.grounding_model, device=device,
-                                                               text_cache=text_cache))
+                                                               text_cache=text_cache,
+                                                               local_files_only=settings.hub_offline))
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
             if detector.standin and not info.get("standin"):
                 info.update(standin=True, version="standin-" + info["version"])
