@@ -8,17 +8,24 @@ q/k/v projections, resolves the box head that the original stores under many nam
 weight of the target model is filled with a tensor of the right shape. It never guesses: anything missing,
 mis-shaped or left over is reported by name, and the caller refuses to write a model.
 
-Tensors in, tensors out; the only I/O is ``load_checkpoint`` (``torch.load(weights_only=True)``) and, at the
-end, ``build_model`` / ``verify_saved`` for the command that writes a directory.
+Tensors in, tensors out, but for three steps at the edges: reading the checkpoint (``read_checkpoint``, with
+``torch.load(weights_only=True)``), reading the base's config and processor (``load_base``), and writing the
+converted directory (``save_verified``: written beside its place, reloaded and compared, then moved in).
+``filo convert-grounding`` runs the steps in order (``read_checkpoint``, ``load_base``, ``convert_checkpoint``,
+``save_verified``) and prints what each found.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -575,3 +582,128 @@ def verify_saved(directory: str | Path, tensors: Mapping[str, torch.Tensor]) -> 
     if differing:
         raise RuntimeError(f"reloaded tensors differ from the converted ones: {differing[:5]} ({len(differing)})")
     return len(tensors)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole conversion, step by step (what ``filo convert-grounding`` runs)
+# --------------------------------------------------------------------------------------------------
+
+REFUSAL_LISTED = 20  # names listed per problem in a refusal, then a count
+
+
+@dataclass
+class Source:
+    """A checkpoint as read: its container and key naming (its layout), its state dict, and the names of the
+    non-tensor classes stored beside the weights that were read as inert stand-ins."""
+
+    container: str
+    naming: str
+    state_dict: dict[str, torch.Tensor]
+    stubbed: list[str]
+
+    @property
+    def layout(self) -> str:
+        return describe_layout(self.container, self.naming)
+
+
+def read_checkpoint(path: str | Path) -> Source:
+    """The checkpoint at ``path``; ``CheckpointError`` when it cannot be read or its layout is unknown."""
+    loaded, stubbed = load_checkpoint(path)
+    container, state_dict = unwrap(loaded)
+    return Source(container, detect_naming(state_dict), state_dict, stubbed)
+
+
+def load_base(base: str, local_files_only: bool = False) -> tuple[Any, Any]:
+    """(config, processor) of the base model (hub id or local directory) whose architecture the weights fill.
+
+    Raises OSError (transformers' message) when it is not available, ValueError when it is not Grounding DINO.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(base, local_files_only=local_files_only)
+    if getattr(config, "model_type", None) != "grounding-dino":
+        raise ValueError(f"base {base} is a {getattr(config, 'model_type', '?')!r} config, not grounding-dino")
+    processor = AutoProcessor.from_pretrained(base, local_files_only=local_files_only)
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise ValueError(f"base {base} has no Grounding DINO processor (tokenizer + image processor files)")
+    return config, processor
+
+
+def convert_checkpoint(source: Source, config) -> tuple[Conversion, Any]:
+    """(conversion, model of ``config`` holding the converted weights); the model is None when the conversion is
+    incomplete (``refusal_text`` says why): no model may be written from it then.
+
+    A checkpoint whose decoder layers keep box heads of their own switches ``config`` to unshared heads.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config)
+    conversion = convert_state_dict(
+        source.state_dict, source.naming, target_shapes(model), model_constants(config),
+        share_decoder_box_head=bool(config.decoder_bbox_embed_share),
+    )
+    if not conversion.ok:
+        return conversion, None
+    if not conversion.share_decoder_box_head and config.decoder_bbox_embed_share:
+        config.decoder_bbox_embed_share = False
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config)
+    load_converted(model, conversion.tensors)
+    return conversion, model
+
+
+def refusal_text(conversion: Conversion, listed: int = REFUSAL_LISTED) -> str:
+    """Why no model may be written from an incomplete conversion: every problem, its keys named."""
+    parts = []
+    if conversion.missing:
+        by_source: dict[str, list[str]] = {}
+        for source, target in conversion.missing:
+            by_source.setdefault(source, []).append(target)
+        items = [f"{source}  (-> {', '.join(targets)})" for source, targets in by_source.items()]
+        parts.append(
+            f"{len(items)} tensor(s) missing from the checkpoint, leaving {len(conversion.missing)} weight(s) of the "
+            f"target model unfilled:\n{_listing(items, listed)}"
+        )
+    if conversion.mismatched:
+        parts.append(f"{len(conversion.mismatched)} tensor(s) do not fit the target model:\n"
+                     f"{_listing(conversion.mismatched, listed)}")
+    if conversion.unused:
+        parts.append(
+            f"{len(conversion.unused)} checkpoint key(s) have no place in the target model (another architecture "
+            f"or config than the base?):\n{_listing(conversion.unused, listed)}"
+        )
+    if conversion.refused_values:
+        parts.append(f"{len(conversion.refused_values)} value(s) cannot be expressed:\n"
+                     f"{_listing(conversion.refused_values, listed)}")
+    return "\n".join(parts)
+
+
+def _listing(items: list[str], listed: int) -> str:
+    shown = "\n".join(f"  {item}" for item in items[:listed])
+    more = f"\n  ... and {len(items) - listed} more" if len(items) > listed else ""
+    return f"{shown}{more}"
+
+
+def save_verified(model, processor, tensors: Mapping[str, torch.Tensor], out: str | Path) -> int:
+    """Write the model and processor to ``out`` (replacing it); returns how many tensors compared equal.
+
+    They are written into a folder beside ``out``, reloaded with plain ``from_pretrained`` and compared with
+    ``tensors`` (``verify_saved``) before that folder takes ``out``'s place, so a failed step leaves nothing
+    behind and never half a model.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        compared = verify_saved(staging, tensors)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        out.chmod(0o777 & ~umask)  # mkdtemp made it private
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return compared
