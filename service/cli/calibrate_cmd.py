@@ -22,6 +22,7 @@ from tqdm import tqdm
 from service.cli.common import (
     add_model_args,
     announce_profile,
+    dataset_errors,
     settings_from_args,
     setup_logging,
     split_names,
@@ -51,10 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    from descriptions import DescriptionsError, UnknownCategoryError
-    from filo_lab.data import DatasetError, group_by_category, read_dataset
+    from filo_lab.data import group_by_category, read_dataset
     from filo_lab.evaluation.runner import catalog_name, draw_shots, using_references
-    from models.errors import CheckpointError, WeightsNotFoundError
     from service.catalog.thresholds import NotEnoughLabelled
     from service.engine.pipeline import InspectionEngine
 
@@ -68,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         names = {cat: catalog_name(engine.catalog, cat) for cat in groups}
         shots = {cat: draw_shots(args.data, args.layout, cat, args.shots, args.shot_seed) for cat in groups} \
             if args.shots else {}
-    except (DatasetError, UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
-            ValueError) as exc:
+    except dataset_errors() as exc:
         print(f"filo calibrate: {exc}", file=sys.stderr)
         return 2
     report: dict[str, dict] = {}

@@ -1,4 +1,5 @@
-"""Command-line options shared by every command that builds a model (inspect, serve, worker, eval, train)."""
+"""What the commands share: the model options and the settings they make, the errors they refuse with exit 2,
+logging."""
 
 from __future__ import annotations
 
@@ -8,7 +9,25 @@ import os
 import sys
 from pathlib import Path
 
+from descriptions import DescriptionsError, UnknownCategoryError
+from models.errors import CheckpointError, WeightsNotFoundError
 from service.settings import FiloSettings
+
+# What building a model from the settings raises when the user has something to fix (weights not on this
+# machine, a checkpoint that does not fit, an unknown category, a broken descriptions file): a command prints
+# the message and exits 2 instead of showing a traceback.
+MODEL_ERRORS: tuple[type[Exception], ...] = (
+    UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
+)
+
+
+def dataset_errors() -> tuple[type[Exception], ...]:
+    """`MODEL_ERRORS`, a dataset that cannot be read and a value that does not fit (a ValueError: more shots
+    than good images, a batch size below 1): what the lab's commands over a dataset (eval, calibrate, train)
+    refuse with exit 2. A function, so that the lab is imported only by the commands that use it."""
+    from filo_lab.data import DatasetError
+
+    return (*MODEL_ERRORS, DatasetError, ValueError)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from service.cli.common import (
     add_model_args,
     announce_profile,
+    dataset_errors,
     settings_from_args,
     setup_logging,
     split_names,
@@ -57,10 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    from descriptions import DescriptionsError, UnknownCategoryError
-    from filo_lab.data import DatasetError
     from filo_lab.evaluation.runner import evaluate_dataset
-    from models.errors import CheckpointError, WeightsNotFoundError
     from service.engine.pipeline import InspectionEngine
 
     grounding = args.grounding == "on"
@@ -82,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
             zero = evaluate_dataset(engine, args.data, out_dir=out / "zero-shot", **common)
         result = evaluate_dataset(engine, args.data, out_dir=out, shots=args.shots, shot_seed=args.shot_seed,
                                   **common)
-    except (DatasetError, UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
-            ValueError) as exc:
+    except dataset_errors() as exc:
         print(f"filo eval: {exc}", file=sys.stderr)
         return 2
     print(result.table() if zero is None else side_by_side(zero.per_category, result.per_category, args.shots))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from service.cli.common import add_model_args, announce_profile, settings_from_args, setup_logging
+from service.cli.common import MODEL_ERRORS, add_model_args, announce_profile, settings_from_args, setup_logging
 from service.core.imaging import ImageDecodeError, heatmap_png, read_image_file
 from service.core.types import InspectError, InspectRequest, InspectResult
 
@@ -66,17 +66,12 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, grounding=grounding)
     announce_profile(settings)
 
-    from descriptions import DescriptionsError, UnknownCategoryError
-    from models.errors import CheckpointError, WeightsNotFoundError
     from service.engine.pipeline import InspectionEngine
 
     try:
         engine = InspectionEngine.from_settings(settings)
         engine.prepare_category(args.category)
-    except UnknownCategoryError as exc:
-        print(f"filo inspect: {exc}", file=sys.stderr)
-        return 2
-    except (WeightsNotFoundError, CheckpointError, DescriptionsError) as exc:
+    except MODEL_ERRORS as exc:
         print(f"filo inspect: {exc}", file=sys.stderr)
         return 2
     if args.references:

@@ -21,6 +21,7 @@ from pathlib import Path
 from service.cli.common import (
     add_model_args,
     announce_profile,
+    dataset_errors,
     settings_from_args,
     setup_logging,
     with_dataset_descriptions,
@@ -77,10 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    from descriptions import CategoryCatalog, DescriptionsError, UnknownCategoryError
-    from filo_lab.data import DatasetError
+    from descriptions import CategoryCatalog
     from filo_lab.training.trainer import Trainer, build_training_model, read_train_state
-    from models.errors import CheckpointError, WeightsNotFoundError
 
     try:
         saved = read_train_state(args.resume) if args.resume else None
@@ -103,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"training on {len(trainer.samples)} images of {len(trainer.names)} categories "
               f"({', '.join(trainer.names.values())}) -> {config.out}", file=sys.stderr)
         result = trainer.run(resume=saved is not None)
-    except (DatasetError, UnknownCategoryError, DescriptionsError, WeightsNotFoundError, CheckpointError,
-            FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (*dataset_errors(), FileExistsError, FileNotFoundError) as exc:
         print(f"filo train: {exc}", file=sys.stderr)
         return 2
     _summary(result, config, settings)
