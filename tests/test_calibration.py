@@ -146,3 +146,24 @@ def test_a_labelled_threshold_holds_only_for_the_model_that_scored_it():
     assert resolve(rec, "", (), 0.5, "filo-demo-tiny-aaa") == ThresholdRule(0.3, "labelled")
     assert resolve(rec, "", (), 0.5, "filo-demo-tiny-bbb") == ThresholdRule(0.5, "default")  # new checkpoint: stale
     assert ThresholdRecord.from_json(rec.to_json()).model_version == "filo-demo-tiny-aaa"
+
+
+def test_calibrate_k_shot_scores_with_references_and_gives_the_category_its_own_back(tmp_path):
+    """The lab's calibration with `shots`: the scores are those of K-shot inspection, the category holds none of
+    the drawn references afterwards, and asking for more shots than good training images is refused."""
+    from filo_lab.data.synth import generate
+    from filo_lab.evaluation.calibration import calibrate_dataset
+    from service.engine.pipeline import InspectionEngine
+    from tests.service_fixtures import demo_settings
+
+    data = tmp_path / "data"
+    generate(data, categories=["fabric"], n_train=2, n_good=2, n_defect=1, size=64, seed=3)
+    engine = InspectionEngine.from_settings(demo_settings(descriptions=[data / "descriptions.json"]))
+    zero = calibrate_dataset(engine, data, grounding=False, progress=False)
+    few = calibrate_dataset(engine, data, grounding=False, shots=2, progress=False)
+    assert zero.complete and few.complete and few.shots == 2
+    assert few.categories["fabric"]["shots"] == 2 and few.thresholds() == {"fabric": few.categories["fabric"]["threshold"]}
+    assert few.categories["fabric"]["scores"] != zero.categories["fabric"]["scores"]
+    assert "fabric" not in engine.references.sets
+    with pytest.raises(ValueError, match="3 shots asked for, but only 2 good training images"):
+        calibrate_dataset(engine, data, grounding=False, shots=3, progress=False)

@@ -147,3 +147,14 @@ def test_evaluate_dataset_in_process_with_grounding_and_limits(dataset, tmp_path
         evaluate(kept.masks, kept.maps, kept.labels, kept.scores), nan_ok=True)
     assert not math.isnan(result.per_category["pill"]["pixel_auroc"])
     assert (tmp_path / "r" / "examples.png").is_file()
+
+
+def test_side_by_side_puts_zero_and_k_shot_figures_of_each_category_and_the_mean_together():
+    from filo_lab.evaluation.report import side_by_side
+
+    zero = {"a": dict.fromkeys(METRIC_KEYS, 0.5), "b": dict.fromkeys(METRIC_KEYS, 0.7)}
+    few = {"a": dict.fromkeys(METRIC_KEYS, 0.9), "b": dict.fromkeys(METRIC_KEYS, 1.0)}
+    lines = side_by_side(zero, few, 4).splitlines()
+    assert lines[0].count("0-shot") == lines[0].count("4-shot") == 4
+    assert lines[2] == "| a | 50.0 | 90.0 | 50.0 | 90.0 | 50.0 | 90.0 | 50.0 | 90.0 |"
+    assert lines[-1] == "| **mean** | 60.0 | 95.0 | 60.0 | 95.0 | 60.0 | 95.0 | 60.0 | 95.0 |"

@@ -97,6 +97,21 @@ def format_table(per_category: dict[str, dict[str, float]]) -> str:
     return "\n".join([header, rule, *rows])
 
 
+SIDE_BY_SIDE_KEYS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
+
+
+def side_by_side(zero: dict[str, dict[str, float]], few: dict[str, dict[str, float]], k: int) -> str:
+    """Markdown: per category and for the mean, zero-shot and K-shot figures of the main metrics, in %."""
+    heads = [f"{METRIC_LABELS[m]} {tag}" for m in SIDE_BY_SIDE_KEYS for tag in ("0-shot", f"{k}-shot")]
+    lines = ["| category | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    rows = [(name, zero[name], few[name]) for name in few]
+    rows.append((f"**{MEAN_ROW}**", mean_metrics(zero), mean_metrics(few)))
+    for name, z, f in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{percent(z[m])} | {percent(f[m])}" for m in SIDE_BY_SIDE_KEYS)
+                     + " |")
+    return "\n".join(lines)
+
+
 def percent(value: float) -> str:
     """A fraction as the table shows it: 0.9514 -> "95.1", NaN -> "n/a"."""
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}"

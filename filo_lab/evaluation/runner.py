@@ -114,23 +114,18 @@ def evaluate_dataset(
     """
     if mask_interpolation not in MASK_INTERPOLATIONS:
         raise ValueError(f"mask_interpolation must be one of {MASK_INTERPOLATIONS}, not {mask_interpolation!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    t0 = time.perf_counter()
-    root = Path(root)
-    samples = limit_per_category(read_dataset(root, layout, categories, split), max_images)
-    groups = group_by_category(samples)
-    names = {cat: catalog_name(engine.catalog, cat) for cat in groups}  # fail before any work
     out = Path(out_dir) if out_dir is not None else None
     if save_arrays and out is None:
         raise ValueError("save_arrays needs an out_dir")
-
-    shot_paths = {cat: draw_shots(root, layout, cat, shots, shot_seed) for cat in groups} if shots else {}
+    t0 = time.perf_counter()
+    root = Path(root)
+    todo = plan_categories(engine, root, layout=layout, categories=categories, split=split, batch_size=batch_size,
+                           max_images=max_images, shots=shots, shot_seed=shot_seed)
     per_category, curves, examples, failures, kept, counts = _evaluate_groups(
-        engine, groups, names, shot_paths, batch_size, grounding, (mask_interpolation, mask_geometry),
-        examples_per_category, out if save_arrays else None, keep_arrays, progress, len(samples))
+        engine, todo, batch_size, grounding, (mask_interpolation, mask_geometry),
+        examples_per_category, out if save_arrays else None, keep_arrays, progress)
     result = EvalResult(per_category, mean_metrics(per_category), counts, failures, time.perf_counter() - t0,
-                        arrays=kept if keep_arrays else None, shot_images=shot_paths)
+                        arrays=kept if keep_arrays else None, shot_images=todo.shots)
     if out is not None:
         result.report = write_report(out, per_category, curves, examples[:MAX_EXAMPLE_ROWS] or None)
         _write_info(out / "eval_info.json", engine, root, layout, split, grounding,
@@ -138,9 +133,9 @@ def evaluate_dataset(
     return result
 
 
-def _evaluate_groups(engine: InspectionEngine, groups: dict[str, list[Sample]], names: dict[str, str],
-                     shot_paths: dict[str, list[str]], batch_size: int, grounding: bool, mask_mode: tuple[str, str],
-                     n_examples: int, arrays_dir: Path | None, keep_arrays: bool, progress: bool, total: int):
+def _evaluate_groups(engine: InspectionEngine, todo: CategoryPlan, batch_size: int, grounding: bool,
+                     mask_mode: tuple[str, str], n_examples: int, arrays_dir: Path | None, keep_arrays: bool,
+                     progress: bool):
     """Each category in turn (with its k-shot references, if any): its arrays, metrics, curves, examples."""
     per_category: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, dict[str, np.ndarray]]] = {}
@@ -148,14 +143,12 @@ def _evaluate_groups(engine: InspectionEngine, groups: dict[str, list[Sample]], 
     failures: list[tuple[str, str]] = []
     kept: dict[str, CategoryArrays] = {}
     counts: dict[str, int] = {}
-    with tqdm(total=total, desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
-        for cat, group in groups.items():
+    with tqdm(total=todo.images, desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
+        for cat, name, group in each_category(engine, todo):
             bar.set_postfix_str(cat)
-            with using_references(engine, names[cat], shot_paths.get(cat)):
-                arrays, cat_examples, cat_failures = _run_category(
-                    engine, names[cat], group, batch_size, grounding, mask_mode,
-                    n_examples, bar,
-                )
+            arrays, cat_examples, cat_failures = _run_category(
+                engine, name, group, batch_size, grounding, mask_mode, n_examples, bar,
+            )
             failures += cat_failures
             counts[cat] = len(arrays.labels)
             if not len(arrays.labels):
@@ -171,6 +164,45 @@ def _evaluate_groups(engine: InspectionEngine, groups: dict[str, list[Sample]], 
             if keep_arrays:
                 kept[cat] = arrays
     return per_category, curves, examples, failures, kept, counts
+
+
+@dataclass
+class CategoryPlan:
+    """A dataset split grouped by category, each with its name in the engine's catalog and, k-shot, the normal
+    references it is inspected with: what eval and calibrate both work through (`each_category`)."""
+
+    groups: dict[str, list[Sample]]  # dataset category -> its samples
+    names: dict[str, str]  # dataset category -> catalog name
+    shots: dict[str, list[str]] = field(default_factory=dict)  # dataset category -> reference image paths
+
+    @property
+    def images(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+
+def plan_categories(engine: InspectionEngine, root: str | Path, *, layout: str = "auto",
+                    categories: list[str] | None = None, split: str = "test", batch_size: int = 8,
+                    max_images: int | None = None, shots: int = 0, shot_seed: int = 0) -> CategoryPlan:
+    """List the split (at most `max_images` per category), match every category to the engine's catalog and
+    draw its k-shot references: every problem (a broken dataset, an unknown category, too few good training
+    images, a batch size below 1, negative shots) is raised here, before any image is inspected."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if shots < 0:
+        raise ValueError(f"shots must be at least 0, not {shots}")
+    root = Path(root)
+    groups = group_by_category(limit_per_category(read_dataset(root, layout, categories, split), max_images))
+    names = {cat: catalog_name(engine.catalog, cat) for cat in groups}
+    drawn = {cat: draw_shots(root, layout, cat, shots, shot_seed) for cat in groups} if shots else {}
+    return CategoryPlan(groups, names, drawn)
+
+
+def each_category(engine: InspectionEngine, todo: CategoryPlan) -> Iterator[tuple[str, str, list[Sample]]]:
+    """(dataset category, catalog name, samples) in turn; while the caller works on one, the engine holds that
+    category's k-shot references (if any), and its own ones again afterwards."""
+    for cat, group in todo.groups.items():
+        with using_references(engine, todo.names[cat], todo.shots.get(cat)):
+            yield cat, todo.names[cat], group
 
 
 def draw_shots(root: Path, layout: str, category: str, k: int, seed: int) -> list[str]:

@@ -88,6 +88,14 @@ def with_dataset_descriptions(settings: FiloSettings, data: str | os.PathLike) -
     return settings.model_copy(update={"descriptions": [auto, *settings.descriptions]})
 
 
+def dataset_settings(args: argparse.Namespace) -> FiloSettings:
+    """The settings of a command over a dataset (eval, calibrate): the flags and environment, `--grounding`,
+    and the dataset's own descriptions.json; the demo profile is announced."""
+    settings = with_dataset_descriptions(settings_from_args(args, grounding=args.grounding == "on"), args.data)
+    announce_profile(settings)
+    return settings
+
+
 def split_names(text: str | None) -> list[str] | None:
     """A comma-separated `--categories` value as a list (None: all)."""
     return [c.strip() for c in text.split(",") if c.strip()] if text else None

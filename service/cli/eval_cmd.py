@@ -15,15 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.cli.common import (
-    add_model_args,
-    announce_profile,
-    dataset_errors,
-    settings_from_args,
-    setup_logging,
-    split_names,
-    with_dataset_descriptions,
-)
+from service.cli.common import add_model_args, dataset_errors, dataset_settings, setup_logging, split_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,21 +50,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    from filo_lab.evaluation.runner import evaluate_dataset
+    from filo_lab.evaluation.report import side_by_side
+    from filo_lab.evaluation.runner import evaluate_dataset, provenance, provenance_line
     from service.engine.pipeline import InspectionEngine
 
-    grounding = args.grounding == "on"
-    settings = with_dataset_descriptions(settings_from_args(args, grounding=grounding), args.data)
-    announce_profile(settings)
+    settings = dataset_settings(args)
+    grounding = settings.grounding
     out = args.out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
-    categories = split_names(args.categories)
     if args.shots < 0:
         print("filo eval: --shots must be at least 0", file=sys.stderr)
         return 2
     zero = None
     try:
         engine = InspectionEngine.from_settings(settings)
-        common = dict(layout=args.layout, categories=categories, split=args.split,
+        common = dict(layout=args.layout, categories=split_names(args.categories), split=args.split,
                       batch_size=args.batch_size, max_images=args.max_images, grounding=grounding,
                       mask_interpolation=args.mask_interpolation, mask_geometry=args.mask_geometry,
                       examples_per_category=args.examples_per_category, save_arrays=args.save_arrays)
@@ -84,8 +75,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"filo eval: {exc}", file=sys.stderr)
         return 2
     print(result.table() if zero is None else side_by_side(zero.per_category, result.per_category, args.shots))
-    from filo_lab.evaluation.runner import provenance, provenance_line
-
     print(f"model: {provenance_line(provenance(engine, grounding))}", file=sys.stderr)
     n = sum(result.images.values())
     print(f"{n} images, {len(result.per_category)} categories, {result.seconds:.1f}s; report in {out}",
@@ -96,19 +85,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-SIDE_BY_SIDE_KEYS = ("pixel_auroc", "aupro", "image_auroc", "image_ap")
-
-
-def side_by_side(zero: dict[str, dict[str, float]], few: dict[str, dict[str, float]], k: int) -> str:
-    """Markdown: per category and for the mean, zero-shot and K-shot figures of the main metrics, in %."""
-    from filo_lab.evaluation.report import MEAN_ROW, METRIC_LABELS, mean_metrics, percent
-
-    heads = [f"{METRIC_LABELS[m]} {tag}" for m in SIDE_BY_SIDE_KEYS for tag in ("0-shot", f"{k}-shot")]
-    lines = ["| category | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    rows = [(name, zero[name], few[name]) for name in few]
-    rows.append((f"**{MEAN_ROW}**", mean_metrics(zero), mean_metrics(few)))
-    for name, z, f in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{percent(z[m])} | {percent(f[m])}" for m in SIDE_BY_SIDE_KEYS)
-                     + " |")
-    return "\n".join(lines)
