@@ -130,7 +130,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("service.queue", "service.engine"),
     ("service.catalog",),
     ("service.records",),
-    ("service.core|service.settings|service.console",),
+    ("service.core|service.settings|service.settings_doc|service.console",),
     ("models", "descriptions"),
 )
 

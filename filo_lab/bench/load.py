@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,6 +129,3 @@ def measure(stack: Stack, image: bytes, category: str, concurrency: int, duratio
                                                 for k in stages1}
     return out
 
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="filo-serving-"))
