@@ -167,7 +167,7 @@ def empty_database(request, tmp_path: Path) -> Iterator[str]:
     yield server.url.rsplit("/", 1)[0] + "/filo_upgrade"
 
 
-def test_migration_0003_upgrades_a_0002_database_with_rows(empty_database: str) -> None:
+def test_migrations_upgrade_a_0002_database_with_rows(empty_database: str) -> None:
     from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -189,7 +189,7 @@ def test_migration_0003_upgrades_a_0002_database_with_rows(empty_database: str) 
         assert version(engine) == "0002_catalog" and "heatmap_kind" not in columns(engine)
         old = _record(1, now_ms() - HOUR, ng=True)
         row = {c.name: getattr(old, c.name) for c in inspections.columns
-               if c.name not in ("heatmap_kind", "review_label", "review_defect_type", "review_note", "reviewer",
+               if c.name not in ("heatmap_kind", "part_id", "key_name", "review_label", "review_defect_type", "review_note", "reviewer",
                                  "reviewed_ms")} | {"has_image": True, "has_heatmap": True}
         with engine.begin() as conn:  # rows as a 0002 server wrote them
             conn.execute(inspections.insert(), [row, {**row, "id": "r-plain", "has_image": False,
@@ -197,17 +197,21 @@ def test_migration_0003_upgrades_a_0002_database_with_rows(empty_database: str) 
             conn.execute(artefacts.insert(), [{"inspection_id": old.id, "kind": "heatmap", "media_type": "image/png",
                                                "data": b"grey"}])
         migrate(engine)
-        assert version(engine) == "0003_heatmap_kind"
+        assert version(engine) == "0004_part_id_key"
         with engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
         store = RecordStore(engine)
         kept = store.get(old.id)
         assert kept is not None and kept.has_heatmap and kept.heatmap_kind is None  # older rows stay NULL
+        assert kept.part_id is None and kept.key_name is None
         assert (kept.category, kept.score, kept.boxes, kept.source) == (old.category, old.score, old.boxes, old.source)
         assert store.get("r-plain").heatmap_kind is None and store.artefact(old.id, "heatmap").data == b"grey"
         new = _record(2, now_ms(), ng=True)
         new.artefacts, new.heatmap_kind = [Artefact("heatmap", "image/png", b"map")], "map"
+        new.part_id, new.key_name = "P-0042", "line7"
         assert store.insert_many([new]) == 1 and store.get(new.id).heatmap_kind == "map"
+        assert (store.get(new.id).part_id, store.get(new.id).key_name) == ("P-0042", "line7")
+        assert [r.id for r in store.list(RecordQuery(part_id="P-0042"), 10, None)[0]] == [new.id]
 
         cfg = alembic_config(empty_database)  # and back down, rows kept
         with engine.begin() as conn:

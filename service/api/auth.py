@@ -32,6 +32,7 @@ def require_admin_key(creds: Credentials, auth: AuthDep) -> Principal:
     return auth.check_admin(_key(creds))
 
 
+Inspector = Annotated[Principal, Depends(require_api_key)]
 Reader = Annotated[Principal, Depends(require_api_key)]
 Reviewer = Annotated[Principal, Depends(require_reviewer_key)]
 Admin = Annotated[Principal, Depends(require_admin_key)]

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.core.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
-from service.records.model import SOURCE_PATTERN
+from service.records.model import PART_ID_PATTERN, REQUEST_ID_PATTERN, SOURCE_PATTERN
 
 HeatmapMode = Literal["jpeg", "png", "map", "none"]
 MAX_HEATMAP_SIDE = 8192
@@ -50,6 +50,20 @@ class InspectParams(BaseModel):
         "the inspection record: up to 64 letters, digits and -_.:/",
     )
     record: bool = Field(True, description="keep a record of this inspection (GET /v1/inspections)")
+    part_id: str | None = Field(
+        None, pattern=PART_ID_PATTERN, description="the line's id of the inspected part (a PLC serial, a file "
+        "stem), kept with the record and a filter of GET /v1/inspections: up to 64 letters, digits and -_.:/",
+    )
+    request_id: str | None = Field(
+        None, pattern=REQUEST_ID_PATTERN, description="a client-chosen id for this inspection (default: the server "
+        "draws one). The service keeps one record per id, so a client that retries after a crash or a lost answer "
+        "with the same id never makes a second record; up to 64 letters, digits, '-' and '_'",
+    )
+    deadline_ms: int | None = Field(
+        None, ge=1, le=600_000, description="how long the client will wait, in ms from when the request arrives: "
+        "a request not started by then is answered 504 deadline_exceeded instead of being run (default and cap: "
+        "the server's request_timeout_s)",
+    )
 
     @field_validator("heatmap_size", mode="before")
     @classmethod
@@ -117,6 +131,7 @@ ThresholdSource = Literal["default", "references", "labelled", "learned", "manua
 class InspectResponse(BaseModel):
     request_id: str
     category: str
+    part_id: str | None = Field(None, description="the request's part_id, as given")
     score: float = Field(..., description="image anomaly score")
     is_anomalous: bool = Field(..., description="score >= threshold")
     needs_review: bool = Field(
@@ -254,6 +269,8 @@ class InspectionRecordOut(BaseModel):
     created_at: str = Field(..., description="ISO-8601, UTC")
     category: str
     source: str | None = Field(None, description="the request's `source` (a line or camera)")
+    part_id: str | None = Field(None, description="the request's `part_id` (the line's id of the part)")
+    key_name: str | None = Field(None, description="the name of the API key that made the inspection")
     score: float
     is_anomalous: bool
     needs_review: bool

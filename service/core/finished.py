@@ -32,6 +32,8 @@ class FinishedInspection:
     timing_ms: dict[str, float]  # queue_wait, model, total
     created_ms: int  # wall-clock time of the answer, ms since the epoch
     source: str | None = None  # the request's `source` (a line, a camera); None: not given
+    part_id: str | None = None  # the line's id of the inspected part; None: not given
+    key_name: str | None = None  # the name of the API key that asked (an open server's caller: "anonymous")
     record: bool = True  # the client's wish that the inspection be kept (`record=false`: not)
     extra: dict[str, Any] = field(default_factory=dict)  # what a caller adds for its own sinks
 

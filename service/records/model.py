@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 SOURCE_PATTERN = r"^[A-Za-z0-9\-_.:/]{1,64}$"
+PART_ID_PATTERN = SOURCE_PATTERN  # a PLC serial or a file stem: the same safe characters
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # what a record id may be (GET /v1/inspections/{id})
 LABELS = ("defect", "good")
 Label = Literal["defect", "good"]
 HEATMAP_KINDS = ("overlay", "map")
@@ -73,11 +75,14 @@ class InspectionRecord:
     # which picture the kept heatmap is (`Heatmap.kind`); None where none was kept, and on records kept
     # before it was recorded (migration 0003)
     heatmap_kind: HeatmapKind | None = None
+    part_id: str | None = None  # the line's id of the inspected part (a PLC serial, a file stem)
+    key_name: str | None = None  # the name of the API key that made the inspection
 
     def out(self) -> dict[str, Any]:
         """The JSON the records API answers."""
         return {
             "id": self.id, "created_at": iso(self.created_ms), "category": self.category, "source": self.source,
+            "part_id": self.part_id, "key_name": self.key_name,
             "score": self.score, "is_anomalous": self.is_anomalous, "needs_review": self.needs_review,
             "threshold": self.threshold, "threshold_source": self.threshold_source, "references": self.references,
             "position": self.position, "boxes": self.boxes, "top_types": self.top_types,
@@ -131,6 +136,7 @@ class RecordQuery:
     needs_review: bool | None = None
     since_ms: int | None = None
     until_ms: int | None = None
+    part_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,14 +175,15 @@ class ThresholdChange:
                 "previous": self.previous, "detail": self.detail}
 
 
-CSV_COLUMNS = ("id", "created_at", "category", "source", "score", "is_anomalous", "needs_review", "threshold",
+CSV_COLUMNS = ("id", "created_at", "category", "source", "part_id", "key_name", "score", "is_anomalous", "needs_review", "threshold",
                "threshold_source", "references", "position", "top_type", "boxes", "model_version",
                "review_label", "review_defect_type", "review_note", "reviewer", "reviewed_at")
 
 
 def csv_row(record: InspectionRecord) -> list[Any]:
     review = record.review
-    return [record.id, iso(record.created_ms), record.category, record.source or "", f"{record.score:.6f}",
+    return [record.id, iso(record.created_ms), record.category, record.source or "", record.part_id or "",
+            record.key_name or "", f"{record.score:.6f}",
             record.is_anomalous, record.needs_review, f"{record.threshold:.6f}", record.threshold_source,
             record.references, record.position or "",
             record.top_types[0]["description"] if record.top_types else "", len(record.boxes), record.model_version,

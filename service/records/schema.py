@@ -30,6 +30,8 @@ inspections = Table(
     Column("created_ms", BigInteger, nullable=False),
     Column("category", String(128), nullable=False),
     Column("source", String(64)),
+    Column("part_id", String(64)),  # NULL: none given, or kept before 0004
+    Column("key_name", String(128)),  # NULL: no key (an open server), or kept before 0004
     Column("score", Float, nullable=False),
     Column("is_anomalous", Boolean, nullable=False),
     Column("needs_review", Boolean, nullable=False, default=False),
@@ -53,6 +55,7 @@ inspections = Table(
     Index("ix_inspections_created", "created_ms", "id"),
     Index("ix_inspections_category_created", "category", "created_ms"),
     Index("ix_inspections_source_created", "source", "created_ms"),
+    Index("ix_inspections_part_id", "part_id"),
 )
 
 artefacts = Table(

@@ -37,7 +37,8 @@ def build_record(finished: FinishedInspection, settings: FiloSettings) -> Inspec
         threshold_source=result.threshold_source, references=result.references, position=result.position,
         boxes=finished.boxes(), top_types=finished.top_types(),
         model_version=str(finished.model.get("version", "")), timing_ms=dict(finished.timing_ms),
-        source=finished.source, artefacts=artefacts, heatmap_kind=heatmap_kind,
+        source=finished.source, part_id=finished.part_id, key_name=finished.key_name, artefacts=artefacts,
+        heatmap_kind=heatmap_kind,
     )
 
 

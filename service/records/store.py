@@ -42,7 +42,7 @@ def _row_to_record(row: Any) -> InspectionRecord:
         is_anomalous=bool(m["is_anomalous"]), needs_review=bool(m["needs_review"]), threshold=m["threshold"],
         threshold_source=m["threshold_source"], references=m["references"], position=m["position"],
         boxes=m["boxes"], top_types=m["top_types"], model_version=m["model_version"], timing_ms=m["timing_ms"],
-        source=m["source"], has_image=bool(m["has_image"]), has_heatmap=bool(m["has_heatmap"]), review=review,
+        source=m["source"], part_id=m["part_id"], key_name=m["key_name"], has_image=bool(m["has_image"]), has_heatmap=bool(m["has_heatmap"]), review=review,
         heatmap_kind=m["heatmap_kind"],
     )
 
@@ -51,6 +51,7 @@ def _record_row(record: InspectionRecord) -> dict[str, Any]:
     kinds = {a.kind for a in record.artefacts}
     return {
         "id": record.id, "created_ms": record.created_ms, "category": record.category, "source": record.source,
+        "part_id": record.part_id, "key_name": record.key_name,
         "score": record.score, "is_anomalous": record.is_anomalous, "needs_review": record.needs_review,
         "threshold": record.threshold, "threshold_source": record.threshold_source,
         "references": record.references, "position": record.position, "boxes": record.boxes,
@@ -69,6 +70,8 @@ def _where(query: RecordQuery) -> list[Any]:
         conds.append(t.category == query.category)
     if query.source is not None:
         conds.append(t.source == query.source)
+    if query.part_id is not None:
+        conds.append(t.part_id == query.part_id)
     if query.verdict is not None:
         conds.append(t.is_anomalous.is_(query.verdict == "ng"))
     if query.reviewed is not None:

@@ -53,7 +53,8 @@ def default_sinks(backend: Backend, settings: FiloSettings) -> Sinks:
 
 
 async def inspect(backend: Backend, sinks: Sinks, job: InspectJob, image: ImageInfo, started: float,
-                  source: str | None, record: bool) -> FinishedInspection:
+                  source: str | None, record: bool, part_id: str | None = None, key_name: str | None = None
+                  ) -> FinishedInspection:
     """Run `job` (its `heatmap` is what the client asked for) and hand the result to the sinks.
 
     `started` is the request's `time.monotonic()` arrival, for the total time. Errors of the backend (4xx/5xx
@@ -66,6 +67,6 @@ async def inspect(backend: Backend, sinks: Sinks, job: InspectJob, image: ImageI
         image_bytes=job.image_bytes, heatmap=outcome.heatmap, model=outcome.model,
         timing_ms={"queue_wait": outcome.queue_wait_ms, "model": outcome.model_ms,
                    "total": (time.monotonic() - started) * 1e3},
-        created_ms=now_ms(), source=source, record=record)
+        created_ms=now_ms(), source=source, part_id=part_id, key_name=key_name, record=record)
     sinks.submit(finished)
     return finished

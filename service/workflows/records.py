@@ -8,6 +8,7 @@ from service.core.errors import ServiceError
 from service.records.model import (
     CSV_COLUMNS,
     LABELS,
+    PART_ID_PATTERN,
     SOURCE_PATTERN,
     Artefact,
     Cursor,
@@ -20,7 +21,7 @@ from service.records.model import (
 )
 from service.records.recorder import Records
 
-__all__ = ["CSV_COLUMNS", "LABELS", "SOURCE_PATTERN", "Artefact", "Cursor", "InspectionRecord", "RecordQuery",
+__all__ = ["CSV_COLUMNS", "LABELS", "PART_ID_PATTERN", "SOURCE_PATTERN", "Artefact", "Cursor", "InspectionRecord", "RecordQuery",
            "Review", "artefact", "csv_row", "iso", "now_ms", "record", "records_of", "review"]
 
 

@@ -16,18 +16,20 @@ from typing import Any
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service.api.auth import require_api_key
+from service.api.auth import Inspector
 from service.api.body import invalid, is_json, media_type, parse_json
 from service.api.deps import BackendDep, SettingsDep, SinksDep
 from service.api.schemas import (
     ERROR_RESPONSES,
     IMAGE_RULES,
     MAX_HEATMAP_SIDE,
+    PART_ID_PATTERN,
+    REQUEST_ID_PATTERN,
     InspectJSON,
     InspectParams,
     InspectResponse,
@@ -64,6 +66,12 @@ _FORM_SCHEMA = {
                          "default": DEFAULT_HEATMAP_SIZE},
         "source": InspectParams.model_json_schema()["properties"]["source"],
         "record": {"type": "boolean", "default": True, "description": "keep a record of this inspection"},
+        "part_id": {"type": "string", "pattern": PART_ID_PATTERN,
+                    "description": InspectParams.model_fields["part_id"].description},
+        "request_id": {"type": "string", "pattern": REQUEST_ID_PATTERN,
+                       "description": InspectParams.model_fields["request_id"].description},
+        "deadline_ms": {"type": "integer", "minimum": 1, "maximum": 600_000,
+                        "description": InspectParams.model_fields["deadline_ms"].description},
     },
 }
 
@@ -145,13 +153,13 @@ def _heatmap_spec(params: InspectParams, png_body: bool) -> HeatmapSpec:
     response_model=InspectResponse,
     responses=_RESPONSES,
     openapi_extra=_OPENAPI_EXTRA,
-    dependencies=[Depends(require_api_key)],
 )
 async def inspect(
     request: Request,
     settings: SettingsDep,
     backend: BackendDep,
     sinks: SinksDep,
+    who: Inspector,
 ) -> Response:
     """Score one image of a registered category; multipart (`image` file) or JSON (`image_base64`)."""
     t0 = time.monotonic()
@@ -159,17 +167,20 @@ async def inspect(
     info, image = await _validate_image(data, settings.max_image_pixels, backend.decodes_in_process)
     png = _wants_png(request)
     asked = _heatmap_spec(params, png)
+    wait_s = settings.request_timeout_s if params.deadline_ms is None \
+        else min(settings.request_timeout_s, params.deadline_ms / 1000)
     job = InspectJob(
-        request_id=uuid.uuid4().hex,
+        request_id=params.request_id or uuid.uuid4().hex,
         category=params.category,
         image=image,
         image_bytes=data,
         top_k=params.top_k or settings.top_k,
         grounding=params.grounding,
         heatmap=asked,
-        deadline=t0 + settings.request_timeout_s,
+        deadline=t0 + wait_s,
     )
-    finished = await inspection.inspect(backend, sinks, job, info, t0, params.source, params.record)
+    finished = await inspection.inspect(backend, sinks, job, info, t0, params.source, params.record,
+                                        part_id=params.part_id, key_name=who.name)
     headers = {"X-Request-Id": job.request_id}
     if png:
         if finished.heatmap is None:
@@ -186,6 +197,7 @@ def _answer(finished: FinishedInspection, show_heatmap: bool, legacy_png: bool) 
     return InspectResponse(
         request_id=finished.request_id,
         category=finished.category,
+        part_id=finished.part_id,
         score=result.score,
         is_anomalous=result.is_anomalous,
         needs_review=result.needs_review,

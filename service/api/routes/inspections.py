@@ -31,6 +31,7 @@ from service.workflows import records as recs
 from service.workflows.records import (
     CSV_COLUMNS,
     LABELS,
+    PART_ID_PATTERN,
     SOURCE_PATTERN,
     Cursor,
     InspectionRecord,
@@ -54,6 +55,7 @@ class Filters(BaseModel):
 
     category: str | None = Field(None, min_length=1, max_length=128)
     source: str | None = Field(None, pattern=SOURCE_PATTERN)
+    part_id: str | None = Field(None, pattern=PART_ID_PATTERN, description="the line's id of the part")
     verdict: Literal["ok", "ng"] | None = None
     reviewed: bool | None = None
     needs_review: bool | None = None
@@ -62,7 +64,7 @@ class Filters(BaseModel):
 
     def query(self) -> RecordQuery:
         return RecordQuery(self.category, self.source, self.verdict, self.reviewed, self.needs_review,
-                           epoch_ms(self.since), epoch_ms(self.until))
+                           epoch_ms(self.since), epoch_ms(self.until), self.part_id)
 
 
 def epoch_ms(moment: datetime | None) -> int | None:

@@ -138,7 +138,7 @@
       if (r.needs_review) head.appendChild(C.el("span", "tag", "borderline"));
       text.appendChild(head);
       text.appendChild(C.el("span", "muted", `${C.num(r.score, 3)} ${r.is_anomalous ? "≥" : "<"} ${C.num(r.threshold, 3)}`
-        + ` · ${r.source || "no source"}`));
+        + ` · ${r.source || "no source"}` + (r.part_id ? ` · part ${r.part_id}` : "")));
       text.appendChild(C.el("span", "muted", C.when(r.created_at)));
       item.appendChild(text);
       item.addEventListener("click", () => select(i));
@@ -223,6 +223,8 @@
     facts.appendChild(top);
     const meta = C.el("dl", "meta");
     C.fact(meta, "Source", r.source || "none given", "review-source");
+    C.fact(meta, "Part", r.part_id || "none given", "review-part");
+    C.fact(meta, "Key", r.key_name || "–", "review-key");
     C.fact(meta, "Time (UTC)", C.when(r.created_at), "review-time");
     C.fact(meta, "Boxes", String((r.boxes || []).filter((b) => b.valid).length));
     C.fact(meta, "Position", r.position || "all nine averaged");

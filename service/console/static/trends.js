@@ -28,6 +28,7 @@
     };
     set("category", $("trends-category").value);
     set("source", $("trends-source").value.trim());
+    set("part_id", $("trends-part").value.trim());
     set("verdict", $("trends-verdict").value);
     set("reviewed", $("trends-reviewed").value);
     set("since", C.localToIso($("trends-since").value));
@@ -248,6 +249,7 @@
     cell(tr, C.when(r.created_at), "time");
     cell(tr, r.category, "category");
     cell(tr, r.source || "", "source");
+    cell(tr, r.part_id || "", "part_id");
     const verdict = cell(tr, "", "verdict");
     verdict.appendChild(C.el("span", `verdict small ${r.is_anomalous ? "ng" : "ok"}`, r.is_anomalous ? "NG" : "OK"));
     if (r.needs_review) verdict.appendChild(C.el("span", "tag", "borderline"));
@@ -256,6 +258,7 @@
     cell(tr, review.defect_type || "", "defect_type");
     cell(tr, review.note || "", "note");
     cell(tr, review.reviewer || "", "reviewer");
+    cell(tr, r.key_name || "", "key_name");
     cell(tr, r.id, "id").classList.add("mono");
     return tr;
   }
