@@ -190,6 +190,10 @@ class FiloSettings(BaseSettings):
         120.0, gt=0, description="queue mode: how long one change of a category's references or threshold may hold "
         "its lock (a dead holder's lock lapses after this; a change waiting longer is refused with 409)",
     )
+    job_claim_s: float = QUEUE.field(
+        60.0, gt=0, description="queue mode: a background job (learn) whose API pod has not reported on it for this "
+        "long is lost (its pod died) and its category free for a new one",
+    )
     claim_idle_ms: int = QUEUE.field(
         15_000, ge=100, description="queue mode: pending requests idle this long are reclaimed, whoever holds them "
         "(the backstop: a dead worker's requests are taken over as soon as its heartbeat lapses)",

@@ -22,7 +22,7 @@ from service.records.schema import metadata
 from service.records.store import RecordStore
 from tests.conftest import synthetic_image
 from tests.postgres_server import PostgresServer, running_postgres
-from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_until
+from tests.service_fixtures import ServerThread, demo_settings, learn_and_wait, png_bytes, wait_until
 
 API, REVIEWER, ADMIN = "cam-1", "rev-secret", "admin-1"
 AUTH = {"Authorization": f"Bearer {API}"}
@@ -486,7 +486,7 @@ def learn_loop(client: httpx.Client) -> None:
     assert plan["dry_run"] and plan["references_added"] == 3 and plan["suggested_descriptions"] == ["Burn mark"]
     assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == 0
     assert client.post(f"/v1/categories/{category}/learn", headers=REV).status_code == 403
-    done = client.post(f"/v1/categories/{category}/learn", headers=ADM).json()
+    done = learn_and_wait(client, category, ADM)
     assert not done["dry_run"] and done["references"] == 3 and done["threshold"]["source"] == "learned"
     assert (done["threshold"]["n_good"], done["threshold"]["n_defective"]) == (3, 1)
     assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == 3

@@ -22,6 +22,7 @@ from tests.conftest import synthetic_image
 from tests.service_fixtures import (  # noqa: F401
     ServerThread,
     demo_settings,
+    learn_and_wait,
     own_redis,
     wait_ready,
     wait_until,
@@ -132,8 +133,7 @@ def test_every_reader_reports_the_rule_the_inspection_applies(mode, tmp_path, wo
                    what="the probes' records")
         for i, label in zip(ids, ["good", "good", "defect", "defect", "good"], strict=True):
             assert client.post(f"/v1/inspections/{i}/review", headers=ADMIN, json={"label": label}).status_code == 200
-        r = client.post(f"/v1/categories/{CATEGORY}/learn", headers=ADMIN)
-        assert r.status_code == 200, r.text
+        learn_and_wait(client, CATEGORY, ADMIN)
         seen.append(_agree(client, probe))
         assert seen[-1]["source"] == "learned"
 

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import install_error_handlers
-from service.api.routes import categories, console, health, inspect, inspections, learning, references
+from service.api.routes import categories, console, health, inspect, inspections, jobs, learning, references
 from service.backends.base import Backend
 from service.core.errors import error_body
 from service.core.security import Authenticator, check_auth_config
@@ -172,6 +172,7 @@ def create_app(settings: FiloSettings, backend: Backend, sinks: Sinks | None = N
     app.include_router(references.router)
     app.include_router(inspections.router)
     app.include_router(learning.router)
+    app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(console.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)

@@ -355,3 +355,26 @@ class LearnOut(BaseModel):
     suggested_descriptions: list[str] = Field(..., description="defect types reviewers typed that the category "
                                               "lacks; not added")
     notes: list[str]
+
+
+class JobErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A background job (learning from reviews): where it stands, and its result or error once finished."""
+
+    id: str
+    kind: Literal["learn"]
+    category: str
+    actor: str = Field(..., description="the key that started it")
+    state: Literal["running", "succeeded", "failed", "lost"] = Field(
+        ..., description="lost: the process running it stopped before it finished")
+    stage: str = Field(..., description="what it is doing now")
+    done: int = Field(..., description="steps of the stage done")
+    total: int = Field(..., description="steps of the stage (0: not counted)")
+    result: LearnOut | None = Field(None, description="once succeeded: what learning did")
+    error: JobErrorOut | None = None
+    created_at: str = Field(..., description="ISO-8601, UTC")
+    updated_at: str = Field(..., description="ISO-8601, UTC")

@@ -199,6 +199,23 @@
 
   // --- errors a person can act on ------------------------------------------------------------------
 
+  // A background job (POST .../learn answers one) followed to its end: `onProgress(job)` after each look; resolves
+  // with the job's result, or throws an ApiError with the job's error (a failed or lost job).
+  async function followJob(job, onProgress) {
+    let current = job;
+    while (current.state === "running") {
+      if (onProgress) onProgress(current);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      current = await api(`/v1/jobs/${encodeURIComponent(current.id)}`, { admin: true });
+    }
+    if (onProgress) onProgress(current);
+    if (current.state !== "succeeded") {
+      const err = current.error || { code: "job_" + current.state, message: `the job ended ${current.state}` };
+      throw new ApiError(409, err.code, err.message, null);
+    }
+    return current.result;
+  }
+
   // A sentence a person can act on, for an ApiError raised while doing `what` (e.g. "fabric_good.png").
   // `opts.admin`: the admin key was used; `opts.retryIn`: the page itself tries again in that many seconds.
   function explain(err, what, opts) {
@@ -346,7 +363,7 @@
     $, el, svgEl, clear, fact, linkOpacity, isTyping,
     num, sourceText, when, localToIso, pct,
     storedKey, storeKey, apiKey, adminKey, keepApiKey, keepAdminKey,
-    api, readiness, explain, showError, hideError, showInlineError, hideInlineError,
+    api, followJob, readiness, explain, showError, hideError, showInlineError, hideInlineError,
     download, jetColour, imageCanvas, colourMap,
   });
 
