@@ -33,7 +33,7 @@ from service.workflows.records import records_of
 from service.workflows.references import replace_refs
 from service.workflows.thresholds import threshold_change, write_threshold
 
-RESCORE_CONCURRENCY = 8  # kept images scored at once: enough to fill a batch, few enough to leave room for others
+RESCORE_CONCURRENCY = 2  # kept images in flight at once: a learn adds at most 2 images to any batch the line shares
 
 
 async def start_learning(backend: Backend, settings: FiloSettings, name: str, actor: str) -> Job:
