@@ -26,7 +26,7 @@ from PIL import Image
 
 from filo_line.sources.base import Frame, SourceError
 from filo_line.sources.genicam import GenicamSource
-from filo_line.sources.genicam_pixels import frame_to_png
+from filo_line.sources.genicam_pixels import PixelFormatError, frame_to_png
 
 FAKE_CAMERA = "arv-fake-gv-camera-0.8"
 SERIAL = "FILO1"
@@ -189,6 +189,8 @@ def test_hardware_trigger_waits_for_the_line(camera: FakeCamera) -> None:
                 sent_without_pulse = True
             except asyncio.TimeoutError:
                 sent_without_pulse = False
+            with pytest.raises(TimeoutError, match=CAMERA_ID):  # a PLC-triggered part whose pulse never came
+                await source.acquire("P-1", timeout_s=0.3)
             return check, sent_without_pulse
         finally:
             await source.stop()
@@ -271,3 +273,10 @@ def test_mono16_keeps_all_sixteen_bits() -> None:
     image = Image.open(io.BytesIO(frame_to_png(values.tobytes(), 4, 1, "Mono16")))
     assert image.mode == "I;16"
     assert [image.getpixel((x, 0)) for x in range(4)] == [0, 1, 0x1234, 0xFFFF]
+
+
+def test_a_format_without_a_conversion_or_a_short_frame_is_refused_by_name() -> None:
+    with pytest.raises(PixelFormatError, match="Mono12.*Mono8, Mono16"):
+        frame_to_png(bytes(8), 2, 2, "Mono12")
+    with pytest.raises(PixelFormatError, match="needs 12 bytes, got 4"):
+        frame_to_png(bytes(4), 2, 2, "RGB8")

@@ -33,6 +33,7 @@ T = TypeVar("T")
 TRIGGERS = ("software", "hardware", "free")
 N_BUFFERS = 4  # frames the stream may hold before Aravis drops the oldest: a part's frame waits while one encodes
 POLL_S = 0.25  # frames() waits for a frame this long at a time, so that stop() is never held longer
+GRACE_S = 0.5  # how long acquire() waits past its timeout for the camera's thread to give up by itself
 
 
 def _aravis() -> tuple[Any, Any]:
@@ -123,8 +124,11 @@ class GenicamSource:
     async def acquire(self, part_id: str, timeout_s: float) -> Frame:
         """The part's frame: software trigger, fire TriggerSoftware and take its answer; free-running, the next
         frame; hardware trigger, the oldest frame not yet taken (the line's pulse came with the part)."""
+        deadline = time.monotonic() + timeout_s
         try:
-            return await asyncio.wait_for(self._run(self._acquire, part_id, timeout_s), timeout_s)
+            # the camera's thread stops waiting at the deadline itself, so that no wait is left behind to take the
+            # next part's frame; the grace covers only a thread held up by a camera that does not answer
+            return await asyncio.wait_for(self._run(self._acquire, part_id, deadline), timeout_s + GRACE_S)
         except asyncio.TimeoutError:
             raise TimeoutError(f"GenICam camera {self.label}: no frame within {timeout_s:.1f} s") from None
 
@@ -215,8 +219,8 @@ class GenicamSource:
         self._stream = None
         self._camera = None
 
-    def _acquire(self, part_id: str, timeout_s: float) -> Frame:
-        _, glib = _aravis()
+    def _acquire(self, part_id: str, deadline: float) -> Frame:
+        aravis, glib = _aravis()
         stream = self._require_stream()
         if self.trigger != "hardware":
             self._drain()
@@ -226,20 +230,20 @@ class GenicamSource:
             except glib.Error as exc:
                 self._lost.set()
                 raise SourceError(f"GenICam camera {self.label}: software trigger failed ({exc.message})") from exc
-        deadline = time.monotonic() + timeout_s
         incomplete = 0
         while (left := deadline - time.monotonic()) > 0:
             buffer = stream.timeout_pop_buffer(max(1, int(left * 1e6)))
             if buffer is None:
                 break
+            broken = buffer.get_status() not in (aravis.BufferStatus.SUCCESS, aravis.BufferStatus.CLEARED)
             frame = self._to_frame(buffer, part_id)
             if frame is not None:
                 return frame
-            incomplete += 1  # a broken frame is not the part's: its own may still come
+            incomplete += broken  # a broken frame is not the part's: its own may still come
         if incomplete:
             raise SourceError(f"GenICam camera {self.label}: {incomplete} frame(s) arrived incomplete and no whole "
-                              f"one within {timeout_s:.1f} s; check the network (packet size, cabling)")
-        raise TimeoutError(f"GenICam camera {self.label}: no frame within {timeout_s:.1f} s")
+                              "one in time; check the network (packet size, cabling)")
+        raise TimeoutError(f"GenICam camera {self.label}: no frame in time")
 
     def _next_frame(self, wait_s: float) -> Frame | None:
         buffer = self._require_stream().timeout_pop_buffer(int(wait_s * 1e6))
