@@ -410,6 +410,8 @@ def test_a_restarted_plc_is_reconnected_and_signalling_resumes(lab: Lab, protoco
             await peer.stop()  # the PLC goes down, its memory with it
             await until(lambda: _true(hs.state == "reconnecting"), "the connector to notice")
             await peer.start()
+            # the restarted PLC sees TriggerReady only because the reconnect writes it again: the station raised
+            # it before the restart and is still waiting for its part
             after = await plc_program(peer, ["P-3", "P-4"])
             results = await connector
             states_seen = states.copy()
