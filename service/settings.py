@@ -176,6 +176,15 @@ class FiloSettings(BaseSettings):
     cors_origins: list[str] = HTTP.field(
         default_factory=list, description="origins a browser may call the API from (CORS); none by default"
     )
+    api_docs: bool = HTTP.field(
+        True, description="serve the OpenAPI description and its pages (/openapi.json, /docs, /redoc); false hides "
+        "them in production (the console does not need them)",
+    )
+    metrics_port: int | None = HTTP.field(
+        None, ge=1, le=65535, description="`filo serve`: serve /metrics on this port (a second listener on `host`) "
+        "and not on the API's port, so an ingress publishing the API never shows it; unset: /metrics on `port`",
+    )
+
     api_keys: list[str] = KEYS.field(
         default_factory=list, description="camera keys: inspect, and read the category catalog (not the records); "
         "'name:secret' records the name, a bare key is recorded by a short hash",
@@ -195,6 +204,9 @@ class FiloSettings(BaseSettings):
         "\"sources\": [\"supplier-a/line-1\"]}}' lets the camera, reader or reviewer keys named supplier-a reach "
         "those categories' and sources' records and inspections only; every name must be a configured key's name "
         "and the admin key cannot be limited (checked at start)",
+    )
+    metrics_key: str | None = KEYS.field(
+        None, description="a bearer key Prometheus presents for /metrics; unset: /metrics is open (for scraping)"
     )
     allow_open: bool = KEYS.field(False, description="production only: run without API keys on purpose")
 
@@ -353,6 +365,13 @@ class FiloSettings(BaseSettings):
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError(f"heartbeat_ttl_ms ({self.heartbeat_ttl_ms}) must be at least twice heartbeat_interval_ms "
                              f"({self.heartbeat_interval_ms}): one late beat must not declare a worker dead")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> FiloSettings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must differ from port: leave it unset to serve "
+                             "/metrics on the API's port")
         return self
 
     @property

@@ -21,6 +21,8 @@ from service.records.model import RecordQuery
 
 bearer_scheme = HTTPBearer(auto_error=False, description="API key: camera, reader, reviewer or admin "
                            "(docs/records.md, Keys, roles and limits)")
+metrics_scheme = HTTPBearer(auto_error=False, scheme_name="MetricsKey",
+                            description="the metrics key (FILO_METRICS_KEY), where one is set")
 
 
 def _key(creds: HTTPAuthorizationCredentials | None) -> str | None:
@@ -49,6 +51,11 @@ def require_reviewer_key(creds: Credentials, auth: AuthDep) -> Principal:
 
 def require_admin_key(creds: Credentials, auth: AuthDep) -> Principal:
     return auth.check_admin(_key(creds))
+
+
+def require_metrics_key(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(metrics_scheme)],
+                        auth: AuthDep) -> None:
+    auth.check_metrics(_key(creds))
 
 
 Catalog = Annotated[Principal, Depends(require_catalog_key)]

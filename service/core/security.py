@@ -187,6 +187,7 @@ class Authenticator:
         self._limits = {name: (tuple(limit.categories) if limit.categories is not None else None,
                                tuple(limit.sources) if limit.sources is not None else None)
                         for name, limit in settings.key_limits.items()}
+        self.metrics_key = settings.metrics_key
         runs_open = settings.is_demo or settings.allow_open
         self.inspect_open = runs_open and not (settings.api_keys or settings.reader_keys or settings.reviewer_keys)
         self.admin_open = self.inspect_open and not settings.admin_key
@@ -256,3 +257,10 @@ class Authenticator:
         if not self.admin_key:
             raise ServiceError(403, "forbidden", "no admin key configured (FILO_ADMIN_KEY): writes are disabled")
         raise self._unauthorized("wrong admin key")
+
+    def check_metrics(self, key: str | None) -> None:
+        """/metrics: open unless `metrics_key` is set; then that key alone (401 otherwise)."""
+        if self.metrics_key is None:
+            return
+        if key is None or not hmac.compare_digest(key.encode(), self.metrics_key.encode()):
+            raise self._unauthorized("/metrics needs the metrics key (FILO_METRICS_KEY) as a bearer key")
