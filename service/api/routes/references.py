@@ -1,9 +1,10 @@
 """Normal reference images of a category, and its calibrated threshold (docs/few-shot.md).
 
 PUT/GET/DELETE /v1/categories/{name}/references[/{id}] and POST /v1/categories/{name}/calibrate.
-Writes need the admin key; the listing any key (a key limited to categories: its own). References are stored beside the category in the durable catalog
-(Redis in queue mode, `state_dir` in embedded mode: service/catalog/references.py), so every worker,
-restart and new pod has them; each process builds its own patch memory from them with its model.
+Writes need the admin key; the listing any key (a key limited to categories: its own categories' only).
+References are stored beside the category in the durable catalog (Redis in queue mode, `state_dir` in
+embedded mode: service/catalog/references.py), so every worker, restart and new pod has them; each process
+builds its own patch memory from them with its model.
 
 These routes read the multipart uploads and answer; the work is service/workflows/references.py's.
 Calibration inspects the labelled images through the ordinary inspection path (so in queue mode the workers

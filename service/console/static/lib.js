@@ -274,8 +274,6 @@
     $("error").hidden = true;
   }
 
-  // An error shown next to a view or a row of buttons: elements `${prefix}`, `${prefix}-title`, ...
-  // `extra.explained`: the caller's own [title, sentence] instead of the one explain gives.
   // A key that may not read records (a camera key: it inspects only), said where the records would be.
   function readRefused(msg) {
     return ["This key may not read records", "A camera key inspects only. To see the inspection records, enter "
@@ -287,6 +285,8 @@
     return Boolean(err) && err.status === 403 && err.code === "forbidden";
   }
 
+  // An error shown next to a view or a row of buttons: elements `${prefix}`, `${prefix}-title`, ...
+  // `extra.explained`: the caller's own [title, sentence] instead of the one explain gives.
   function showInlineError(prefix, err, what, extra) {
     const [title, message] = extra && extra.explained ? extra.explained : explain(err, what, extra);
     $(`${prefix}-title`).textContent = title;

@@ -316,7 +316,8 @@
       say();
     }).catch((err) => {
       if (state.shownId !== id) return;
-      notes.push(err && err.status !== undefined ? `The heatmap could not be loaded: ${C.explain(err, "the heatmap", { read: true })[1]}`
+      const fromApi = err && err.status !== undefined;
+      notes.push(fromApi ? `The heatmap could not be loaded: ${C.explain(err, "the heatmap", { read: true })[1]}`
         : "The heatmap could not be decoded.");
       say();
     });
@@ -398,7 +399,8 @@
 
   function explainJudgement(err) {
     if (err.status === 403 && err.code === "outside_key_limits") {
-      return ["Outside this key's limits", `This key judges some categories and sources only. The server said: ${err.message}.`];
+      return ["Outside this key's limits", "This key judges some categories and sources only. The server said: "
+        + `${err.message}.`];
     }
     if (err.status === 403) {
       return ["Not allowed to judge", "This key may not judge: camera keys inspect, reader keys read. Enter a "
