@@ -110,6 +110,7 @@ ACCESS: dict[tuple[str, str], str] = {
     ("POST", "/v1/categories/{name}/calibrate"): ADMIN,
     ("PUT", "/v1/categories/{name}/threshold"): ADMIN,
     ("POST", "/v1/categories/{name}/learn"): ADMIN,
+    ("GET", "/v1/jobs/{job_id}"): ADMIN,
 }
 
 
@@ -267,6 +268,9 @@ CALLS: dict[tuple[str, str], Call] = {
         "/v1/categories/keys-refs/threshold", json={"threshold": 0.5}, headers=h)),
     ("POST", "/v1/categories/{name}/learn"): Call(lambda c, h, s, _: c.post(
         "/v1/categories/bottle/learn", params={"dry_run": "true"}, headers=h)),
+    ("GET", "/v1/jobs/{job_id}"): Call(
+        lambda c, h, s, job: c.get(f"/v1/jobs/{job or 'no-such-job'}", headers=h),
+        prepare=lambda s: s.client.post("/v1/categories/keys-clear/learn", headers=auth("admin")).json()["id"]),
 }
 
 
