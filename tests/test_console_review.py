@@ -517,9 +517,9 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
 
     tab(driver, "trends")
     Select(by_testid(driver, "trends-category")).select_by_value("hostile")
-    wait_for(driver, lambda d: any(r["_id"] == "hostile-1" for r in rows(d, "record-row")),
-             "the hostile record listed", timeout=20)
-    cells = next(r for r in rows(driver, "record-row") if r["_id"] == "hostile-1")
+    # read in the same look that finds it (showing the tab and choosing the category each redraw the list)
+    cells = wait_for(driver, lambda d: next((r for r in rows(d, "record-row") if r["_id"] == "hostile-1"), None),
+                     "the hostile record listed", timeout=20)
     assert (cells["source"], cells["note"], cells["defect_type"]) == (HOSTILE_SOURCE, HOSTILE, HOSTILE)
     shot(driver, "hostile-review-trends")
     assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
