@@ -237,7 +237,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "the body cannot be parsed (malformed multipart, a JSON body that is not UTF-8)",
         401: "missing or wrong API key",
-        403: "admin key required",
+        403: "the key's role may not do this (forbidden), or it is outside the key's limits (outside_key_limits)",
         404: "unknown category (lists the known ones)",
         413: "body or image too large",
         415: "unsupported media type or not an image",

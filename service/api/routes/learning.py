@@ -37,7 +37,8 @@ async def put_threshold(name: NameParam, body: ThresholdIn, backend: BackendDep,
 
 
 @router.get("/{name}/thresholds", response_model=ThresholdsOut, responses=ERROR_RESPONSES, summary="The threshold now and every change to it")
-async def get_thresholds(name: NameParam, backend: BackendDep, _: Reader) -> dict[str, Any]:
+async def get_thresholds(name: NameParam, backend: BackendDep, who: Reader) -> dict[str, Any]:
+    who.check_category(name)
     return await thresholds.overview(backend, name)
 
 

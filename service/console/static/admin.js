@@ -104,7 +104,7 @@
     } catch (err) {
       if (generation !== state.generation) return;
       C.clear(list);
-      list.appendChild(C.el("li", "muted", `history unavailable: ${C.explain(err, "the history")[1]}`));
+      list.appendChild(C.el("li", "muted", `history unavailable: ${C.explain(err, "the history", { read: true })[1]}`));
     }
   }
 
