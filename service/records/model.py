@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -12,6 +13,8 @@ from typing import Any, Literal
 SOURCE_PATTERN = r"^[A-Za-z0-9\-_.:/]{1,64}$"
 PART_ID_PATTERN = SOURCE_PATTERN  # a PLC serial or a file stem: the same safe characters
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # what a record id may be (GET /v1/inspections/{id})
+MAX_MS = 2**63 - 1  # the largest time a BIGINT column holds
+_CURSOR_MS = re.compile(r"0|[1-9][0-9]{0,18}")
 LABELS = ("defect", "good")
 Label = Literal["defect", "good"]
 HEATMAP_KINDS = ("overlay", "map")
@@ -155,9 +158,11 @@ class Cursor:
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
+        """The cursor `encode` gave out, or ValueError: a time that fits the database's BIGINT, so nothing a
+        client makes up reaches a query."""
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         ms, _, ident = raw.partition(":")
-        if not ident:
+        if not _CURSOR_MS.fullmatch(ms) or int(ms) > MAX_MS or not ident:
             raise ValueError("not a cursor")
         return cls(int(ms), ident)
 

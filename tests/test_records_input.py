@@ -1,0 +1,82 @@
+"""Bad input to the records routes is the client's mistake, answered 422 naming the field before any query runs:
+never a database error (503 `records_unavailable`, or a 500) and never quietly read as something else.
+A real API server (embedded mode, the demo engine) over loopback, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import event
+
+from service.api.app import create_app
+from service.backends.embedded import EmbeddedBackend
+from service.records.model import Cursor
+from tests.postgres_server import PostgresServer, running_postgres
+from tests.service_fixtures import ServerThread, demo_settings, wait_until
+
+ADMIN = "admin-1"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+MAX_MS = 2**63 - 1  # the largest time a BIGINT holds
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
+
+
+class Api:
+    """A running server, and the SQL statements its records database was sent."""
+
+    def __init__(self, client: httpx.Client, backend: EmbeddedBackend) -> None:
+        self.client = client
+        self.backend = backend
+        self.statements: list[str] = []
+        assert backend.records is not None
+        event.listen(backend.records.store.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if not statement.lstrip().upper().startswith("DELETE"):  # the retention purge runs beside the requests
+            self.statements.append(statement)
+
+    def refused(self, method: str, path: str, field: str, code: str = "validation_error", **kw: object) -> None:
+        """`path` answers 422 `code` naming `field`, and no query reached the database for it."""
+        before = len(self.statements)
+        r = self.client.request(method, path, headers=AUTH, **kw)
+        assert r.status_code == 422, (path, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["code"] == code and field in [f["field"] for f in error["fields"]], (path, error)
+        assert self.statements[before:] == [], path
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    url = (f"sqlite:///{tmp_path_factory.mktemp('records-input') / 'records.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres").url)
+    settings = demo_settings(records_url=url, admin_key=ADMIN, thresholds={"bottle": 0.5})
+    backend = EmbeddedBackend(settings)
+    with ServerThread(create_app(settings, backend)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        wait_until(lambda: client.get("/readyz").status_code == 200, 120, what="embedded server ready")
+        wait_until(lambda: client.get("/v1/inspections", headers=AUTH).status_code == 200, 30, what="records ready")
+        yield Api(client, backend)
+
+
+def _cursor(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def test_a_cursor_past_the_largest_time_is_refused(api: Api) -> None:
+    """A cursor's time must fit the BIGINT it is compared with: 2^63 is no cursor (it was a 500 on SQLite)."""
+    assert _cursor(b"9223372036854775808:x") == "OTIyMzM3MjAzNjg1NDc3NTgwODp4"
+    for raw in (b"9223372036854775808:x", b"%d:x" % 10**30, b"-1:x"):
+        api.refused("GET", f"/v1/inspections?cursor={_cursor(raw)}", "cursor", "invalid_cursor")
+    # the largest time that fits is a cursor: an empty page, not an error
+    r = api.client.get(f"/v1/inspections?cursor={Cursor(MAX_MS, 'x').encode()}", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"items": [], "next_cursor": None}
+    assert Cursor.decode(Cursor(MAX_MS, "x").encode()) == Cursor(MAX_MS, "x")
+    with pytest.raises(ValueError):
+        Cursor.decode(_cursor(b"%d:x" % (MAX_MS + 1)))
