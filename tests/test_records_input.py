@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -46,7 +45,7 @@ class Api:
     def refused(self, method: str, path: str, field: str, code: str = "validation_error", **kw: object) -> None:
         """`path` answers 422 `code` naming `field`, and no query reached the database for it."""
         before = len(self.statements)
-        r = self.client.request(method, path, headers=AUTH, **kw)
+        r = self.client.request(method, path, **{"headers": AUTH, **kw})  # type: ignore[arg-type]
         assert r.status_code == 422, (path, r.status_code, r.text)
         error = r.json()["error"]
         assert error["code"] == code and field in [f["field"] for f in error["fields"]], (path, error)
@@ -80,3 +79,24 @@ def test_a_cursor_past_the_largest_time_is_refused(api: Api) -> None:
     assert Cursor.decode(Cursor(MAX_MS, "x").encode()) == Cursor(MAX_MS, "x")
     with pytest.raises(ValueError):
         Cursor.decode(_cursor(b"%d:x" % (MAX_MS + 1)))
+
+
+def test_text_a_database_cannot_keep_is_refused_before_any_query(api: Api) -> None:
+    """A NUL character (PostgreSQL's text refuses it; it was a 503 `records_unavailable` and a database warning)
+    or a lone surrogate in any text that reaches the database: the review's note and defect type, the category
+    filter, a cursor's record id."""
+    rid = "nul-probe"
+    for body, field in (({"label": "good", "note": "a\u0000b"}, "note"),
+                        ({"label": "defect", "defect_type": "crack\u0000"}, "defect_type")):
+        api.refused("POST", f"/v1/inspections/{rid}/review", field, json=body)
+    api.refused("POST", f"/v1/inspections/{rid}/review", "note", content=b'{"label": "good", "note": "\\ud800"}',
+                headers={**AUTH, "Content-Type": "application/json"})
+    for path in ("/v1/inspections", "/v1/inspections/export", "/v1/stats"):
+        api.refused("GET", f"{path}?category=bo%00lt", "category")
+    for raw in (b"1700000000000:a\x00b", b"1700000000000:a b", b"1700000000000:" + b"x" * 65):
+        api.refused("GET", f"/v1/inspections?cursor={_cursor(raw)}", "cursor", "invalid_cursor")
+    # the same fields with text the database keeps are answered as usual
+    assert api.client.post(f"/v1/inspections/{rid}/review", json={"label": "good", "note": "fine"},
+                           headers=AUTH).status_code == 404  # no such record: the store was asked
+    r = api.client.get("/v1/inspections?category=bolt", headers=AUTH)
+    assert r.status_code == 200 and r.json()["items"] == []

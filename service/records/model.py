@@ -158,11 +158,12 @@ class Cursor:
 
     @classmethod
     def decode(cls, text: str) -> Cursor:
-        """The cursor `encode` gave out, or ValueError: a time that fits the database's BIGINT, so nothing a
-        client makes up reaches a query."""
+        """The cursor `encode` gave out, or ValueError: a time that fits the database's BIGINT and a record id
+        (REQUEST_ID_PATTERN: no NUL, nothing a text column refuses), so nothing a client makes up reaches a
+        query."""
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
         ms, _, ident = raw.partition(":")
-        if not _CURSOR_MS.fullmatch(ms) or int(ms) > MAX_MS or not ident:
+        if not _CURSOR_MS.fullmatch(ms) or int(ms) > MAX_MS or not re.fullmatch(REQUEST_ID_PATTERN, ident):
             raise ValueError("not a cursor")
         return cls(int(ms), ident)
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.api.auth import Reader, Reviewer, scoped
 from service.api.deps import BackendDep
@@ -49,6 +49,22 @@ router = APIRouter(prefix="/v1", tags=["records"])
 MAX_LIMIT = 500
 RecordId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text holds every character but NUL
+
+
+def _storable(text: str | None) -> str | None:
+    """Text every records database keeps as it is: no NUL, nothing UTF-8 cannot encode (a lone surrogate)."""
+    if text is not None:
+        if "\x00" in text:
+            raise ValueError("must not contain a NUL character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class Filters(BaseModel):
@@ -56,7 +72,7 @@ class Filters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    category: str | None = Field(None, min_length=1, max_length=128)
+    category: Text | None = Field(None, min_length=1, max_length=128, pattern=NO_NUL)
     source: str | None = Field(None, pattern=SOURCE_PATTERN)
     part_id: str | None = Field(None, pattern=PART_ID_PATTERN, description="the line's id of the part")
     verdict: Literal["ok", "ng"] | None = None
@@ -90,8 +106,8 @@ class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: Literal["defect", "good"] = Field(..., description=f"one of {LABELS}")
-    defect_type: str | None = Field(None, max_length=200, description="what the defect is (free text)")
-    note: str | None = Field(None, max_length=2000)
+    defect_type: Text | None = Field(None, max_length=200, pattern=NO_NUL, description="what the defect is (free text)")
+    note: Text | None = Field(None, max_length=2000, pattern=NO_NUL)
 
 
 @router.get("/inspections", response_model=InspectionPageOut, responses=ERROR_RESPONSES,
