@@ -100,3 +100,32 @@ def test_text_a_database_cannot_keep_is_refused_before_any_query(api: Api) -> No
                            headers=AUTH).status_code == 404  # no such record: the store was asked
     r = api.client.get("/v1/inspections?category=bolt", headers=AUTH)
     assert r.status_code == 200 and r.json()["items"] == []
+
+
+def test_types_are_as_strict_as_the_schema(api: Api) -> None:
+    """What the description calls a time, a boolean or a number is exactly that: `until=0.5` is no time (it was
+    read as 1970), `"generate": 0` no boolean, `"review_margin": false` no number."""
+    for path in ("/v1/inspections", "/v1/inspections/export", "/v1/stats"):
+        for query, field in (("until=0.5", "until"), ("since=1700000000", "since"), ("since=-1", "since"),
+                             ("reviewed=1", "reviewed"), ("needs_review=yes", "needs_review")):
+            api.refused("GET", f"{path}?{query}", field)
+    for body, field in (({"descriptions": ["dent"], "generate": 0}, "generate"),
+                        ({"descriptions": ["dent"], "count": True}, "count"),
+                        ({"descriptions": ["dent"], "count": 2.5}, "count")):
+        api.refused("PUT", "/v1/categories/strict%20probe", field, json=body)
+    for body, field in (({"review_margin": False}, "review_margin"), ({"threshold": True}, "threshold"),
+                        ({"threshold": "0.5"}, "threshold")):
+        api.refused("PUT", "/v1/categories/bottle/threshold", field, json=body)
+    # what the description allows still passes: ISO-8601 times, true/false in a query, an integer as a number
+    for query in ("since=2024-05-01T08:00:00Z&until=2099-01-01T00:00:00%2B02:00&reviewed=false&needs_review=true",
+                  "since=2024-05-01&reviewed=true"):
+        for path in ("/v1/inspections", "/v1/inspections/export", "/v1/stats"):
+            assert api.client.get(f"{path}?{query}", headers=AUTH).status_code == 200, (path, query)
+    r = api.client.put("/v1/categories/bottle/threshold", json={"threshold": 1, "review_margin": 0}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["current"]["threshold"] == 1.0, r.text
+    assert api.client.put("/v1/categories/bottle/threshold", json={"threshold": None},
+                          headers=AUTH).status_code == 200
+    r = api.client.put("/v1/categories/strict%20probe", json={"descriptions": ["dent"], "generate": False, "count": 3},
+                       headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert api.client.delete("/v1/categories/strict%20probe", headers=AUTH).status_code == 204

@@ -3,7 +3,9 @@ generates requests from `/openapi.json` of a real server (embedded mode, the tin
 and every answer must conform - no 5xx (the documented 502 `llm_failed` of a `generate: true` PUT
 aside: no LLM listens), every status, content type and body as documented - and a request the
 description calls valid must not be refused as invalid (no 400, no 415 `unsupported_media_type`, no
-422 `validation_error`/`missing_field`/`invalid_base64`). The image itself is the exception the
+422 `validation_error`/`missing_field`/`invalid_base64`), and a request it calls invalid must not be accepted
+(schemathesis's `negative_data_rejection`: randomly generated invalid requests, and its coverage phase's
+deliberate ones, such as a number for a time or 0 for a boolean). The image itself is the exception the
 description cannot state: random bytes are no image (415 `not_an_image`, 422 `truncated_image`).
 
 Bounded and deterministic (hypothesis derandomised, a fixed number of examples per operation), so it
@@ -99,7 +101,8 @@ def _checks(positive: bool) -> list:
     load_all_checks()
     builtin = CHECKS.get_by_names(["status_code_conformance", "content_type_conformance",
                                    "response_schema_conformance", "response_headers_conformance"])
-    return [*builtin, no_server_error, *([valid_data_accepted] if positive else [])]
+    refused = [] if positive else CHECKS.get_by_names(["negative_data_rejection"])
+    return [*builtin, no_server_error, *([valid_data_accepted] if positive else refused)]
 
 
 def _run(operation: Any, mode: Any, **overrides: Any) -> list[int]:
@@ -140,6 +143,30 @@ def test_every_operation_conforms_to_its_description(api_schema: Any) -> None:
     assert 415 in sent["PUT /v1/categories/{name}/references schema probe"], summary  # random bytes: no image
     assert 200 in sent["PUT /v1/categories/{name} schema probe"], summary
     assert 200 in sent["GET /v1/categories/{name} schema probe"], summary
+
+
+def test_invalid_requests_are_refused(api_schema: Any) -> None:
+    """Schemathesis's coverage phase: for each parameter and body field the values the description rules out,
+    one by one (a number for a time, 0 or 1 for a boolean, false for a number, a missing required field...);
+    each must be refused, none answered 2xx or 5xx. Random names would stop at 404 before the body is read, so
+    cases whose invalid part is not the path go to the probe category."""
+    from schemathesis.core.parameters import ParameterLocation
+
+    checks, sent = _checks(False), Counter()
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        config = api_schema.config.generation_for(operation=operation)
+        for case in api_schema.iter_coverage_cases(operation, generation_modes=[schemathesis.GenerationMode.NEGATIVE],
+                                                   generation_config=config):
+            where = getattr(case.meta.phase.data, "parameter_location", None)
+            if "{name}" in operation.path and where != ParameterLocation.PATH:
+                case.path_parameters = {**(case.path_parameters or {}), "name": PROBE}
+            sent[operation.label] += 1
+            case.call_and_validate(headers=ADMIN, checks=checks, timeout=60)
+    print(sent)
+    for label in ("GET /v1/inspections", "GET /v1/inspections/export", "GET /v1/stats", "PUT /v1/categories/{name}",
+                  "PUT /v1/categories/{name}/threshold", "POST /v1/inspections/{record_id}/review"):
+        assert sent[label] > 0, sent
 
 
 def test_real_images_conform(api_schema: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from service.core.imaging import DEFAULT_HEATMAP_FORMAT, DEFAULT_HEATMAP_SIZE
 from service.records.model import PART_ID_PATTERN, REQUEST_ID_PATTERN, SOURCE_PATTERN
@@ -155,6 +155,17 @@ class InspectResponse(BaseModel):
     timing_ms: TimingOut
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON number, as JSON Schema counts them: not a boolean, not a string of digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    return value
+
+
+# JSON Schema's integer: 3 and 3.0, never true or "3"
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+
+
 class CategoryIn(BaseModel):
     """PUT /v1/categories/{name}: register (or replace) a category, or ask an LLM for a draft.
 
@@ -172,8 +183,9 @@ class CategoryIn(BaseModel):
     descriptions: list[Annotated[str, Field(max_length=200, json_schema_extra={"pattern": DESCRIPTION_PATTERN})]] = (
         Field(default_factory=list, max_length=64, description="fine-grained anomaly descriptions: 1 to 64 (unless "
               "`generate`), each printable, at most 200 characters, not blank, without '.'"))
-    generate: bool = Field(False, description="ask the configured LLM for descriptions; returns a draft")
-    count: int = Field(10, ge=1, le=50, description="with generate: how many descriptions to ask for")
+    # a boolean and a number are what the schema says: `"generate": 0` and `"count": true` are refused
+    generate: bool = Field(False, strict=True, description="ask the configured LLM for descriptions; returns a draft")
+    count: JsonInt = Field(10, ge=1, le=50, description="with generate: how many descriptions to ask for")
 
     @field_validator("descriptions")
     @classmethod

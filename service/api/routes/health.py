@@ -34,7 +34,9 @@ async def readyz(backend: BackendDep) -> JSONResponse:
 
 
 @metrics_router.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]},
-                    dependencies=[Depends(require_metrics_key)])
+                    dependencies=[Depends(require_metrics_key)],
+                    # the key is optional (only where `metrics_key` is set): OpenAPI's empty requirement says so
+                    openapi_extra={"security": [{}]})
 async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
     """Prometheus text format; a bearer key only where `metrics_key` is set."""
     await backend.refresh_gauges()

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.api.auth import Reader, Reviewer, scoped
 from service.api.deps import BackendDep
+from service.api.params import QueryBool
 from service.api.schemas import (
     ERROR_RESPONSES,
     InspectionPageOut,
@@ -50,6 +52,7 @@ MAX_LIMIT = 500
 RecordId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text holds every character but NUL
+ISO_START = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _storable(text: str | None) -> str | None:
@@ -64,7 +67,17 @@ def _storable(text: str | None) -> str | None:
     return text
 
 
-Text = Annotated[str, AfterValidator(_storable)]
+def _iso_time(value: Any) -> Any:
+    """An ISO-8601 time as the description says, never a number (pydantic would read `0.5` as 1970)."""
+    if isinstance(value, str) and ISO_START.match(value):
+        return value
+    if isinstance(value, datetime):
+        return value
+    raise ValueError("must be an ISO-8601 time such as 2024-05-01T08:00:00Z")
+
+
+Text = Annotated[str, Field(pattern=NO_NUL), AfterValidator(_storable)]
+IsoTime = Annotated[datetime, BeforeValidator(_iso_time)]
 
 
 class Filters(BaseModel):
@@ -72,14 +85,14 @@ class Filters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    category: Text | None = Field(None, min_length=1, max_length=128, pattern=NO_NUL)
+    category: Text | None = Field(None, min_length=1, max_length=128)
     source: str | None = Field(None, pattern=SOURCE_PATTERN)
     part_id: str | None = Field(None, pattern=PART_ID_PATTERN, description="the line's id of the part")
     verdict: Literal["ok", "ng"] | None = None
-    reviewed: bool | None = None
-    needs_review: bool | None = None
-    since: datetime | None = Field(None, description="ISO-8601 time, inclusive (UTC without an offset)")
-    until: datetime | None = Field(None, description="ISO-8601 time, exclusive")
+    reviewed: QueryBool | None = None
+    needs_review: QueryBool | None = None
+    since: IsoTime | None = Field(None, description="ISO-8601 time, inclusive (UTC without an offset)")
+    until: IsoTime | None = Field(None, description="ISO-8601 time, exclusive")
 
     def query(self) -> RecordQuery:
         return RecordQuery(self.category, self.source, self.verdict, self.reviewed, self.needs_review,
@@ -106,8 +119,8 @@ class ReviewIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     label: Literal["defect", "good"] = Field(..., description=f"one of {LABELS}")
-    defect_type: Text | None = Field(None, max_length=200, pattern=NO_NUL, description="what the defect is (free text)")
-    note: Text | None = Field(None, max_length=2000, pattern=NO_NUL)
+    defect_type: Text | None = Field(None, max_length=200, description="what the defect is (free text)")
+    note: Text | None = Field(None, max_length=2000)
 
 
 @router.get("/inspections", response_model=InspectionPageOut, responses=ERROR_RESPONSES,

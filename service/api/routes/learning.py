@@ -23,7 +23,8 @@ router = APIRouter(prefix="/v1/categories", tags=["review loop"])
 
 
 class ThresholdIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `false` is no number (a boolean is refused, as the schema says), while 1 is the number 1.0
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     threshold: float | None = Field(None, ge=0, le=1, description="the cut by hand; null removes a manual one")
     review_margin: float | None = Field(None, ge=0, le=1, description="results within this of the threshold "
