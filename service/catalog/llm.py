@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from descriptions import Category
+from service.core.files import write_private
 from service.settings import FiloSettings
 
 _SYSTEM = (
@@ -114,6 +115,5 @@ def write_draft(path: Path, name: str, noun: str, descriptions: list[str], model
         "review every description, then set status to 'reviewed' and register it",
         "categories": [category.model_dump(mode="json")],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_private(path, (json.dumps(doc, ensure_ascii=False, indent=1) + "\n").encode("utf-8"), prefix=".draft-")
     return category

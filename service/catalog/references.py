@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.catalog.thresholds import ThresholdRule
+from service.core.files import write_private
 from service.core.keys import short_digest
 
 REFERENCES_FORMAT = "filo-references/v1"
@@ -222,15 +223,7 @@ class FileExtras:
             return None
 
     async def put(self, name: str, kind: str, data: bytes) -> None:
-        import os
-        import tempfile
-
-        path = self._path(name, kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".extra-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_private(self._path(name, kind), data, prefix=".extra-")
 
     async def delete(self, name: str) -> None:
         """Drop every extra of a category (it was deleted: a new one of that name starts without them)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +35,7 @@ from redis.asyncio import Redis
 
 from descriptions import Category
 from service.catalog.references import EXTRA_KINDS
+from service.core.files import write_private
 from service.core.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -242,11 +242,8 @@ class FileCategoryStore:
     def _write(self, state: dict) -> None:
         self._state = state
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".categories-")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, self.path)
+            write_private(self.path, json.dumps(state, ensure_ascii=False, indent=1).encode("utf-8"),
+                          prefix=".categories-")
         except OSError as exc:
             log.warning("could not persist categories to %s (%s); they last until this process exits",
                         self.path, exc)
@@ -313,11 +310,7 @@ class DiskCacheStore:
             return None
 
     async def save(self, key: str, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".cache-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self._path(key))
+        write_private(self._path(key), data, prefix=".cache-")
 
 
 # --- the cache blob: the engine's {key: blob} prompt caches as one byte string, as a CacheStore keeps it ------

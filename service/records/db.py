@@ -10,13 +10,15 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 
+from service.core.files import private_dir, private_file
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def default_url(state_dir: Path) -> str:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     return f"sqlite:///{state_dir / 'records.db'}"
 
 
@@ -32,6 +34,8 @@ def open_engine(url: str) -> Engine:
     """An engine for `url`; the pool checks connections before use, so a restarted PostgreSQL is met again."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False})
+        if engine.url.database and engine.url.database != ":memory:" and not engine.url.database.startswith("file:"):
+            private_file(Path(engine.url.database))  # every kept image is in it: owner-only, and so its -wal, -shm
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
