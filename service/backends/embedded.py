@@ -133,12 +133,15 @@ class EmbeddedBackend:
             raise UnavailableError("not_ready", "the model is still loading")
 
     async def readiness(self) -> Readiness:
+        """The engine decides; the records' state is shown (`degraded` with its cause while writes fail), never
+        decisive: inspections are answered while records wait in the buffer."""
+        records = {"records": self.records.state()} if self.records is not None else {}
         if self.fatal is not None:
-            return Readiness(False, {"error": str(self.fatal)})
+            return Readiness(False, {"error": str(self.fatal), **records})
         if self.engine is None:
-            return Readiness(False, {"loading": True})
+            return Readiness(False, {"loading": True, **records})
         assert self.report is not None
-        return Readiness(True, {"device": str(self.engine.device), **self.report.__dict__})
+        return Readiness(True, {"device": str(self.engine.device), **self.report.__dict__, **records})
 
     async def inspect(self, job: InspectJob) -> InspectOutcome:
         """The serving steps the queue worker runs too (service/engine/serving.py), around this process's batcher."""

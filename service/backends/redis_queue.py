@@ -121,6 +121,8 @@ class RedisBackend:
         except RedisError as exc:
             return Readiness(False, {"redis": f"unreachable: {exc}"})
         detail = {"redis": "ok", "categories_published": seeded, "workers": workers, "queue_depth": depth}
+        if self.records is not None:  # shown, not decisive: inspections are answered while records wait
+            detail["records"] = self.records.state()
         return Readiness(seeded and (workers > 0 or not self.settings.reject_without_workers), detail)
 
     def _unavailable(self, exc: Exception, queued: bool) -> UnavailableError:

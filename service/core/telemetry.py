@@ -57,7 +57,11 @@ class Metrics:
         self.records_pending = Gauge("filo_records_pending", "inspection records accepted, not yet in the database "
                                      "(this process's buffer; queue mode: plus the hand-off stream)", registry=r)
         self.records_failed = Counter("filo_records_failed_total", "records whose write failed, by reason "
-                                      "(retried: kept and tried again; dropped: lost)", ["reason"], registry=r)
+                                      "(retried: kept and tried again, each record counted once; dropped: lost)",
+                                      ["reason"], registry=r)
+        self.records_write_failures = Counter(
+            "filo_records_write_failures_total", "failed attempts to write a batch of records, by cause (disk_full, "
+            "unreachable, locked, io_error, not_migrated, stream_full, redis_unavailable, ...)", ["cause"], registry=r)
 
     def error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()

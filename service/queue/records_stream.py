@@ -18,6 +18,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.core.telemetry import Metrics
+from service.records.health import WriteRefused, write_failure_cause
 from service.records.model import InspectionRecord
 from service.records.recorder import Records
 from service.settings import FiloSettings
@@ -27,8 +28,10 @@ RETRY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
 READ_BLOCK_MS = 1000
 
 
-class StreamFull(RuntimeError):
+class StreamFull(WriteRefused):
     """The records stream holds `4 x records_stream_max` entries: the database has been away too long."""
+
+    cause = "stream_full"
 
 
 class RecordAppender:
@@ -48,6 +51,13 @@ class RecordAppender:
         self.metrics = metrics
 
     async def __call__(self, batch: list[InspectionRecord]) -> None:
+        try:
+            await self._append(batch)
+        except Exception as exc:
+            self.metrics.records_write_failures.labels(cause=write_failure_cause(exc)).inc()
+            raise
+
+    async def _append(self, batch: list[InspectionRecord]) -> None:
         length = int(await self.redis.xlen(self.stream))
         if length >= 4 * self.soft_max:
             raise StreamFull(f"the records stream holds {length} entries; the database must be away")
@@ -63,7 +73,8 @@ class RecordAppender:
 
 
 class RecordConsumer:
-    """Drains the records stream into the database, a batch per transaction."""
+    """Drains the records stream into the database, a batch per transaction; a batch that fails is read again
+    in halves, down to one record a transaction, and the size doubles back with each batch written."""
 
     def __init__(self, redis: Redis, records: Records, settings: FiloSettings, metrics: Metrics, name: str) -> None:
         self.redis = redis
@@ -75,6 +86,8 @@ class RecordConsumer:
         self.metrics = metrics
         self.name = name
         self._failures = 0
+        self._size = self.batch  # entries in the next transaction
+        self._retried: set[bytes] = set()  # entries already counted as retried
 
     async def ensure_group(self) -> None:
         try:
@@ -85,16 +98,16 @@ class RecordConsumer:
 
     async def _read(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Own pending entries first (a failed write), then entries of dead writers, then new ones."""
-        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: "0"}, count=self.batch)
+        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: "0"}, count=self._size)
         entries = [(i, f) for i, f in (resp[0][1] if resp else []) if f]  # f empty: deleted meanwhile
         if entries:
             return entries
         claimed = await self.redis.xautoclaim(self.stream, self.group, self.name, self.claim_idle_ms,
-                                              start_id="0-0", count=self.batch)
+                                              start_id="0-0", count=self._size)
         entries = [(i, f) for i, f in claimed[1] if f]
         if entries:
             return entries
-        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: ">"}, count=self.batch,
+        resp = await self.redis.xreadgroup(self.group, self.name, {self.stream: ">"}, count=self._size,
                                            block=READ_BLOCK_MS)
         return resp[0][1] if resp else []
 
@@ -110,16 +123,23 @@ class RecordConsumer:
             except (KeyError, TypeError, ValueError) as exc:  # never retried forever: counted and settled
                 log.error("records stream entry %r is unreadable, dropped: %s", entry_id, exc)
                 self.metrics.records_failed.labels(reason="unreadable").inc()
+        ids = [entry_id for entry_id, _ in entries]
         try:
             await self.records.write(good)
         except Exception:
-            self.metrics.records_failed.labels(reason="retried").inc(len(good))
+            fresh = [i for i in ids if i not in self._retried]
+            if len(self._retried) > 16 * self.batch:  # entries another writer took over meanwhile: forget them
+                self._retried.clear()
+            self._retried.update(fresh)
+            self.metrics.records_failed.labels(reason="retried").inc(len(fresh))
+            self._size = max(1, self._size // 2)
             raise
-        ids = [entry_id for entry_id, _ in entries]
+        self._size = min(self.batch, self._size * 2)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, self.group, *ids)
             pipe.xdel(self.stream, *ids)
             await pipe.execute()
+        self._retried.difference_update(ids)
         return len(ids)
 
     async def run(self) -> None:

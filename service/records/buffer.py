@@ -4,6 +4,10 @@ batches behind it and keeps what it could not write, retrying with a growing pau
 The write target is a coroutine: the database itself (embedded mode) or the durable Redis stream that the
 records consumers drain into the database (queue mode). Only a full buffer drops records, oldest first,
 and counts them, so an outage longer than `max_items` records is loud, never a hang or a slow answer.
+
+A batch that fails is tried again in halves, down to one record a transaction (a disk that has room for a
+small write again, not yet for the whole batch, takes what fits), and the size doubles back with each batch
+written. `retried` counts records, each once however often it is tried; `failure` says why writes fail now.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from service.core.telemetry import Metrics
+from service.records.health import write_failure_cause
 from service.records.model import InspectionRecord
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,9 @@ class RecordBuffer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failures = 0
+        self._size = batch  # records in the next write: halved by each failure, doubled by each success
+        self._retried: set[str] = set()  # ids already counted as retried
+        self.failure: str | None = None  # why the last write failed (write_failure_cause); None: it did not
 
     def __len__(self) -> int:
         return len(self._items)
@@ -40,7 +48,7 @@ class RecordBuffer:
     def submit(self, record: InspectionRecord) -> None:
         """Never blocks, never raises: the inspection has been answered whatever happens here."""
         if len(self._items) >= self._max:
-            self._items.popleft()
+            self._retried.discard(self._items.popleft().id)
             self._metrics.records_failed.labels(reason="dropped").inc()
             log.error("records buffer full (%d): dropped the oldest record", self._max)
         self._items.append(record)
@@ -61,22 +69,30 @@ class RecordBuffer:
 
     async def flush_once(self) -> bool:
         """Write one batch from the front; on failure the batch stays at the front. True when written."""
-        batch = [self._items[i] for i in range(min(self._batch, len(self._items)))]
+        batch = [self._items[i] for i in range(min(self._size, len(self._items)))]
         if not batch:
             return True
         try:
             await self._flush(batch)
-        except Exception as exc:  # the target is down: keep the records, say so, try again
+        except Exception as exc:  # the target is down or full: keep the records, say so, try again smaller
             self._failures += 1
-            self._metrics.records_failed.labels(reason="retried").inc(len(batch))
+            self.failure = write_failure_cause(exc)
+            fresh = [r.id for r in batch if r.id not in self._retried]
+            self._retried.update(fresh)
+            self._metrics.records_failed.labels(reason="retried").inc(len(fresh))
             if self._failures in (1, 10) or self._failures % 100 == 0:
-                log.warning("writing %d records failed (attempt %d), kept for retry: %s", len(batch),
-                            self._failures, exc)
+                log.warning("writing %d records failed (attempt %d, %s), kept for retry: %s", len(batch),
+                            self._failures, self.failure, exc)
+            self._size = max(1, self._size // 2)
             return False
+        if self._failures:
+            log.info("records written again after %d failed attempts", self._failures)
         self._failures = 0
+        self.failure = None
+        self._size = min(self._batch, self._size * 2)
         written = {id(r) for r in batch}  # the front may have lost records to a full buffer meanwhile
         while self._items and id(self._items[0]) in written:
-            self._items.popleft()
+            self._retried.discard(self._items.popleft().id)
         self._metrics.records_pending.set(len(self._items))
         return True
 

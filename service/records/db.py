@@ -27,6 +27,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=5000")
+    # a batch that failed on a full disk may have grown the WAL: a checkpoint gives the space back beyond 64 MB
+    cur.execute("PRAGMA journal_size_limit=67108864")
     cur.close()
 
 

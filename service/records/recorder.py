@@ -19,6 +19,7 @@ from service.core.errors import UnavailableError
 from service.core.telemetry import Metrics
 from service.records.buffer import Flush, RecordBuffer
 from service.records.db import default_url, migrate, open_engine
+from service.records.health import NotMigrated, write_failure_cause
 from service.records.model import (
     Artefact,
     Cursor,
@@ -48,16 +49,35 @@ class Records:
         self.buffer = RecordBuffer(flush or self.write, metrics, settings.records_batch,
                                    settings.records_buffer_max)
         self.metrics = metrics
+        self.db_failure: str | None = None  # why the last database write (or the migration) failed
         self._tasks: list[asyncio.Task] = []
 
     async def write(self, batch: list[InspectionRecord]) -> int:
         """Into the database now (the buffer's target in embedded mode, the stream consumer's in queue mode);
-        raises while the database is down or not yet migrated, so the caller keeps the batch."""
-        if not self.ready:
-            raise RuntimeError("the records database is not migrated yet")
-        written = await asyncio.to_thread(self.store.insert_many, batch)
+        raises while the database is down, full or not yet migrated, so the caller keeps the batch (and tries
+        again in smaller ones). Each failure is counted by its cause and shown by `state`."""
+        try:
+            if not self.ready:
+                raise NotMigrated("the records database is not migrated yet")
+            written = await asyncio.to_thread(self.store.insert_many, batch)
+        except Exception as exc:
+            self._failed(exc)
+            raise
+        self.db_failure = None
         self.metrics.records_written.inc(written)
         return written
+
+    def _failed(self, exc: BaseException) -> None:
+        self.db_failure = write_failure_cause(exc)
+        self.metrics.records_write_failures.labels(cause=self.db_failure).inc()
+
+    def state(self) -> dict[str, Any]:
+        """What `/readyz` says of the records: `ok`, or `degraded` with why writes fail now; `pending` is this
+        process's buffer. Inspections are answered either way."""
+        cause = self.buffer.failure or self.db_failure
+        if cause is None:
+            return {"state": "ok", "pending": len(self.buffer)}
+        return {"state": "degraded", "cause": cause, "pending": len(self.buffer)}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -71,9 +91,11 @@ class Records:
             try:
                 await asyncio.to_thread(migrate, self.store.engine)
                 self.ready = True
+                self.db_failure = None
                 return
             except SQLAlchemyError as exc:
                 attempt += 1
+                self.db_failure = write_failure_cause(exc)
                 if attempt in (1, 10) or attempt % 100 == 0:
                     log.warning("records database unavailable (attempt %d), retrying: %s", attempt, exc)
                 await asyncio.sleep(MIGRATE_RETRY_S)
