@@ -66,7 +66,8 @@ class EmbeddedBackend:
         self.caches = DiskCacheStore(state_dir / "caches")
         self.extras = FileExtras(state_dir / "category-extras")
         self.jobs = MemoryJobs()
-        self.records = Records(settings, self.metrics, records_url(settings, state_dir)) if settings.records else None
+        self.records = (Records(settings, self.metrics, records_url(settings, state_dir),
+                                spill_dir=state_dir / "records-spill") if settings.records else None)
         self.engine: Engine | None = None
         self.report: StartReport | None = None
         self.fatal: BaseException | None = None

@@ -66,8 +66,10 @@ class RedisBackend:
         self._keeper: CatalogKeeper | None = None  # the catalog's durable copy in the records database
         self._keeper_task: asyncio.Task | None = None
         if settings.records:
-            url = records_url(settings, settings.state_dir or default_state_dir())
-            self.records = Records(settings, self.metrics, url, flush=RecordAppender(self.redis, settings, self.metrics))
+            state_dir = settings.state_dir or default_state_dir()
+            appender = RecordAppender(self.redis, settings, self.metrics)
+            self.records = Records(settings, self.metrics, records_url(settings, state_dir), flush=appender,
+                                   drain=appender.drain, spill_dir=state_dir / "records-spill")
             self._recorder = RecordConsumer(self.redis, self.records, settings, self.metrics,
                                             f"{socket.gethostname()}-{os.getpid()}")
             self._keeper = CatalogKeeper(self.store, CatalogArchive(self.records.store.engine), self.metrics,

@@ -41,7 +41,8 @@ class RecordAppender:
     `records_stream_max` entries the records travel without their artefacts (the image and heatmap are the
     bulk; counted in `filo_records_failed_total{reason="artefacts_dropped"}`); past four times that, nothing
     more is appended and the records wait in this process's bounded buffer instead, so the queue keeps
-    its memory.
+    its memory. A pod that stops hands that buffer over past the cap (`drain`): at most one buffer per pod
+    stopping, without artefacts, so the records outlive the pod and Redis still keeps its memory.
     """
 
     def __init__(self, redis: Redis, settings: FiloSettings, metrics: Metrics) -> None:
@@ -52,14 +53,22 @@ class RecordAppender:
 
     async def __call__(self, batch: list[InspectionRecord]) -> None:
         try:
-            await self._append(batch)
+            await self._append(batch, capped=True)
         except Exception as exc:
             self.metrics.records_write_failures.labels(cause=write_failure_cause(exc)).inc()
             raise
 
-    async def _append(self, batch: list[InspectionRecord]) -> None:
+    async def drain(self, batch: list[InspectionRecord]) -> None:
+        """A stopping pod's last appends: past the cap too, so its buffer is not lost with it."""
+        try:
+            await self._append(batch, capped=False)
+        except Exception as exc:
+            self.metrics.records_write_failures.labels(cause=write_failure_cause(exc)).inc()
+            raise
+
+    async def _append(self, batch: list[InspectionRecord], capped: bool) -> None:
         length = int(await self.redis.xlen(self.stream))
-        if length >= 4 * self.soft_max:
+        if capped and length >= 4 * self.soft_max:
             raise StreamFull(f"the records stream holds {length} entries; the database must be away")
         if length >= self.soft_max:
             stripped = sum(1 for r in batch if r.artefacts)

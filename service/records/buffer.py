@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from service.core.telemetry import Metrics
 from service.records.health import write_failure_cause
 from service.records.model import InspectionRecord
+from service.records.spill import RecordSpill
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,30 @@ class RecordBuffer:
         self._metrics.records_pending.set(len(self._items))
         return True
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """Write what is left (bounded in time), then stop."""
+    async def stop(self, timeout_s: float = 5.0, drain: Flush | None = None, spill: RecordSpill | None = None) -> None:
+        """Write what is left for up to `timeout_s`, through `drain` where given (queue mode: the stream without
+        its cap), then stop. What still is not written goes to `spill`, which the next start replays; only
+        without one (or with a disk that refuses it too) is it lost, and logged."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if drain is not None:
+            self._flush = drain
         deadline = asyncio.get_running_loop().time() + timeout_s
         while self._items and asyncio.get_running_loop().time() < deadline:
             if not await self.flush_once():
                 await asyncio.sleep(0.2)
-        if self._items:
-            log.error("stopping with %d records not written", len(self._items))
+        if not self._items:
+            return
+        left = list(self._items)
+        if spill is None:
+            log.error("stopping with %d records not written", len(left))
+            return
+        kept = await asyncio.to_thread(spill.write, left)
+        self._items.clear()
+        self._metrics.records_pending.set(0)
+        if kept < len(left):
+            self._metrics.records_failed.labels(reason="dropped").inc(len(left) - kept)
+        log.warning("stopping: %d records not written, %d of them kept in %s for the next start to replay",
+                    len(left), kept, spill.directory)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,12 +29,14 @@ from service.records.model import (
     Review,
     ThresholdChange,
 )
+from service.records.spill import RecordSpill
 from service.records.store import RecordStore
 from service.settings import FiloSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATE_RETRY_S = 5.0
+REPLAY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
 
 
 def records_url(settings: FiloSettings, state_dir: Any) -> str:
@@ -41,13 +44,17 @@ def records_url(settings: FiloSettings, state_dir: Any) -> str:
 
 
 class Records:
-    def __init__(self, settings: FiloSettings, metrics: Metrics, url: str, flush: Flush | None = None) -> None:
+    def __init__(self, settings: FiloSettings, metrics: Metrics, url: str, flush: Flush | None = None,
+                 drain: Flush | None = None, spill_dir: Path | None = None) -> None:
         self.settings = settings
         self.store = RecordStore(open_engine(url))
         self.ready = False
-        # embedded mode writes straight into the database; queue mode hands `flush` the Redis stream
-        self.buffer = RecordBuffer(flush or self.write, metrics, settings.records_batch,
-                                   settings.records_buffer_max)
+        # embedded mode writes straight into the database; queue mode hands `flush` the Redis stream, and on a
+        # graceful stop `drain` (the stream past its cap); what neither takes is spilled to `spill_dir`
+        self._target = flush or self.write
+        self._drain = drain
+        self.spill = RecordSpill(spill_dir) if spill_dir is not None else None
+        self.buffer = RecordBuffer(self._target, metrics, settings.records_batch, settings.records_buffer_max)
         self.metrics = metrics
         self.db_failure: str | None = None  # why the last database write (or the migration) failed
         self._tasks: list[asyncio.Task] = []
@@ -84,6 +91,31 @@ class Records:
         self.buffer.start()
         self._tasks = [loop.create_task(self._migrate_until_done(), name="filo-records-migrate"),
                        loop.create_task(self._purge_forever(), name="filo-records-purge")]
+        if self.spill is not None:
+            self._tasks.append(loop.create_task(self._replay_spill(self.spill), name="filo-records-replay"))
+
+    async def _replay_spill(self, spill: RecordSpill) -> None:
+        """Hand on what a previous run spilled when it stopped, a batch at a time, until all of it is taken;
+        each record's file goes only once its target took it."""
+        records = await asyncio.to_thread(spill.load)
+        if not records:
+            return
+        log.info("replaying %d records a previous run kept in %s", len(records), spill.directory)
+        attempt = 0
+        while records:
+            batch = records[:self.settings.records_batch]
+            try:
+                await self._target(batch)
+            except Exception as exc:  # the target is still away or full: try again, the files stay meanwhile
+                attempt += 1
+                if attempt in (1, 10) or attempt % 100 == 0:
+                    log.warning("replaying %d spilled records failed (attempt %d): %s", len(records), attempt, exc)
+                await asyncio.sleep(REPLAY_PAUSE_S[min(attempt, len(REPLAY_PAUSE_S)) - 1])
+                continue
+            attempt = 0
+            await asyncio.to_thread(spill.remove, batch)
+            records = records[len(batch):]
+        log.info("the spilled records are all handed on")
 
     async def _migrate_until_done(self) -> None:
         attempt = 0
@@ -118,7 +150,7 @@ class Records:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.buffer.stop()
+        await self.buffer.stop(drain=self._drain, spill=self.spill)
         self.store.engine.dispose()
 
     def submit(self, record: InspectionRecord) -> None:
