@@ -108,6 +108,11 @@ class RedisBackend:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._recorder is not None:
+            try:  # what it holds stays pending: another pod's writer takes it over
+                await self._recorder.leave()
+            except (RedisError, OSError) as exc:
+                log.warning("the records writer could not leave its group (%s); another pod removes it", exc)
         if self.records is not None:
             await self.records.stop()
         await self.redis.aclose()

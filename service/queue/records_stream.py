@@ -27,6 +27,24 @@ log = logging.getLogger(__name__)
 RETRY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
 READ_BLOCK_MS = 1000
 
+_FORGET_GONE_LUA = """
+-- Remove the record writers that are gone from the group: those that hold no entry and have not read for
+-- ARGV[2] ms (a live writer reads at least every second). A dead writer's entries are taken over after
+-- records_claim_idle_ms (XAUTOCLAIM), and it goes at the next round. Atomic, so an entry is never left
+-- without an owner: a writer that read meanwhile holds it, and stays.
+-- KEYS[1] stream; ARGV[1] group, ARGV[2] idle in ms, ARGV[3] the writer running this (it stays)
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and tonumber(info['pending']) == 0 and tonumber(info['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+"""
+
 
 class StreamFull(WriteRefused):
     """The records stream holds `4 x records_stream_max` entries: the database has been away too long."""
@@ -97,6 +115,8 @@ class RecordConsumer:
         self._failures = 0
         self._size = self.batch  # entries in the next transaction
         self._retried: set[bytes] = set()  # entries already counted as retried
+        self._forget_gone = redis.register_script(_FORGET_GONE_LUA)
+        self._next_sweep = 0.0  # loop time of the next look for writers that are gone
 
     async def ensure_group(self) -> None:
         try:
@@ -151,10 +171,38 @@ class RecordConsumer:
         self._retried.difference_update(ids)
         return len(ids)
 
+    async def forget_gone(self) -> list[str]:
+        """Remove the writers of API processes that stopped or died (holding nothing, idle past
+        `records_claim_idle_ms`) from the group, as the request group's dead workers are; returns their names."""
+        try:
+            gone = await self._forget_gone(keys=[self.stream], args=[self.group, self.claim_idle_ms, self.name])
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
+            return []
+        names = [g.decode() if isinstance(g, bytes) else str(g) for g in gone]
+        if names:
+            log.info("records writers gone, removed from the group: %s", ", ".join(names))
+        return names
+
+    async def leave(self) -> None:
+        """On a clean stop: leave the group, unless this writer still holds entries (another takes them over)."""
+        try:
+            info = await self.redis.xinfo_consumers(self.stream, self.group)
+        except ResponseError:
+            return
+        for c in info:
+            if c["name"] in (self.name, self.name.encode()) and int(c["pending"]) == 0:
+                await self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
+
     async def run(self) -> None:
         await self._ensure_group_until_done()
+        loop = asyncio.get_running_loop()
         while True:
             try:
+                if loop.time() >= self._next_sweep:
+                    self._next_sweep = loop.time() + self.claim_idle_ms / 1000
+                    await self.forget_gone()
                 await self.drain_once()
                 self._failures = 0
             except (SQLAlchemyError, RedisError, RuntimeError, OSError) as exc:
