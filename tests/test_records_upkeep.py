@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from service.records.db import open_engine
-from service.records.model import InspectionRecord, now_ms
+from service.records.model import InspectionRecord, RecordQuery, now_ms
 from service.records.store import RecordStore
 from tests.service_fixtures import redis_server, redis_url, wait_until  # noqa: F401
 from tests.test_worker_redis import api_servers
@@ -53,3 +53,53 @@ def test_the_records_group_forgets_writers_that_are_gone(redis_url: str, tmp_pat
         assert client.xlen(STREAM) == 0
         store.engine.dispose()
     assert writers() == []
+
+
+def test_a_purge_that_failed_is_tried_again_soon(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The database refuses the purge (a trigger on SQLite: a real refusal, as a lock or an outage is): it is
+    tried again after a short, growing pause, not a whole purge interval (an hour here), and the log says the
+    retention as people read it (half a day: 12 hours, not "0 days")."""
+    import asyncio
+    import logging
+
+    from sqlalchemy import text
+
+    from service.core.telemetry import Metrics
+    from service.records.db import migrate
+    from service.records.recorder import Records, retention_text
+    from tests.service_fixtures import demo_settings
+
+    url = f"sqlite:///{tmp_path / 'records.db'}"
+    hour = 3_600_000
+    engine = open_engine(url)
+    migrate(engine)
+    RecordStore(engine).insert_many([_record(1, now_ms() - 13 * hour), _record(2, now_ms() - 11 * hour)])
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TRIGGER held BEFORE DELETE ON inspections BEGIN "
+                          "SELECT RAISE(ABORT, 'held for an audit'); END"))
+    settings = demo_settings(records_retention_days=0.5, records_purge_interval_s=3600.0)
+
+    def failed() -> bool:
+        return any("records purge failed" in r.getMessage() for r in caplog.records)
+
+    async def scenario() -> list[str]:
+        records = Records(settings, Metrics(), url)
+        await records.start()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, lambda: wait_until(failed, 15, what="a failed purge"))
+            with engine.begin() as conn:  # the refusal ends
+                conn.execute(text("DROP TRIGGER held"))
+            await loop.run_in_executor(None, lambda: wait_until(lambda: records.store.count() == 1, 15,
+                                                                what="the purge tried again"))
+            return [r.id for r in records.store.list(RecordQuery(), 10)[0]]
+        finally:
+            await records.stop()
+
+    with caplog.at_level(logging.INFO, logger="service.records.recorder"):
+        left = asyncio.run(scenario())
+    engine.dispose()
+    assert left == ["u0002"]  # past the retention gone, an hour younger kept
+    assert any(r.getMessage() == "purged 1 records older than 12 hours" for r in caplog.records), caplog.text
+    assert [retention_text(d) for d in (90, 1, 1.5, 0.5, 1 / 24, 0.01)] == [
+        "90 days", "1 day", "1.5 days", "12 hours", "1 hour", "14.4 minutes"]

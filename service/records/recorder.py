@@ -36,6 +36,14 @@ from service.settings import FiloSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIGRATE_RETRY_S = 5.0
+READY_POLL_S = 0.5
+PURGE_RETRY_S = (1.0, 5.0, 30.0, 120.0, 600.0)
+
+
+def retention_text(days: float) -> str:
+    """A retention as people read it: `90 days`, `1.5 days`, `12 hours`, `36 minutes` (never `0 days`)."""
+    amount, unit = next(((a, u) for a, u in ((days, "day"), (days * 24, "hour")) if a >= 1), (days * 1440, "minute"))
+    return f"{amount:g} {unit}{'' if amount == 1 else 's'}"
 REPLAY_PAUSE_S = (0.5, 1.0, 2.0, 5.0)
 
 
@@ -133,17 +141,27 @@ class Records:
                 await asyncio.sleep(MIGRATE_RETRY_S)
 
     async def _purge_forever(self) -> None:
+        """Purge once the database is migrated, then every `records_purge_interval_s`; a purge that failed is
+        tried again after a growing pause (PURGE_RETRY_S, never longer than the interval), not a whole interval."""
         retention_ms = int(self.settings.records_retention_days * 86_400_000)
+        interval = self.settings.records_purge_interval_s
+        failures = 0
         while True:
-            if self.ready:
-                try:
-                    gone = await asyncio.to_thread(self.store.purge, retention_ms)
-                    if gone:
-                        log.info("purged %d records older than %.0f days", gone, self.settings.records_retention_days)
-                except SQLAlchemyError as exc:
-                    log.warning("records purge failed, next try in %.0f s: %s",
-                                self.settings.records_purge_interval_s, exc)
-            await asyncio.sleep(self.settings.records_purge_interval_s if self.ready else MIGRATE_RETRY_S)
+            if not self.ready:
+                await asyncio.sleep(READY_POLL_S)
+                continue
+            try:
+                gone = await asyncio.to_thread(self.store.purge, retention_ms)
+            except SQLAlchemyError as exc:
+                failures += 1
+                pause = min(interval, PURGE_RETRY_S[min(failures, len(PURGE_RETRY_S)) - 1])
+                log.warning("records purge failed (attempt %d), next try in %.0f s: %s", failures, pause, exc)
+                await asyncio.sleep(pause)
+                continue
+            failures = 0
+            if gone:
+                log.info("purged %d records older than %s", gone, retention_text(self.settings.records_retention_days))
+            await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         for task in self._tasks:
