@@ -1,16 +1,21 @@
 """The records' upkeep, against real servers: the record writers' consumer group forgets API processes that are
-gone (real Redis, the API over loopback)."""
+gone (real Redis, the API over loopback), a purge that failed is tried again soon (SQLite), and the review
+history reads in the order it happened, by the database's clock (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import redis
 
-from service.records.db import open_engine
-from service.records.model import InspectionRecord, RecordQuery, now_ms
+from service.records.db import migrate, open_engine
+from service.records.model import InspectionRecord, RecordQuery, Review, now_ms
+from service.records.schema import metadata
 from service.records.store import RecordStore
+from tests.postgres_server import PostgresServer, running_postgres
 from tests.service_fixtures import redis_server, redis_url, wait_until  # noqa: F401
 from tests.test_worker_redis import api_servers
 
@@ -65,7 +70,6 @@ def test_a_purge_that_failed_is_tried_again_soon(tmp_path: Path, caplog: pytest.
     from sqlalchemy import text
 
     from service.core.telemetry import Metrics
-    from service.records.db import migrate
     from service.records.recorder import Records, retention_text
     from tests.service_fixtures import demo_settings
 
@@ -103,3 +107,62 @@ def test_a_purge_that_failed_is_tried_again_soon(tmp_path: Path, caplog: pytest.
     assert any(r.getMessage() == "purged 1 records older than 12 hours" for r in caplog.records), caplog.text
     assert [retention_text(d) for d in (90, 1, 1.5, 0.5, 1 / 24, 0.01)] == [
         "90 days", "1 day", "1.5 days", "12 hours", "1 hour", "14.4 minutes"]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path) -> Iterator[RecordStore]:
+    url = (f"sqlite:///{tmp_path / 'records.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres").url)
+    engine = open_engine(url)
+    migrate(engine)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    yield RecordStore(engine)
+    engine.dispose()
+
+
+def _history(store: RecordStore, record_id: str) -> list[int]:
+    times = [r.reviewed_ms for r in store.reviews(record_id)]
+    current = store.get(record_id)
+    assert current is not None and current.review is not None
+    assert current.review.reviewed_ms == times[-1]  # the current judgement is the history's last
+    return times
+
+
+def test_review_times_are_the_databases_and_never_go_backwards(store: RecordStore) -> None:
+    """Two API processes whose clocks disagree (one an hour ahead, one an hour behind) judge one record in turn:
+    the history is stamped by the database, in the order the judgements were written, never backwards."""
+    store.insert_many([_record(1)])
+    hour = 3_600_000
+    ahead, behind = now_ms() + hour, now_ms() - hour
+    store.review("u0001", Review("good", None, "a reflection", "anna", ahead))
+    store.review("u0001", Review("defect", "scratch", None, "ben", behind))
+    times = _history(store, "u0001")
+    assert [r.reviewer for r in store.reviews("u0001")] == ["anna", "ben"]
+    assert times[0] < times[1] and not {ahead, behind} & set(times)
+
+
+def test_concurrent_reviews_keep_their_order(store: RecordStore) -> None:
+    """Reviewers judge one record at once (threads, each its own transaction): the history's times rise
+    strictly in the order the judgements were written, and the current judgement is the last one."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    store.insert_many([_record(2)])
+    rng = random.Random(0)
+    skews = [rng.randint(-60_000, 60_000) for _ in range(24)]  # what each caller's clock says, off by up to 1 min
+
+    def judge(i: int) -> None:
+        store.review("u0002", Review("good" if i % 2 else "defect", None, f"n{i}", f"r{i}", now_ms() + skews[i]))
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(judge, range(24)))
+    times = _history(store, "u0002")
+    assert len(times) == 24 and all(a < b for a, b in pairwise(times)), times

@@ -45,7 +45,7 @@ class Review:
     defect_type: str | None
     note: str | None
     reviewer: str
-    reviewed_ms: int
+    reviewed_ms: int  # when it was judged, by the database's clock: RecordStore.review stamps it, not the caller
 
     def out(self) -> dict[str, Any]:
         return {"label": self.label, "defect_type": self.defect_type, "note": self.note,

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Engine, and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import expression
 
 from service.records.model import (
     Artefact,
@@ -29,6 +31,23 @@ _INSERT_IGNORE: dict[str, Callable[[Any], Any]] = {
     "sqlite": lambda table: sqlite.insert(table).on_conflict_do_nothing(),
 }
 BUCKET_MS = {"hour": 3_600_000, "day": 86_400_000}
+
+
+class DbNowMs(expression.FunctionElement):
+    """The database's clock in epoch milliseconds, fixed for the statement."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(DbNowMs, "postgresql")
+def _pg_now_ms(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000 AS BIGINT)"
+
+
+@compiles(DbNowMs, "sqlite")
+def _sqlite_now_ms(_element: Any, _compiler: Any, **_kw: Any) -> str:
+    return "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
 
 
 def _row_to_record(row: Any) -> InspectionRecord:
@@ -114,16 +133,24 @@ class RecordStore:
             return len(fresh)
 
     def review(self, record_id: str, review: Review) -> InspectionRecord | None:
-        """Judge a record: the judgement replaces the current one; every judgement stays in the history."""
+        """Judge a record: the judgement replaces the current one; every judgement stays in the history.
+
+        The time is the database's, not the caller's (`review.reviewed_ms` is not used): the update takes the
+        record's row lock, so judgements of one record are written one after the other, each stamped with the
+        database's clock and at least a millisecond after the one before. The history then reads in the order
+        the judgements happened, and the current one is its last."""
+        t = inspections.c
+        now = DbNowMs()
+        stamp = case((now > func.coalesce(t.reviewed_ms, -1), now), else_=t.reviewed_ms + 1)
         with self.engine.begin() as conn:
-            done = conn.execute(update(inspections).where(inspections.c.id == record_id).values(
+            row = conn.execute(update(inspections).where(t.id == record_id).values(
                 review_label=review.label, review_defect_type=review.defect_type, review_note=review.note,
-                reviewer=review.reviewer, reviewed_ms=review.reviewed_ms))
-            if done.rowcount == 0:
+                reviewer=review.reviewer, reviewed_ms=stamp).returning(t.reviewed_ms)).first()
+            if row is None:
                 return None
             conn.execute(insert(reviews).values(
                 inspection_id=record_id, label=review.label, defect_type=review.defect_type, note=review.note,
-                reviewer=review.reviewer, reviewed_ms=review.reviewed_ms))
+                reviewer=review.reviewer, reviewed_ms=row.reviewed_ms))
         return self.get(record_id)
 
     def purge(self, retention_ms: int, now: int | None = None) -> int:
