@@ -29,6 +29,7 @@ from PIL import Image
 from redis.asyncio import Redis as AsyncRedis
 
 from descriptions import Category
+from filo_lab.bench.failover import kill_while_holding, load_image, rescued, seconds_until_counted
 from filo_lab.bench.load_client import LoadReport, run_load
 from service.api.app import create_app
 from service.backends.redis_queue import RedisBackend
@@ -160,15 +161,16 @@ def test_worker_killed_mid_batch_loses_nothing(redis_url: str, worker_pool: Work
 
 
 # --- failover under load: one of two workers SIGKILLed while clients keep sending -----------------------------
-FAILOVER_LOAD = {"concurrency": 8, "duration_s": 12.0, "max_requests": 600}  # the load of docs/service.md's figures
-FAILOVER_HELD = 3  # the victim dies holding at least this many requests: more than 1% of the load, so p99 sees them
-FAILOVER_BOUNDS = {"p99_ms": 5000.0, "lost": 0, "drop_s": 5.0}  # p99, lost requests, dead worker out of /readyz
+# The timing figures (p50, p99, slowest, how long the dead worker is counted) are the benchmark's
+# (filo_lab/bench/failover.py, quoted in docs/service.md); this test checks the mechanism only.
+FAILOVER_LOAD = {"concurrency": 8, "duration_s": 10.0, "max_requests": 600}
+FAILOVER_HELD = 3  # the victim dies holding at least this many requests
 
 
 def _load_in_background(url: str) -> tuple[threading.Thread, dict[str, LoadReport]]:
     """`filo loadtest`'s client against `url` in a thread of its own; the report lands in the dict."""
     out: dict[str, LoadReport] = {}
-    image = png_bytes(240, 320, seed=3)
+    image = load_image()
 
     def run() -> None:
         out["report"] = asyncio.run(run_load(url, "bottle", image, timeout_s=30.0, **FAILOVER_LOAD))
@@ -178,37 +180,11 @@ def _load_in_background(url: str) -> tuple[threading.Thread, dict[str, LoadRepor
     return thread, out
 
 
-def _kill_while_holding(victim: WorkerProc, name: str, r: redis.Redis, within_s: float = 15.0) -> tuple[float, int]:
-    """SIGKILL `victim` (consumer `name`) while it holds FAILOVER_HELD pending entries or more: (monotonic time of
-    the kill, entries held)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        os.kill(victim.proc.pid, signal.SIGSTOP)  # freeze it, then look at what it holds
-        held = _pending_by_consumer(r).get(name, 0)
-        if held >= FAILOVER_HELD:
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            victim.proc.wait(10)
-            return killed_at, held
-        os.kill(victim.proc.pid, signal.SIGCONT)
-        time.sleep(0.02)
-    raise AssertionError(f"never caught the victim holding {FAILOVER_HELD} pending entries")
-
-
-def _seconds_until_counted(api_url: str, workers: int, since: float, within_s: float = 20.0) -> float:
-    """Seconds from `since` until the API's /readyz counts `workers` live workers."""
-    deadline = since + within_s
-    while time.monotonic() < deadline:
-        if httpx.get(f"{api_url}/readyz", timeout=5).json()["detail"].get("workers") == workers:
-            return time.monotonic() - since
-        time.sleep(0.05)
-    raise AssertionError(f"/readyz still did not count {workers} worker(s) after {within_s} s")
-
-
 def test_failover_under_load_after_sigkill(redis_url: str, worker_pool: WorkerPool) -> None:  # noqa: F811
-    """Two workers under steady load, one SIGKILLed while it holds requests: the survivor takes its requests
-    over as soon as its heartbeat lapses (not after `claim_idle_ms`, left at its 15 s default here), nothing
-    is lost, and the API stops counting the dead worker within 5 s. Prints the figures docs/service.md quotes."""
+    """Two workers under steady load, one SIGKILLed while it holds requests: the survivor takes every one of them
+    over by the heartbeat take-over (`filo_worker_rescued_total{how="heartbeat"}`), none by the idle claim
+    (`claim_idle_ms` is left at its 15 s default, longer than the load runs after the kill), nothing is lost, and
+    the dead worker leaves /readyz and the consumer group."""
     env = {"FILO_MAX_BATCH_SIZE": "4"}
     victim, survivor = worker_pool.start(redis_url, **env), worker_pool.start(redis_url, **env)
     victim_name = worker_pool.wait_ready(victim)["detail"]["worker"]
@@ -217,19 +193,18 @@ def test_failover_under_load_after_sigkill(redis_url: str, worker_pool: WorkerPo
     with api_servers(redis_url, request_timeout_s=30.0) as (api,):
         assert wait_ready(api.url)["detail"]["workers"] == 2
         load, out = _load_in_background(api.url)
-        time.sleep(3.0)  # both workers busy first
-        killed_at, held = _kill_while_holding(victim, victim_name, r)
-        drop_s = _seconds_until_counted(api.url, 1, killed_at)
+        killed_at, held = kill_while_holding(victim.proc.pid, victim_name, r, FAILOVER_HELD)
+        victim.proc.wait(10)
+        seconds_until_counted(api.url, 1, killed_at)  # bounded wait: the dead worker leaves /readyz
         load.join(FAILOVER_LOAD["duration_s"] + 60)
         assert not load.is_alive(), "the load did not stop by itself"
     summary = out["report"].summary()
-    slowest_ms = round(max(out["report"].latencies_ms), 2)
-    figures = {"held_by_victim": held, "drop_s": round(drop_s, 2), "slowest_ms": slowest_ms, **summary}
-    print(f"\nfailover figures: {json.dumps(figures)}")
-    assert summary["lost"] == FAILOVER_BOUNDS["lost"] and summary["ok"] == summary["sent"], figures
-    assert summary["latency_ms"]["p99"] <= FAILOVER_BOUNDS["p99_ms"], figures
-    assert drop_s <= FAILOVER_BOUNDS["drop_s"], figures
-    assert "heartbeat lapsed" in survivor.log()  # taken over by heartbeat, not by the 15 s idle claim
+    how = rescued(survivor.url)
+    assert summary["lost"] == 0 and summary["ok"] == summary["sent"] > 0, summary
+    assert how == {"heartbeat": held, "idle_claim": 0}, (how, held)  # taken at once by heartbeat, every one
+    assert "heartbeat lapsed" in survivor.log()
+    assert victim_name not in _pending_by_consumer(r)
+    assert victim_name.encode() not in {c["name"] for c in r.xinfo_consumers(STREAM, GROUP)}
     assert r.xlen(STREAM) == 0 and r.xpending(STREAM, GROUP)["pending"] == 0
 
 

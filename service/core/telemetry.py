@@ -63,6 +63,11 @@ class Metrics:
             "filo_records_write_failures_total", "failed attempts to write a batch of records, by cause (disk_full, "
             "unreachable, locked, io_error, not_migrated, stream_full, redis_unavailable, ...)", ["cause"], registry=r)
 
+        self.rescued = Counter(
+            "filo_worker_rescued_total", "requests this worker took over from other workers, by how: heartbeat (a "
+            "dead worker's, as soon as its heartbeat lapsed) or idle_claim (the backstop: pending past claim_idle_ms)",
+            ["how"], registry=r)
+
     def error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()
 

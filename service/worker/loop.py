@@ -84,7 +84,7 @@ class Worker:
         self.keys = Keys.from_settings(settings)
         self.consumer = Consumer(self.redis, settings, self.name)
         self.catalog = CatalogFollower(self.redis, self.keys, self.consumer, self.metrics, self._run)
-        self.rescuer = Rescuer(self.consumer, settings)
+        self.rescuer = Rescuer(self.consumer, settings, self.metrics)
         self.cpu = StageCPU(self.metrics)
         self.engine: Engine | None = None
         self.report: StartReport | None = None
