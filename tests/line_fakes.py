@@ -1,0 +1,271 @@
+"""Helpers for the line connector's tests: a PLC that records every write, a real mosquitto on a free loopback
+port and a subscriber to it, images written the way a camera writes them, and a station run in a test.
+
+Every process started here is stopped by whoever started it (the fixtures' finalizers), every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from filo_line.plc.base import PlcError
+from tests.service_fixtures import free_port, png_bytes, wait_until
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+# --- a PLC playing its part of the handshake ----------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One result as the PLC saw it when ResultReady rose."""
+
+    part_id: str
+    ok: bool
+    ng: bool
+    error: bool
+    at: float  # time.time()
+
+
+@dataclass
+class FakePlc:
+    """A `PlcIO` that records every write and answers like a PLC program: it acknowledges ResultReady after
+    `ack_delay_s`, drops Ack when ResultReady falls, and drops Trigger once TriggerReady falls. `down` makes
+    every call fail as a disconnected PLC does."""
+
+    ack_delay_s: float = 0.0
+    down: bool = False
+    values: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(
+        ("trigger_ready", "trigger", "result_ready", "ok", "ng", "error", "ack"), False))
+    part_id: str = ""
+    writes: list[tuple[float, dict[str, bool]]] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    trigger_ready_writes: list[bool] = field(default_factory=list)
+    _connected: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected and not self.down
+
+    async def connect(self) -> None:
+        if self.down:
+            raise PlcError("fake PLC: connection refused")
+        self._connected = True
+
+    async def close(self) -> None:
+        self._connected = False
+
+    def _alive(self) -> None:
+        if not self.connected:
+            raise PlcError("fake PLC: not connected")
+
+    async def read_bool(self, signal: str) -> bool:
+        self._alive()
+        return self.values[signal]
+
+    async def write_bools(self, values: dict[str, bool]) -> None:
+        self._alive()
+        with self._lock:
+            rising = values.get("result_ready") and not self.values["result_ready"]
+            self.values.update(values)
+            self.writes.append((time.time(), dict(values)))
+            if "trigger_ready" in values:
+                self.trigger_ready_writes.append(values["trigger_ready"])
+                if not values["trigger_ready"]:
+                    self.values["trigger"] = False
+            if rising:
+                v = self.values
+                self.results.append(Result(self.part_id, v["ok"], v["ng"], v["error"], time.time()))
+        if rising:  # the PLC program acknowledges on its next scan
+            asyncio.get_running_loop().call_later(self.ack_delay_s, self.values.__setitem__, "ack", True)
+        if values.get("result_ready") is False:
+            self.values["ack"] = False
+
+    async def read_part_id(self) -> str:
+        self._alive()
+        return self.part_id
+
+    async def write_part_id(self, part_id: str) -> None:
+        self._alive()
+        self.part_id = part_id
+
+    async def check(self) -> str:
+        self._alive()
+        return "fake PLC: every signal read"
+
+    def trigger(self, part_id: str) -> None:
+        """The PLC's side of a trigger: PartId written, then Trigger raised."""
+        self.part_id = part_id
+        self.values["trigger"] = True
+
+
+@dataclass
+class StandInReport:
+    acked: bool
+    write_ms: float
+    ack_ms: float | None
+
+
+class StandInHandshake:
+    """The documented handshake (docs/line.md) over a PlcIO, for the station's tests on a branch where
+    filo_line/plc/handshake.py has not landed yet: `make_handshake` takes the real one where it exists."""
+
+    def __init__(self, io: Any, ack_timeout_s: float = 2.0) -> None:
+        self.io = io
+        self.ack_timeout_s = ack_timeout_s
+
+    @property
+    def connected(self) -> bool:
+        return self.io.connected
+
+    @property
+    def state(self) -> str:
+        return "connected" if self.io.connected else "reconnecting"
+
+    async def keep_connected(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self.io.connected:
+                try:
+                    await self.io.connect()
+                except PlcError:
+                    pass
+            await asyncio.sleep(0.02)
+
+    async def set_trigger_ready(self, ready: bool) -> None:
+        await self.io.write_bools({"trigger_ready": ready})
+
+    async def wait_trigger(self, stop: asyncio.Event | None = None) -> str:
+        was = await self.io.read_bool("trigger")
+        while stop is None or not stop.is_set():
+            now = await self.io.read_bool("trigger")
+            if now and not was:
+                return await self.io.read_part_id()
+            was = now
+            await asyncio.sleep(0.005)
+        return ""
+
+    async def _wait_ack(self, value: bool) -> bool:
+        end = time.monotonic() + self.ack_timeout_s
+        while time.monotonic() < end:
+            if await self.io.read_bool("ack") is value:
+                return True
+            await asyncio.sleep(0.002)
+        return False
+
+    async def signal(self, part_id: str, ok: bool, error: bool) -> StandInReport:
+        t0 = time.perf_counter()
+        await self.io.write_part_id(part_id)
+        await self.io.write_bools({"ok": ok, "ng": not ok, "error": error})
+        await self.io.write_bools({"result_ready": True})
+        write_ms = (time.perf_counter() - t0) * 1000
+        acked = await self._wait_ack(True)
+        ack_ms = (time.perf_counter() - t0) * 1000 - write_ms if acked else None
+        await self.io.write_bools({"result_ready": False, "ok": False, "ng": False, "error": False})
+        await self._wait_ack(False)
+        return StandInReport(acked, write_ms, ack_ms)
+
+
+def make_handshake(io: Any) -> Any:
+    try:
+        from filo_line.plc.handshake import PlcHandshake
+    except ModuleNotFoundError:
+        return StandInHandshake(io)
+    return PlcHandshake(io)
+
+
+# --- mosquitto ------------------------------------------------------------------------------------------------
+
+
+class Broker:
+    """A real mosquitto bound to 127.0.0.1 on a free port; `stop()` and `start()` again on the same port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.log = tmp / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._listening, 10, what=f"mosquitto on {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Subscriber:
+    """Collects every JSON message on a topic (QoS 1)."""
+
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.time_ns()}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise TimeoutError("no SUBACK from mosquitto")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# --- images and stations ----------------------------------------------------------------------------------------
+
+
+def write_image(folder: Path, name: str, seed: int, data: bytes | None = None) -> bytes:
+    """Write an image the way a camera's FTP upload does: create, write, close (inotify's close-write)."""
+    data = png_bytes(seed=seed) if data is None else data
+    with open(folder / name, "wb") as f:
+        f.write(data)
+    return data
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def station_config(name: str = "cam1", **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"name": name, "category": "bottle", "deadline_ms": 1500}
+    base.update(fields)
+    return base
