@@ -120,6 +120,7 @@ async def _run_until_signalled(config: LineConfig) -> None:
 def main(config_path: str | None = None, check_path: str | None = None, log_level: str = "info") -> int:
     logging.basicConfig(level=getattr(logging, log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: the metrics count them
     path = check_path or config_path
     assert path is not None
     try:

@@ -337,6 +337,9 @@ class Station:
         decision = decide(outcome, self.config.on_timeout) if outcome is not None \
             else fail_safe(self.config.on_timeout, "error", part.problem or "no image")
         signalled_at, signalled = await self._signal(part, decision)
+        if decision.error:
+            log.info("station %s: part %s: %s, signalled %s + Error", self.name, part.part_id, decision.reason,
+                     "OK" if decision.ok else "NG")
         done_at = signalled_at if signalled_at is not None else time.time()
         if signalled_at is not None:
             self.metrics.latency.labels(self.name).observe(max(0.0, signalled_at - part.triggered_at))
