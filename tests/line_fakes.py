@@ -7,6 +7,7 @@ Every process started here is stopped by whoever started it (the fixtures' final
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -138,10 +139,8 @@ class StandInHandshake:
     async def keep_connected(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if not self.io.connected:
-                try:
+                with contextlib.suppress(PlcError):
                     await self.io.connect()
-                except PlcError:
-                    pass
             await asyncio.sleep(0.02)
 
     async def set_trigger_ready(self, ready: bool) -> None:

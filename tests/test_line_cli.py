@@ -25,6 +25,7 @@ from tests.line_fakes import Broker, wait_for, write_image
 from tests.service_fixtures import REPO, free_port, wait_ready, wait_until, worker_env
 from tests.test_line_station import KEY, make_rig, run
 
+
 @dataclass
 class ServeProcess:
     proc: subprocess.Popen

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 import pytest
 
@@ -32,7 +33,7 @@ ANSWERS: dict[str, tuple[int, dict, dict]] = {
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
-    seen: list[dict[str, str]] = []
+    seen: ClassVar[list[dict[str, str]]] = []
 
     def _answer(self, status: int, headers: dict, body: dict) -> None:
         raw = json.dumps(body).encode()
@@ -43,7 +44,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that stopped waiting
             self.wfile.write(raw)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"])).decode("latin-1")
         fields = dict(re.findall(r'name="(\w+)"\r\n\r\n([^\r]*)\r\n', body))
         fields["auth"] = self.headers.get("Authorization", "")
@@ -52,7 +53,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
             time.sleep(1.0)
         self._answer(*ANSWERS.get(fields["category"], ANSWERS["ok"]))
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._answer(200, {}, {"categories": [{"name": "bottle"}, {"name": "screw"}]})
 
     def log_message(self, *args: object) -> None:

@@ -16,7 +16,7 @@ from tests.line_fakes import write_image
 from tests.service_fixtures import png_bytes
 
 
-def run(coro_fn) -> None:  # noqa: ANN001
+def run(coro_fn) -> None:
     asyncio.run(asyncio.wait_for(coro_fn(), 30))
 
 
@@ -26,7 +26,7 @@ async def started(path: Path, pattern: str = "*.png", **kw: float) -> FolderSour
     return source
 
 
-async def next_frame(source: FolderSource, timeout: float = 5.0):  # noqa: ANN201
+async def next_frame(source: FolderSource, timeout: float = 5.0):
     it = source.frames()
     return await asyncio.wait_for(it.__anext__(), timeout)
 

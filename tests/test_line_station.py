@@ -259,7 +259,7 @@ def test_without_the_service_every_part_gets_the_fail_safe_by_its_deadline_and_i
 
 
 class _Always503(http.server.BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         body = b'{"error": {"code": "not_ready", "message": "the model is loading"}}'
         self.send_response(503)
