@@ -120,6 +120,25 @@ def test_files_left_by_a_crash_come_first_and_waiting_ones_keep_their_age(tmp_pa
     run(main)
 
 
+def test_a_take_cut_between_its_link_and_its_unlink_is_finished_at_start(tmp_path):
+    (tmp_path / "processing").mkdir()
+    data = write_image(tmp_path, "half-taken.png", 1)
+    os.link(tmp_path / "half-taken.png", tmp_path / "processing" / "half-taken.png")  # then a kill -9
+
+    async def main() -> None:
+        source = await started(tmp_path, settle_s=0.2)
+        try:
+            frame = await next_frame(source)
+            with pytest.raises(asyncio.TimeoutError):
+                await next_frame(source, 0.8)  # offered once, not twice
+        finally:
+            await source.stop()
+        assert (frame.name, frame.data) == ("half-taken.png", data)
+        assert not (tmp_path / "half-taken.png").exists()
+
+    run(main)
+
+
 def test_acquire_takes_the_next_file_for_the_plcs_part_id_or_times_out(tmp_path):
     async def main() -> None:
         source = await started(tmp_path)

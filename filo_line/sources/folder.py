@@ -6,9 +6,9 @@ that appears without a writer (moved in from elsewhere, or waiting when the stat
 not changed for `settle_s`; a file whose writer never closes it after `stale_writer_s` without a change (the
 image check then finds it whole or not). Where the platform reports no closes, size stability decides alone.
 
-Each file is processed once, across restarts too: it is taken by renaming it into `processing/` (atomic: a file
-is either waiting or taken), and finished by moving it to `done/` or to `failed/` with `<name>.reason.txt`
-beside it. A crash leaves taken files in `processing/`; the next start offers them first. A file that cannot be
+Each file is processed once, across restarts too: it is taken by moving it into `processing/` (see `take`), and
+finished by moving it to `done/` or to `failed/` with `<name>.reason.txt` beside it. A crash leaves taken files
+in `processing/`; the next start offers them first. A file that cannot be
 read is still offered (with no bytes), so the station signals Error for its part, and it lands in `failed/`
 with the read error as its reason: no file stops the station.
 
@@ -87,6 +87,22 @@ def whole_at(path: Path, seen_at: float, backlog: bool) -> float:
     return mtime if seen_at - MTIME_TRUST_S <= mtime <= seen_at else seen_at
 
 
+def take(path: Path, taken: Path) -> None:
+    """Move a file into processing/. A hard link and an unlink rather than a rename: inotify reports a rename
+    out of the folder as a move whose other half never comes, and watchdog holds every later event of the folder
+    for half a second waiting for it. A crash between the two leaves the same file (one inode) in both places,
+    which `start` undoes. Where the file system has no hard links, a rename."""
+    try:
+        os.link(path, taken)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        os.rename(path, taken)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def unique_path(folder: Path, name: str) -> Path:
     """`folder/name`, or `folder/stem~N.suffix` when that is taken."""
     target = folder / name
@@ -143,6 +159,10 @@ class FolderSource:
         now = time.time()
         # taken before a crash and never finished: first, oldest first
         left = sorted((p for p in self.processing.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+        taken_inodes = {p.stat().st_ino for p in left}
+        for p in self.path.iterdir():  # a take that a crash cut between its link and its unlink
+            if p.is_file() and p.stat().st_ino in taken_inodes:
+                p.unlink()
         for p in left:
             self._ready.put_nowait(_Ready(p, min(p.stat().st_mtime, now), taken=True))
         for p in sorted(self.path.iterdir()):
@@ -239,7 +259,7 @@ class FolderSource:
         else:
             taken = unique_path(self.processing, item.path.name)
             try:
-                os.rename(item.path, taken)
+                take(item.path, taken)
             except FileNotFoundError:
                 return None  # removed meanwhile
             except OSError as exc:
