@@ -61,7 +61,7 @@ async def run_line(config: LineConfig, stop: asyncio.Event, metrics: LineMetrics
             handshake = None
             if sc.plc is not None:
                 handshake = build_handshake(build_plc_io(sc.plc))
-                jobs.append(handshake.keep_connected(stop))  # type: ignore[attr-defined]
+                jobs.append(handshake.keep_connected(stop))
             station_publishers = build_publishers(sc, metrics)
             for p in station_publishers:
                 p.start()

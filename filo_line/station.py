@@ -78,6 +78,10 @@ class Handshake(Protocol):
 
     async def signal(self, part_id: str, ok: bool, error: bool) -> SignalReport: ...
 
+    async def keep_connected(self, stop: asyncio.Event) -> None:
+        """Connect, and reconnect with backoff whenever the PLC goes away, until `stop` (run beside the station)."""
+        ...
+
 
 @dataclass
 class Part:
@@ -158,12 +162,14 @@ class Station:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._late_slots = asyncio.Semaphore(1)
         self._background: set[asyncio.Task[Any]] = set()
+        self._started_at = time.time()
         self._cycles: deque[float] = deque(maxlen=20)  # the last handshakes' durations, result to Ack dropped
         metrics.station(self.name, handshake is not None)
 
     # --- running ---
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._started_at = time.time()
         await self.source.start()
         watcher = asyncio.create_task(self._watch_plc(stop)) if self.handshake is not None else None
         try:
@@ -220,7 +226,7 @@ class Station:
                 if frame is None:
                     break
                 if self._stale(frame):
-                    self._spawn(self._late(frame))
+                    self._late_arrival(frame)
                     continue
                 part = self._new_part(frame.part_id, frame.acquired_at)
                 self._attach(part, frame)
@@ -282,7 +288,7 @@ class Station:
                 return
             if self._stale(frame):
                 frame.part_id = Path(frame.name).stem
-                self._spawn(self._late(frame))
+                self._late_arrival(frame)
                 continue
             self._attach(part, frame)
             return
@@ -433,10 +439,20 @@ class Station:
 
     # --- late: images past their deadline, and verdicts from the spool ---
 
+    def _late_arrival(self, frame: Frame) -> None:
+        """An image that reached the station after its part's deadline: written while the connector was away
+        (counted as unsignalled), or held up while it ran (a missed signal where a PLC waits for it)."""
+        if frame.acquired_at >= self._started_at and self.handshake is not None and not self.config.triggered:
+            self.metrics.deadline_misses.labels(self.name).inc()
+            log.error("station %s: part %s reached the station after its deadline; no signal", self.name,
+                      frame.part_id)
+        else:
+            self.metrics.unsignalled.labels(self.name).inc()
+        self._spawn(self._late(frame))
+
     async def _late(self, frame: Frame) -> None:
         """An image whose part is past the gate: inspected (through the spool when the service is away),
         published late, never signalled."""
-        self.metrics.unsignalled.labels(self.name).inc()
         part_id = sanitise_part_id(frame.part_id)
         request_id = request_id_for(self.name, part_id, frame.data)
         problem = image_problem(frame.data)
