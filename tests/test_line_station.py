@@ -372,3 +372,14 @@ def test_a_plc_that_comes_back_before_the_deadline_gets_the_fail_safe_and_one_th
     assert (after.part_id, after.error) == ("after", False)
     assert rig.sample("filo_line_deadline_misses_total") == 1
     assert [len(records(service, p)) for p in ("during", "missed", "after")] == [1, 1, 1]  # all inspected
+
+
+def test_the_line_benchmark_counts_every_part_of_a_rate(service):
+    """filo_lab/bench/line.py, one short rate: every triggered part has its latency, none is missed."""
+    from filo_lab.bench.line import run_rate, table
+
+    result = asyncio.run(run_rate(service, KEY, "bottle", "folder", "fake", rate=5, seconds=1,
+                                  image=png_bytes(seed=5), deadline_ms=1500, warmup=1))
+    assert (result.parts, result.missed) == (5, 0)
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+    assert "| folder | fake | 5 | 5 |" in table("folder", "fake", 1500, [result])
