@@ -131,7 +131,8 @@ def main(config_path: str | None = None, check_path: str | None = None, log_leve
             print(f"FAIL  config {path}: refused", file=sys.stdout)
         return 1 if check_path else 2
     if check_path:
-        print(f"ok    config {path}: {len(config.stations)} stations ({', '.join(s.name for s in config.stations)})")
+        n = len(config.stations)
+        print(f"ok    config {path}: {n} station{'' if n == 1 else 's'} ({', '.join(s.name for s in config.stations)})")
         lines = asyncio.run(run_checks(config))
         for line in lines:
             print(line, flush=True)

@@ -142,7 +142,7 @@ class Spool:
         probe.unlink()
         waiting = len(list(self.entries_dir.glob("*.json")))
         used = sum(p.stat().st_size for p in self.entries_dir.iterdir())
-        return (f"spool {self.dir}: writable, {waiting} images waiting "
+        return (f"{self.dir}: writable, {waiting} images waiting "
                 f"({used / MIB:.1f} of {self.max_bytes / MIB:.0f} MiB)")
 
     # --- entries ---

@@ -72,4 +72,4 @@ def test_check_reports_a_writable_folder_and_what_waits(tmp_path):
     spool = Spool(tmp_path / "s", 2048 * 1024 * 1024)
     spool.open()
     spool.put(meta(1), b"image")
-    assert spool.check().startswith(f"spool {tmp_path / 's'}: writable, 1 images waiting")
+    assert spool.check().startswith(f"{tmp_path / 's'}: writable, 1 images waiting")

@@ -68,4 +68,4 @@ class FolderPublisher:
         probe = self.path / f".check-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
-        return f"folder {self.path}: writable (ok/, ng/, timeout/, error/)"
+        return f"{self.path}: writable (ok/, ng/, timeout/, error/)"
