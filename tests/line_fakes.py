@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import shutil
 import subprocess
@@ -191,10 +192,15 @@ def make_handshake(io: Any) -> Any:
 class Broker:
     """A real mosquitto bound to 127.0.0.1 on a free port; `stop()` and `start()` again on the same port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, persistent: bool = False) -> None:
+        """`persistent`: sessions and their queued messages survive a restart (saved when it stops)."""
         self.port = free_port()
         self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        keep = f"persistence true\npersistence_location {tmp}/\n" if persistent else "persistence false\n"
+        # run as whoever started it (started as root, mosquitto would switch to its own user, who cannot write
+        # the test's folder; started as anyone else, the option changes nothing)
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n"
+                             f"{keep}")
         self.log = tmp / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
@@ -227,10 +233,13 @@ class Broker:
 class Subscriber:
     """Collects every JSON message on a topic (QoS 1)."""
 
-    def __init__(self, broker: Broker, topic: str) -> None:
+    def __init__(self, broker: Broker, topic: str, session: str | None = None) -> None:
+        """`session`: a persistent session of that client id, which the broker keeps while this is away."""
         self.messages: list[dict[str, Any]] = []
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.time_ns()}")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=session or f"test-sub-{time.time_ns()}",
+                                  clean_session=session is None)
+        self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
