@@ -8,7 +8,9 @@ has: the verdict, or the fail-safe (decision.py). An image without a verdict goe
 when the service is back (replay.py); its late verdict is published, never signalled.
 
 Untriggered (no PLC, or `plc.triggered: false`): each image is a part, triggered when it arrived; parts are
-inspected side by side (at most `MAX_IN_FLIGHT`) and signalled one after the other in arrival order.
+inspected side by side (at most `MAX_IN_FLIGHT`) and signalled one after the other in arrival order. Since each
+signal is a whole handshake, the wait for one part's verdict ends early where the parts queued behind it would
+otherwise miss their own deadlines (`_latest_start`).
 Triggered: TriggerReady is high while the station can take a part; on Trigger's rising edge it reads PartId,
 drops TriggerReady, acquires the image, inspects, signals, and raises TriggerReady again.
 
@@ -17,7 +19,7 @@ it comes back in time the part gets the fail-safe, else it is counted as a misse
 
 An image older than its deadline when the station first sees it (written while the connector was away, or left
 over in a triggered station's folder) belongs to no waiting part: it is inspected and published late, and never
-signalled.
+signalled (counted as unsignalled; as a missed signal where it arrived while the station ran and a PLC waited).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ LATE_TIMEOUT_S = 60.0  # an image past its deadline: how long one try may take
 MIN_ATTEMPT_S = 0.02  # less time than this left: no new request
 RETRY_PAUSES_S = (0.05, 0.1, 0.2, 0.4)
 SIGNAL_GUARD_S = 10.0
-FIRST_CYCLE_S = 0.05  # a handshake's duration until one was measured  # a handshake that hangs longer than this is treated as a PLC that went away
+FIRST_CYCLE_S = 0.05
+STOP_GRACE_S = 5.0  # on stop, how long the station waits for its background work  # a handshake's duration until one was measured  # a handshake that hangs longer than this is treated as a PLC that went away
 
 
 def signal_margin_s(deadline_s: float) -> float:
@@ -180,8 +183,12 @@ class Station:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if self._background:
-                await asyncio.wait(self._background, timeout=LATE_TIMEOUT_S)
+            if self._background:  # spool writes finish; a late inspection still running is cut off: its file
+                # stays in processing/ and is offered again at the next start
+                _, unfinished = await asyncio.wait(self._background, timeout=STOP_GRACE_S)
+                for task in unfinished:
+                    task.cancel()
+                await asyncio.gather(*unfinished, return_exceptions=True)
             await self.source.stop()
 
     async def _watch_plc(self, stop: asyncio.Event) -> None:
