@@ -14,14 +14,21 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import paho.mqtt.client as mqtt
 
+from filo_line.client import ServiceClient
+from filo_line.config import StationConfig
+from filo_line.metrics import LineMetrics
 from filo_line.plc.base import PlcError
+from filo_line.sources.folder import FolderSource
+from filo_line.spool import Spool
+from filo_line.station import Station
 from tests.service_fixtures import free_port, png_bytes, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -277,3 +284,80 @@ def station_config(name: str = "cam1", **fields: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"name": name, "category": "bottle", "deadline_ms": 1500}
     base.update(fields)
     return base
+
+
+# --- a station in a test -----------------------------------------------------------------------------------------
+
+KEY = "k-line"  # the service's key for the line in the tests
+
+
+def records(url: str, part_id: str) -> list[dict]:
+    r = httpx.get(f"{url}/v1/inspections", params={"part_id": part_id}, headers={"Authorization": f"Bearer {KEY}"},
+                  timeout=10)
+    r.raise_for_status()
+    return r.json()["items"]
+
+
+@dataclass
+class Rig:
+    station: Station
+    plc: FakePlc | None
+    metrics: LineMetrics
+    spool: Spool
+    folder: Path
+    client: ServiceClient
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, {"station": "cam1", **labels}) or 0.0
+
+
+SIGNALS = ("trigger_ready", "trigger", "part_id", "result_ready", "ok", "ng", "error", "ack")
+
+
+def make_rig(tmp_path: Path, url: str, *, plc: bool = True, triggered: bool = False, publishers: list | None = None,
+             spool_mb: float = 50, **fields: object) -> Rig:
+    folder = tmp_path / "in"
+    folder.mkdir(parents=True, exist_ok=True)
+    if plc:  # the transport is the fake; the file's PLC section says how the station uses it
+        fields["plc"] = {"kind": "opcua", "endpoint": "opc.tcp://127.0.0.1:4840", "triggered": triggered,
+                         "nodes": {k: f"ns=2;s=Cam1.{k}" for k in SIGNALS}}
+    config = StationConfig.model_validate(station_config(
+        camera={"kind": "folder", "path": str(folder), "pattern": "*.png"}, **fields))
+    metrics = LineMetrics()
+    spool = Spool(tmp_path / "spool", int(spool_mb * 1024 * 1024), on_change=metrics.spool_changed,
+                  on_drop=lambda r: metrics.spool_dropped.labels(r).inc())
+    spool.open()
+    client = ServiceClient(url, KEY)
+    fake = FakePlc() if plc else None
+    station = Station(config, FolderSource(folder, "*.png"), client, spool, publishers or [], metrics,
+                      make_handshake(fake) if fake else None)
+    return Rig(station, fake, metrics, spool, folder, client)
+
+
+def run(rig: Rig, scenario: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        jobs = [asyncio.create_task(rig.station.run(stop))]
+        if rig.station.handshake is not None:
+            jobs.append(asyncio.create_task(rig.station.handshake.keep_connected(stop)))
+        for p in rig.station.publishers:
+            p.start()
+        try:
+            await wait_for(lambda: rig.station.source.watching, 10, "the folder watched")
+            await scenario()
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*jobs), 30)
+            for p in rig.station.publishers:
+                await asyncio.to_thread(p.stop, 5.0)
+            await rig.client.close()
+
+    asyncio.run(main())
+
+
+def deadlines_met(rig: Rig, written_at: dict[str, float]) -> None:
+    """Each part's one result reached the PLC within its deadline, counted from when its file was written."""
+    deadline = rig.station.deadline_s
+    for r in rig.plc.results:
+        assert r.at - written_at[r.part_id] <= deadline, (r, written_at[r.part_id])
+    assert rig.sample("filo_line_deadline_misses_total") == 0

@@ -21,9 +21,8 @@ import pytest
 import yaml
 
 from service.cli import main as filo
-from tests.line_fakes import Broker, wait_for, write_image
+from tests.line_fakes import KEY, Broker, make_rig, records, run, wait_for, write_image
 from tests.service_fixtures import REPO, free_port, wait_ready, wait_until, worker_env
-from tests.test_line_station import KEY, make_rig, run
 
 
 @dataclass
@@ -68,13 +67,6 @@ def serve(tmp_path_factory) -> Iterator[ServeProcess]:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-
-
-def records(url: str, part_id: str) -> list[dict]:
-    r = httpx.get(f"{url}/v1/inspections", params={"part_id": part_id}, headers={"Authorization": f"Bearer {KEY}"},
-                  timeout=10)
-    r.raise_for_status()
-    return r.json()["items"]
 
 
 def line_file(tmp_path: Path, url: str, stations: list[dict], spool_mb: float = 50, **extra: object) -> Path:
