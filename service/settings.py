@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -52,8 +52,8 @@ MODEL = Section("Model", "Which networks run and where their weights and texts c
 DEVICE = Section("Device and GPU speed", "Where the model runs and the GPU options, each tested against the "
                  "plain path (docs/gpu.md).")
 HTTP = Section("HTTP server and request limits", "`filo serve`'s address and what one request may be.")
-KEYS = Section("Access keys", "Who may inspect, judge records and change categories (docs/records.md, "
-               "Roles).")
+KEYS = Section("Access keys", "Who may inspect, read records, judge them and change categories, and which "
+               "categories and sources a key is limited to (docs/records.md, Keys, roles and limits).")
 QUEUE = Section("Batching, queue and workers", "How requests are batched, and in queue mode how API pods and "
                 "workers meet through Redis and notice a dead worker (docs/service.md).")
 ANSWERS = Section("Answer defaults", "What an answer uses when neither the request nor the category says otherwise.")
@@ -67,6 +67,29 @@ LLM = Section("Description generation (LLM)", "The OpenAI-compatible chat endpoi
 
 # the order of docs/settings.md
 SECTIONS = (MODEL, DEVICE, HTTP, KEYS, QUEUE, ANSWERS, REFERENCES, STATE, RECORDS, LLM)
+
+
+class KeyLimit(BaseModel):
+    """What one limited key may reach: records and inspections of these categories and sources only. A list
+    left out does not limit; at least one is given, and a given list is not empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] | None = Field(None, min_length=1)
+    sources: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("categories", "sources")
+    @classmethod
+    def _names_not_blank(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not name.strip() for name in v):
+            raise ValueError("an empty name limits a key to nothing: leave the list out to allow every one")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> KeyLimit:
+        if self.categories is None and self.sources is None:
+            raise ValueError('a limit names "categories", "sources" or both (an empty limit would limit nothing)')
+        return self
 
 
 class FiloSettings(BaseSettings):
@@ -153,15 +176,38 @@ class FiloSettings(BaseSettings):
     cors_origins: list[str] = HTTP.field(
         default_factory=list, description="origins a browser may call the API from (CORS); none by default"
     )
+    api_docs: bool = HTTP.field(
+        True, description="serve the OpenAPI description and its pages (/openapi.json, /docs, /redoc); false hides "
+        "them in production (the console does not need them)",
+    )
+    metrics_port: int | None = HTTP.field(
+        None, ge=1, le=65535, description="`filo serve`: serve /metrics on this port (a second listener on `host`) "
+        "and not on the API's port, so an ingress publishing the API never shows it; unset: /metrics on `port`",
+    )
 
     api_keys: list[str] = KEYS.field(
-        default_factory=list, description="camera keys: inspect and read records; 'name:secret' records the name"
+        default_factory=list, description="camera keys: inspect, and read the category catalog (not the records); "
+        "'name:secret' records the name, a bare key is recorded by a short hash",
+    )
+    reader_keys: list[str] = KEYS.field(
+        default_factory=list, description="reader keys (QA dashboards): read records, kept images, review and "
+        "threshold history, stats and exports, and the catalog; they neither inspect nor judge; 'name:secret' names "
+        "the key (the name key_limits uses)",
     )
     reviewer_keys: list[str] = KEYS.field(
         default_factory=list, description="keys that may judge inspection records (and inspect and read); "
         "'name:secret' records the name, a bare key is recorded by a short hash",
     )
     admin_key: str | None = KEYS.field(None, description="the key that may also write categories and thresholds")
+    key_limits: dict[str, KeyLimit] = KEYS.field(
+        default_factory=dict, description="limits by key name: '{\"supplier-a\": {\"categories\": [\"bottle\"], "
+        "\"sources\": [\"supplier-a/line-1\"]}}' lets the camera, reader or reviewer keys named supplier-a reach "
+        "those categories' and sources' records and inspections only; every name must be a configured key's name "
+        "and the admin key cannot be limited (checked at start)",
+    )
+    metrics_key: str | None = KEYS.field(
+        None, description="a bearer key Prometheus presents for /metrics; unset: /metrics is open (for scraping)"
+    )
     allow_open: bool = KEYS.field(False, description="production only: run without API keys on purpose")
 
     redis_url: str | None = QUEUE.field(
@@ -189,6 +235,10 @@ class FiloSettings(BaseSettings):
     category_lock_s: float = QUEUE.field(
         120.0, gt=0, description="queue mode: how long one change of a category's references or threshold may hold "
         "its lock (a dead holder's lock lapses after this; a change waiting longer is refused with 409)",
+    )
+    job_claim_s: float = QUEUE.field(
+        60.0, gt=0, description="queue mode: a background job (learn) whose API pod has not reported on it for this "
+        "long is lost (its pod died) and its category free for a new one",
     )
     claim_idle_ms: int = QUEUE.field(
         15_000, ge=100, description="queue mode: pending requests idle this long are reclaimed, whoever holds them "
@@ -315,6 +365,13 @@ class FiloSettings(BaseSettings):
         if self.heartbeat_ttl_ms < 2 * self.heartbeat_interval_ms:
             raise ValueError(f"heartbeat_ttl_ms ({self.heartbeat_ttl_ms}) must be at least twice heartbeat_interval_ms "
                              f"({self.heartbeat_interval_ms}): one late beat must not declare a worker dead")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_is_its_own(self) -> FiloSettings:
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port ({self.metrics_port}) must differ from port: leave it unset to serve "
+                             "/metrics on the API's port")
         return self
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from service.settings import SECTIONS, FiloSettings
@@ -62,6 +63,8 @@ def type_text(annotation: Any) -> str:
         return f"{type_text(args[0])} to {type_text(args[1])} (JSON object)"
     if annotation is Path:
         return "path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):  # an object of named lists (key_limits)
+        return "{" + ", ".join(f'"{name}"' for name in annotation.model_fields) + "}"
     return getattr(annotation, "__name__", str(annotation))
 
 

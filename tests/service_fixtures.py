@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -262,3 +263,23 @@ def worker_pool(tmp_path: Path) -> Iterator[WorkerPool]:
     pool = WorkerPool(tmp_path)
     yield pool
     pool.stop_all()
+
+
+# --- background jobs ----------------------------------------------------------------------------------------
+
+
+def learn_and_wait(client: Any, category: str, headers: dict[str, str] | None = None, timeout: float = 180.0) -> dict:
+    """POST .../learn (a background job: 202 with its Location), followed to its end; the job's result."""
+    r = client.post(f"/v1/categories/{category}/learn", headers=headers or {})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["Location"] == f"/v1/jobs/{job['id']}" and job["state"] == "running" and job["kind"] == "learn"
+    box: dict[str, Any] = {}
+
+    def finished() -> bool:
+        box["job"] = client.get(f"/v1/jobs/{job['id']}", headers=headers or {}).json()
+        return box["job"]["state"] != "running"
+
+    wait_until(finished, timeout, interval=0.2, what=f"the learn job of {category}")
+    assert box["job"]["state"] == "succeeded", box["job"]
+    return box["job"]["result"]

@@ -69,8 +69,10 @@ from tests.test_console_browser import (  # noqa: F401
 pytestmark = pytest.mark.slow
 
 REVIEWER_KEY = "rev-secret"
+READER_KEY = "dash-secret"  # the console reads the records with it (a camera key inspects only)
 ADMIN_SECRET = "console-admin"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+READ = {"Authorization": f"Bearer {READER_KEY}"}
 REV = {"Authorization": f"Bearer {REVIEWER_KEY}"}
 ADM = {"Authorization": f"Bearer {ADMIN_SECRET}"}
 HOSTILE_SOURCE = "<img src=x onerror=alert(2)>"  # the API refuses it; a record written behind its back has it
@@ -101,7 +103,7 @@ def server(state_dir: Path, hostile_descriptions: Path, paged_descriptions: Path
            ) -> Iterator[ServerThread]:
     settings = demo_settings(
         state_dir=state_dir, api_keys=[API_KEY], reviewer_keys=[f"rita:{REVIEWER_KEY}"],
-        admin_key=f"boss:{ADMIN_SECRET}",
+        reader_keys=[f"dana:{READER_KEY}"], admin_key=f"boss:{ADMIN_SECRET}",
         descriptions=[SAMPLES / "descriptions.json", hostile_descriptions, paged_descriptions],
     )
     with ServerThread(create_app(settings, EmbeddedBackend(settings))) as srv:
@@ -151,7 +153,7 @@ def wait_records(client: httpx.Client, category: str, n: int, timeout: float = 6
     box: list[str] = []
 
     def arrived() -> bool:
-        r = client.get(f"/v1/inspections?category={category}&reviewed=false&limit=500", headers=AUTH)
+        r = client.get(f"/v1/inspections?category={category}&reviewed=false&limit=500", headers=READ)
         box[:] = [i["id"] for i in r.json()["items"]] if r.status_code == 200 else []
         return len(box) == n
 
@@ -274,13 +276,13 @@ def learn_via_admin(drv: WebDriver, client: httpx.Client, category: str, added: 
 
 def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, goods: int) -> None:
     """`goods` false alarms judged good with `g`, one true defect with `d`; trends; learn."""
-    open_console(drv, url)
+    open_console(drv, url, READER_KEY)
     before = wait_totals(drv, category, ng=str(goods + 1), false_alarms="0", reviewed="0")
     assert before["inspected"] == str(goods + 1)
     shot(drv, f"trends-before-{category}")
 
     ids = open_review(drv, category, goods + 1)
-    expected = client.get(f"/v1/inspections?category={category}&verdict=ng&reviewed=false", headers=AUTH).json()
+    expected = client.get(f"/v1/inspections?category={category}&verdict=ng&reviewed=false", headers=READ).json()
     assert ids == [i["id"] for i in expected["items"]]  # newest first, as the API lists them
     assert selected_id(drv) == ids[0]
     wait_for(drv, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
@@ -291,8 +293,12 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
     assert by_testid(drv, "review-heatmap-note").text == "server-blended overlay"
     assert by_testid(drv, "review-verdict").text == "NG"
     assert by_testid(drv, "review-threshold").text == "0.000"
+    # the key that made the inspection: the camera's (a bare key, named by its hash), in the detail and the list
+    key_name = expected["items"][0]["key_name"]
+    assert key_name.startswith("key-") and by_testid(drv, "review-key").text == key_name
+    assert f"key {key_name}" in all_by_testid(drv, "review-item")[0].text
 
-    # a camera key may read, not judge: the 403 is explained next to the view, nothing leaves the queue
+    # a reader key may read, not judge: the 403 is explained next to the view, nothing leaves the queue
     by_testid(drv, "reviewer-key").clear()
     press(drv, "g")
     wait_for(drv, lambda d: by_testid(d, "review-error").is_displayed(), "the 403 explained", timeout=20)
@@ -305,7 +311,7 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
     by_testid(drv, "reviewer-key").send_keys(REVIEWER_KEY)
     judge_by_key(drv, "g")
     assert not by_testid(drv, "review-error").is_displayed()
-    judged = client.get(f"/v1/inspections/{ids[0]}", headers=AUTH).json()["review"]
+    judged = client.get(f"/v1/inspections/{ids[0]}", headers=READ).json()["review"]
     assert (judged["label"], judged["reviewer"]) == ("good", "rita")
 
     # keys typed into a field are text, not judgements
@@ -334,6 +340,7 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
     wait_for(drv, lambda d: all_by_testid(d, "review-empty"), "an empty queue", timeout=10)
     done = all_by_testid(drv, "review-done-item")
     assert len(done) == goods + 1 and by_testid(done[0], "review-done-type").text == "type: Burn mark"
+    assert by_testid(done[0], "review-done-key").text == f"key: {key_name}"
     assert [by_testid(d, "review-done-label").text.lower() for d in done] == ["defect"] + ["good"] * goods
     shot(drv, f"review-done-{category}")
 
@@ -343,6 +350,7 @@ def review_flow(drv: WebDriver, client: httpx.Client, url: str, category: str, g
     wait_for(drv, lambda d: sorted(r["review"] for r in rows(d, "record-row")) == judged, "the records with their "
              "reviews", timeout=20)  # listed after the counts
     assert all_by_testid(drv, "chart-point")  # the rates are drawn
+    assert {r["key_name"] for r in rows(drv, "record-row")} == {key_name}
     shot(drv, f"trends-after-{category}")
 
     learn_via_admin(drv, client, category, goods, "Burn mark")
@@ -363,13 +371,45 @@ def test_review_with_keys_trends_and_learn(driver: WebDriver, server: ServerThre
         review_flow(driver, client, server.url, "fabric", goods=3)
 
 
+def test_a_camera_key_is_told_it_may_not_read_records(driver: WebDriver, server: ServerThread) -> None:  # noqa: F811
+    """With a camera key in API key the console still lists the categories (the catalog is a camera's), and the
+    Review and Trends views and the threshold history say that this key may not read records, in place of them."""
+    open_console(driver, server.url)  # the camera key: the categories load
+    tab(driver, "review")
+    wait_for(driver, lambda d: all_by_testid(d, "review-denied"), "the queue's refusal", timeout=20)
+    assert by_testid(driver, "review-error-title").text == "This key may not read records"
+    assert "reader, reviewer or admin key in API key" in by_testid(driver, "review-error-message").text
+    assert by_testid(driver, "review-error-code").text == "HTTP 403 · forbidden"
+    assert not all_by_testid(driver, "review-item") and not by_testid(driver, "review-badge").is_displayed()
+    shot(driver, "review-camera-key")
+    tab(driver, "trends")
+    wait_for(driver, lambda d: by_testid(d, "trends-error").is_displayed(), "the trends' refusal", timeout=20)
+    assert by_testid(driver, "trends-error-title").text == "This key may not read records"
+    assert "This key may not read inspection records." in by_testid(driver, "trends-table").text
+    assert not all_by_testid(driver, "record-row") and not all_by_testid(driver, "trends-row")
+    assert not all_by_testid(driver, "chart-point")
+    shot(driver, "trends-camera-key")
+    open_admin(driver, "metal", ADMIN_SECRET)
+    wait_for(driver, lambda d: "history unavailable: A camera key inspects only" in
+             by_testid(d, "threshold-history").text, "the history's refusal", timeout=20)
+    # the same page with a reader key reads them
+    field = by_testid(driver, "api-key")
+    field.clear()
+    field.send_keys(READER_KEY + Keys.ENTER)
+    tab(driver, "review")
+    wait_for(driver, lambda d: all_by_testid(d, "review-item") or all_by_testid(d, "review-empty"), "the queue",
+             timeout=20)
+    assert not by_testid(driver, "review-error").is_displayed() and not all_by_testid(driver, "review-denied")
+    assert csp_violations(driver) == []
+
+
 def test_trends_export_has_the_filters(driver: WebDriver, server: ServerThread, downloads: Path) -> None:  # noqa: F811
     with httpx.Client(base_url=server.url, timeout=120) as client:
         make_ng(client, "bolt")
         inspect_files(client, "bolt", [SAMPLES / "bolt_crack.png"], "line-b")
         inspect_files(client, "bolt", [SAMPLES / "bolt_good.png"], "line-c")
         wait_records(client, "bolt", 2)
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     by_testid(driver, "tab-inspect").send_keys(Keys.ARROW_RIGHT)  # the tabs work from the keyboard
     wait_for(driver, lambda d: by_testid(d, "view-review").is_displayed(), "Review by the arrow key", timeout=10)
     assert driver.execute_script("return document.activeElement.id") == "tab-review"
@@ -398,7 +438,7 @@ def test_trends_export_has_the_filters(driver: WebDriver, server: ServerThread, 
 
 def test_admin_threshold_by_hand_history_and_the_calibration_refusal(driver: WebDriver,  # noqa: F811
                                                                       server: ServerThread) -> None:
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     open_admin(driver, "metal", ADMIN_SECRET)
     by_testid(driver, "calibrate").click()  # no references: refused, and the console says what it can do
     wait_for(driver, lambda d: by_testid(d, "admin-error").is_displayed(), "the refusal beside the buttons", timeout=20)
@@ -458,7 +498,7 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
                               [{"description": HOSTILE, "similarity": 0.3}], "m", {}, HOSTILE_SOURCE)
     store.insert_many([record])
     store.engine.dispose()
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     open_review(driver, "hostile", 1)
     by_testid(driver, "reviewer-key").clear()
     by_testid(driver, "reviewer-key").send_keys(REVIEWER_KEY)
@@ -477,9 +517,9 @@ def test_hostile_source_and_note_stay_text(driver: WebDriver, server: ServerThre
 
     tab(driver, "trends")
     Select(by_testid(driver, "trends-category")).select_by_value("hostile")
-    wait_for(driver, lambda d: any(r["_id"] == "hostile-1" for r in rows(d, "record-row")),
-             "the hostile record listed", timeout=20)
-    cells = next(r for r in rows(driver, "record-row") if r["_id"] == "hostile-1")
+    # read in the same look that finds it (showing the tab and choosing the category each redraw the list)
+    cells = wait_for(driver, lambda d: next((r for r in rows(d, "record-row") if r["_id"] == "hostile-1"), None),
+                     "the hostile record listed", timeout=20)
     assert (cells["source"], cells["note"], cells["defect_type"]) == (HOSTILE_SOURCE, HOSTILE, HOSTILE)
     shot(driver, "hostile-review-trends")
     assert driver.execute_script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
@@ -534,9 +574,9 @@ def test_review_shows_the_heatmap_by_its_recorded_kind(driver: WebDriver, server
             assert r.status_code == 200, r.text
             kept[asked] = r.json()["request_id"]
         wait_records(client, KINDS, 2)
-        assert [client.get(f"/v1/inspections/{kept[a]}", headers=AUTH).json()["heatmap_kind"] for a in kept] == \
+        assert [client.get(f"/v1/inspections/{kept[a]}", headers=READ).json()["heatmap_kind"] for a in kept] == \
             ["map", "overlay"]
-        raw = client.get(f"/v1/inspections/{kept['map']}/heatmap", headers=AUTH)
+        raw = client.get(f"/v1/inspections/{kept['map']}/heatmap", headers=READ)
         grey = np.asarray(Image.open(io.BytesIO(raw.content)))
         assert grey.ndim == 2
     # written behind the API's back: an overlay that happens to be grey (the kind, not the pixels, decides),
@@ -549,7 +589,7 @@ def test_review_shows_the_heatmap_by_its_recorded_kind(driver: WebDriver, server
     write_records(state_dir, [grey_overlay, old_map])
     jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8).reshape(1, 256), cv2.COLORMAP_JET)[0][:, ::-1].astype(int)
 
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     open_review(driver, KINDS, 4)
 
     h, w = grey.shape
@@ -761,7 +801,7 @@ def test_trends_counts_and_charts_per_hour_and_per_day(driver: WebDriver, server
     labels = {f"tb-{i:02d}": label for i, (*_, label) in enumerate(plan) if label}
     write_records(state_dir, records, labels)
 
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     show_trends(driver, "trend-buckets", "hour")
     check_buckets(driver, records, labels, "hour")
     totals = {r["category"]: r for r in table(driver, "trends-total")}
@@ -797,7 +837,7 @@ def test_trends_since_until_are_local_times_sent_as_utc(driver: WebDriver, serve
     inside = [r for r in records if since <= r.created_ms < until]
     assert [r.id for r in inside] == ["tw-2", "tw-3", "tw-4", "tw-5"]
 
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     assert driver.execute_script("return new Date(arguments[0]).getTimezoneOffset()", since) == -330  # UTC+05:30
     show_trends(driver, "trend-window", "hour")
     wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], newest_first(records), "all the records")
@@ -854,7 +894,7 @@ def test_trends_export_is_the_list_shown_not_the_fields(driver: WebDriver, serve
                 if urlsplit(u).path.endswith("/v1/inspections/export")]
         return ids, sent
 
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     show_trends(driver, "csv-shown", "day")
     wait_equal(driver, listed, newest_first(shown), "the list shown")
     field = by_testid(driver, "trends-source")
@@ -881,7 +921,7 @@ def test_trends_records_load_more(driver: WebDriver, server: ServerThread, state
     records = [record_at(f"tm-{i:02d}", at(1, "12:00") - (45 if 45 <= i < 55 else i) * 60_000, "tile", i % 3 == 0,
                          "trend-more") for i in range(57)]
     expected = newest_first(records)
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     write_records(state_dir, records)
     show_trends(driver, "trend-more", "day")
     wait_equal(driver, lambda d: [r["_id"] for r in rows(d, "record-row")], expected[:50], "the first 50 records")
@@ -925,7 +965,7 @@ def test_review_queue_load_more(driver: WebDriver, server: ServerThread, state_d
     write_records(state_dir, records + judged + plain, {r.id: "good" for r in judged})
     expected = newest_first(records)
 
-    open_console(driver, server.url)
+    open_console(driver, server.url, READER_KEY)
     tab(driver, "review")
     Select(by_testid(driver, "review-category")).select_by_value(PAGED)
     wait_equal(driver, queue_ids, expected[:20], "the first page of the queue")
@@ -950,9 +990,10 @@ def test_queue_mode_review_trends_and_learn(driver: WebDriver, redis_server: Red
                                             tmp_path: Path) -> None:
     redis_server.client().flushall()
     with queue_server(redis_server.url, worker_pool, records_url=postgres.url, records_keep="all",
-                      reviewer_keys=[f"rita:{REVIEWER_KEY}"], admin_key=f"boss:{ADMIN_SECRET}") as api, \
+                      reviewer_keys=[f"rita:{REVIEWER_KEY}"], reader_keys=[f"dana:{READER_KEY}"],
+                      admin_key=f"boss:{ADMIN_SECRET}") as api, \
             httpx.Client(base_url=api.url, timeout=120) as client:
-        wait_until(lambda: client.get("/v1/inspections", headers=AUTH).status_code == 200, 30, what="records ready")
+        wait_until(lambda: client.get("/v1/inspections", headers=READ).status_code == 200, 30, what="records ready")
         make_ng(client, "washer")
         inspect_files(client, "washer", [SAMPLES / "washer_missing.png"], "line-q")
         inspect_files(client, "washer", good_variants(tmp_path, "washer_good.png")[:2], "line-q")

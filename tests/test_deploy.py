@@ -92,11 +92,13 @@ APP_ENV = {
     "FILO_RECORDS_OK_SAMPLE",
     "FILO_RECORDS_RETENTION_DAYS",
     "FILO_REVIEWER_KEYS",
+    "FILO_READER_KEYS",
+    "FILO_KEY_LIMITS",
     "HF_HOME",
     "HF_HUB_OFFLINE",
 }
 # FILO_RECORDS_URL carries the database password.
-SECRET_ENV = {"FILO_API_KEYS", "FILO_ADMIN_KEY", "FILO_REVIEWER_KEYS", "FILO_RECORDS_URL"}
+SECRET_ENV = {"FILO_API_KEYS", "FILO_ADMIN_KEY", "FILO_REVIEWER_KEYS", "FILO_READER_KEYS", "FILO_RECORDS_URL"}
 # The inspection records are the API's: the workers never open the database.
 RECORDS_ENV = {n for n in APP_ENV if n.startswith("FILO_RECORDS")}
 # What the images themselves may set: interpreter/pip behaviour, paths, the CUDA requirement.
@@ -754,7 +756,7 @@ def test_the_api_gets_the_records_database_from_the_secret_and_the_workers_none(
     assert url.password == secret["stringData"]["POSTGRES_PASSWORD"]
     assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
     names = k8s_env_names()
-    assert names["filo-api"] >= RECORDS_ENV and "FILO_REVIEWER_KEYS" in names["filo-api"]
+    assert names["filo-api"] >= RECORDS_ENV and {"FILO_REVIEWER_KEYS", "FILO_READER_KEYS"} <= names["filo-api"]
     worker_db = {n for n in names["filo-worker"] if n.startswith(("FILO_RECORDS", "FILO_REVIEWER", "POSTGRES"))}
     assert not worker_db, f"workers never open the records database: {sorted(worker_db)}"
 
@@ -767,6 +769,7 @@ def test_config_and_secret_references_resolve() -> None:
         assert "REPLACE-ME" in value, "secret.example.yaml must hold placeholders only"
     json.loads(secret["stringData"]["FILO_API_KEYS"])
     json.loads(secret["stringData"]["FILO_REVIEWER_KEYS"])
+    json.loads(secret["stringData"]["FILO_READER_KEYS"])
     for name, d in workloads().items():
         for c in containers(d):
             for ref in c.get("envFrom", []):
@@ -872,6 +875,7 @@ def test_each_pods_environment_parses_as_settings() -> None:
     assert api.records is True and api.records_url.startswith("postgresql+psycopg://")
     assert api.records_keep == "ng" and 0 <= api.records_ok_sample <= 1 and api.records_retention_days > 0
     assert [k.split(":", 1)[0] for k in api.reviewer_keys] == ["qa-lead"]
+    assert [k.split(":", 1)[0] for k in api.reader_keys] == ["qa-dashboard"] and api.key_limits == {}
     worker = settings_from(k8s_pod_env("filo-worker"))
     assert worker.records_url is None and worker.device == "cuda"
     from pydantic import ValidationError

@@ -11,7 +11,8 @@ import pytest
 
 from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_ready, wait_until
 
-KEY = {"Authorization": "Bearer secret-7"}
+KEY = {"Authorization": "Bearer secret-7"}  # the line's camera key: it inspects
+READ = {"Authorization": "Bearer reader-7"}  # the records are read with a reader key
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +21,16 @@ def client(tmp_path_factory):
     from service.backends.embedded import EmbeddedBackend
 
     settings = demo_settings(state_dir=tmp_path_factory.mktemp("line-fields"), api_keys=["line7:secret-7"],
-                             admin_key="admin-7")
+                             reader_keys=["qa:reader-7"], admin_key="admin-7")
     with ServerThread(create_app(settings, EmbeddedBackend(settings))) as srv:
         wait_ready(srv.url)
-        with httpx.Client(base_url=srv.url, timeout=120, headers=KEY) as c:
+        with httpx.Client(base_url=srv.url, timeout=120, headers=READ) as c:
             yield c
 
 
 def _inspect(client, **fields) -> httpx.Response:
     return client.post("/v1/inspect", data={"category": "bottle", "heatmap": "none", **fields},
-                       files={"image": ("p.png", png_bytes(seed=3), "image/png")})
+                       files={"image": ("p.png", png_bytes(seed=3), "image/png")}, headers=KEY)
 
 
 def test_part_id_is_kept_searchable_and_exported_with_the_key_name(client):

@@ -22,12 +22,14 @@ from service.records.schema import metadata
 from service.records.store import RecordStore
 from tests.conftest import synthetic_image
 from tests.postgres_server import PostgresServer, running_postgres
-from tests.service_fixtures import ServerThread, demo_settings, png_bytes, wait_until
+from tests.service_fixtures import ServerThread, demo_settings, learn_and_wait, png_bytes, wait_until
 
 API, REVIEWER, ADMIN = "cam-1", "rev-secret", "admin-1"
 AUTH = {"Authorization": f"Bearer {API}"}
 REV = {"Authorization": f"Bearer {REVIEWER}"}
 ADM = {"Authorization": f"Bearer {ADMIN}"}
+READER = "qa-1"  # camera keys inspect; records are read with a reader key
+READ = {"Authorization": f"Bearer {READER}"}
 HOUR = 3_600_000
 
 
@@ -293,7 +295,8 @@ def test_purge_deletes_only_records_past_the_retention(store: RecordStore) -> No
 
 def _settings(state_dir: Path, **kw: object):
     base: dict[str, object] = {"state_dir": state_dir, "api_keys": [API], "reviewer_keys": [f"anna:{REVIEWER}"],
-                               "admin_key": ADMIN, "records_keep": "all", "thresholds": {"bottle": 0.5}}
+                               "reader_keys": [f"qa:{READER}"], "admin_key": ADMIN, "records_keep": "all",
+                               "thresholds": {"bottle": 0.5}}
     base.update(kw)
     return demo_settings(**base)
 
@@ -315,9 +318,9 @@ def _inspect(client: httpx.Client, image: bytes, category: str = "bottle", **fie
 
 
 def _wait_record(client: httpx.Client, record_id: str) -> dict:
-    wait_until(lambda: client.get(f"/v1/inspections/{record_id}", headers=AUTH).status_code == 200, 10,
+    wait_until(lambda: client.get(f"/v1/inspections/{record_id}", headers=READ).status_code == 200, 10,
                what=f"record {record_id}")
-    return client.get(f"/v1/inspections/{record_id}", headers=AUTH).json()
+    return client.get(f"/v1/inspections/{record_id}", headers=READ).json()
 
 
 def test_every_inspection_is_recorded_with_what_was_answered(api) -> None:
@@ -331,16 +334,16 @@ def test_every_inspection_is_recorded_with_what_was_answered(api) -> None:
         assert rec[key] == body[key], key
     assert rec["source"] == "line-7/cam:2" and rec["model_version"] == body["model"]["version"]
     assert rec["has_image"] and rec["has_heatmap"] and rec["review"] is None
-    img = client.get(f"/v1/inspections/{body['request_id']}/image", headers=AUTH)
+    img = client.get(f"/v1/inspections/{body['request_id']}/image", headers=READ)
     assert img.status_code == 200 and img.content == image and img.headers["content-type"] == "image/png"
-    heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=AUTH)
+    heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=READ)
     assert heat.status_code == 200 and heat.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(heat.content)).size == (224, 224)
     assert rec["heatmap_kind"] == "overlay"  # the record's own JPEG is an overlay
     # record=false leaves nothing
     quiet = _inspect(client, image, record="false")
     time.sleep(0.5)
-    assert client.get(f"/v1/inspections/{quiet['request_id']}", headers=AUTH).status_code == 404
+    assert client.get(f"/v1/inspections/{quiet['request_id']}", headers=READ).status_code == 404
 
 
 def test_the_record_says_which_heatmap_it_kept(api) -> None:
@@ -352,11 +355,11 @@ def test_the_record_says_which_heatmap_it_kept(api) -> None:
         assert body["heatmap"]["kind"] == kind
         rec = _wait_record(client, body["request_id"])
         assert (rec["has_heatmap"], rec["heatmap_kind"]) == (True, kind), asked
-        heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=AUTH)
+        heat = client.get(f"/v1/inspections/{body['request_id']}/heatmap", headers=READ)
         assert heat.headers["content-type"] == media
         if kind == "map":
             assert Image.open(io.BytesIO(heat.content)).mode == "L"  # the raw 8-bit map, as the client got it
-        listed = client.get(f"/v1/inspections?source=kind-{asked}", headers=AUTH).json()["items"]
+        listed = client.get(f"/v1/inspections?source=kind-{asked}", headers=READ).json()["items"]
         assert [(i["id"], i["heatmap_kind"]) for i in listed] == [(body["request_id"], kind)]
 
 
@@ -370,11 +373,11 @@ def test_bad_input_is_refused_clearly(api) -> None:
                          ("since=yesterday", "since"), ("reviewed=perhaps", "reviewed"), ("cursor=%%%", "cursor"),
                          ("bucket=week", "bucket")):
         path = "/v1/stats" if field == "bucket" else "/v1/inspections"
-        r = client.get(f"{path}?{query}", headers=AUTH)
+        r = client.get(f"{path}?{query}", headers=READ)
         assert r.status_code == 422, (query, r.text)
         assert field in r.text, query
-    assert client.get("/v1/inspections/unknown-id", headers=AUTH).json()["error"]["code"] == "unknown_inspection"
-    assert client.get("/v1/inspections/unknown-id/image", headers=AUTH).status_code == 404
+    assert client.get("/v1/inspections/unknown-id", headers=READ).json()["error"]["code"] == "unknown_inspection"
+    assert client.get("/v1/inspections/unknown-id/image", headers=READ).status_code == 404
     assert client.get("/v1/inspections").status_code == 401
     r = client.post("/v1/inspections/unknown-id/review", json={"label": "good"}, headers=REV)
     assert r.status_code == 404
@@ -395,7 +398,7 @@ def test_review_roles_names_and_history(api) -> None:
     assert r.status_code == 200 and r.json()["review"]["label"] == "defect"
     admin_name = r.json()["review"]["reviewer"]
     assert admin_name.startswith("key-") and ADMIN not in admin_name  # a bare key: a short hash, not the key
-    history = client.get(f"/v1/inspections/{rid}/reviews", headers=AUTH).json()["items"]
+    history = client.get(f"/v1/inspections/{rid}/reviews", headers=READ).json()["items"]
     assert [(h["label"], h["reviewer"]) for h in history] == [("good", "anna"), ("defect", admin_name)]
 
 
@@ -406,17 +409,17 @@ def test_list_stats_and_export(api) -> None:
            for i in range(3)]
     for rid in ids:
         _wait_record(client, rid)
-    page = client.get(f"/v1/inspections?category=cable&source=line-9&since={since}&limit=2", headers=AUTH).json()
+    page = client.get(f"/v1/inspections?category=cable&source=line-9&since={since}&limit=2", headers=READ).json()
     assert [r["id"] for r in page["items"]] == ids[::-1][:2] and page["next_cursor"]
     rest = client.get(f"/v1/inspections?category=cable&source=line-9&limit=2&cursor={page['next_cursor']}",
-                      headers=AUTH).json()
+                      headers=READ).json()
     assert [r["id"] for r in rest["items"]] == [ids[0]] and rest["next_cursor"] is None
-    before = client.get("/v1/stats?category=cable&bucket=day", headers=AUTH).json()["items"]
+    before = client.get("/v1/stats?category=cable&bucket=day", headers=READ).json()["items"]
     assert sum(i["inspected"] for i in before) == 3 and sum(i["reviewed"] for i in before) == 0
     client.post(f"/v1/inspections/{ids[0]}/review", json={"label": "defect"}, headers=REV)
-    after = client.get("/v1/stats?category=cable&bucket=hour", headers=AUTH).json()
+    after = client.get("/v1/stats?category=cable&bucket=hour", headers=READ).json()
     assert after["bucket"] == "hour" and sum(i["reviewed"] for i in after["items"]) == 1
-    export = client.get("/v1/inspections/export?category=cable", headers=AUTH)
+    export = client.get("/v1/inspections/export?category=cable", headers=READ)
     assert export.status_code == 200 and export.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(export.text)))
     assert [r["id"] for r in rows] == ids[::-1]
@@ -446,10 +449,10 @@ def test_manual_threshold_review_band_and_history(api) -> None:
     assert body["threshold_source"] == "manual" and not body["is_anomalous"] and body["needs_review"]
     rec = _wait_record(client, body["request_id"])
     assert rec["needs_review"]
-    queue = client.get("/v1/inspections?category=screw&needs_review=true&reviewed=false", headers=AUTH).json()
+    queue = client.get("/v1/inspections?category=screw&needs_review=true&reviewed=false", headers=READ).json()
     assert body["request_id"] in [i["id"] for i in queue["items"]]
     client.put("/v1/categories/screw/threshold", json={"threshold": None}, headers=ADM)
-    hist = client.get("/v1/categories/screw/thresholds", headers=AUTH).json()
+    hist = client.get("/v1/categories/screw/thresholds", headers=READ).json()
     assert hist["current"]["source"] == "default" and hist["current"]["review_margin"] == 0.05
     assert [h["source"] for h in hist["history"]] == ["removed", "manual"]
     assert hist["history"][1]["previous"] == 0.5 and hist["history"][0]["previous"] == round(score + 0.01, 6)
@@ -478,7 +481,7 @@ def learn_loop(client: httpx.Client) -> None:
     for rid in ids[:3]:
         client.post(f"/v1/inspections/{rid}/review", json={"label": "good"}, headers=REV)
     client.post(f"/v1/inspections/{ids[3]}/review", json={"label": "defect", "defect_type": "Burn mark"}, headers=REV)
-    counts = client.get(f"/v1/stats?category={category}&bucket=day", headers=AUTH).json()["items"]
+    counts = client.get(f"/v1/stats?category={category}&bucket=day", headers=READ).json()["items"]
     assert [(c["ng"], c["reviewed"], c["false_alarms"], c["confirmed_defects"]) for c in counts] == [(4, 4, 3, 1)]
     plan = client.post(f"/v1/categories/{category}/learn?dry_run=true", headers=ADM)
     assert plan.status_code == 200, plan.text
@@ -486,14 +489,14 @@ def learn_loop(client: httpx.Client) -> None:
     assert plan["dry_run"] and plan["references_added"] == 3 and plan["suggested_descriptions"] == ["Burn mark"]
     assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == 0
     assert client.post(f"/v1/categories/{category}/learn", headers=REV).status_code == 403
-    done = client.post(f"/v1/categories/{category}/learn", headers=ADM).json()
+    done = learn_and_wait(client, category, ADM)
     assert not done["dry_run"] and done["references"] == 3 and done["threshold"]["source"] == "learned"
     assert (done["threshold"]["n_good"], done["threshold"]["n_defective"]) == (3, 1)
     assert client.get(f"/v1/categories/{category}/references", headers=AUTH).json()["references"] == 3
     after = _inspect(client, goods[0], category=category)
     assert after["threshold_source"] == "learned" and after["threshold"] == pytest.approx(done["threshold"]["after"])
     assert after["references"] == 3
-    hist = client.get(f"/v1/categories/{category}/thresholds", headers=AUTH).json()["history"]
+    hist = client.get(f"/v1/categories/{category}/thresholds", headers=READ).json()["history"]
     assert hist[0]["source"] == "learned" and hist[0]["threshold"] == pytest.approx(done["threshold"]["after"])
     # the descriptions are suggestions only: the category is unchanged
     assert "Burn mark" not in client.get(f"/v1/categories/{category}", headers=AUTH).json()["descriptions"]

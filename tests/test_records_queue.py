@@ -121,14 +121,14 @@ def test_a_record_delivered_again_is_written_once(redis_url: str, postgres: Post
 def test_review_and_learn_in_queue_mode(redis_url: str, worker_pool: WorkerPool,  # noqa: F811
                                         postgres: PostgresServer) -> None:  # noqa: F811
     """The review loop through workers: records in PostgreSQL, judgements, stats, learn (references grow)."""
-    from tests.test_records import ADMIN, API, REVIEWER, learn_loop
+    from tests.test_records import ADMIN, API, READER, REVIEWER, learn_loop
 
     worker_pool.wait_ready(worker_pool.start(redis_url))
     with api_servers(redis_url, records_url=postgres.url, records_keep="all", api_keys=[API],
-                     reviewer_keys=[f"anna:{REVIEWER}"], admin_key=ADMIN) as (api,):
+                     reviewer_keys=[f"anna:{REVIEWER}"], reader_keys=[f"qa:{READER}"], admin_key=ADMIN) as (api,):
         wait_ready(api.url)
         with httpx.Client(base_url=api.url, timeout=120) as client:
-            wait_until(lambda: client.get("/v1/inspections", headers={"Authorization": f"Bearer {API}"})
+            wait_until(lambda: client.get("/v1/inspections", headers={"Authorization": f"Bearer {READER}"})
                        .status_code == 200, 30, what="records ready")
             learn_loop(client)
 

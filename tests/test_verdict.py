@@ -22,6 +22,7 @@ from tests.conftest import synthetic_image
 from tests.service_fixtures import (  # noqa: F401
     ServerThread,
     demo_settings,
+    learn_and_wait,
     own_redis,
     wait_ready,
     wait_until,
@@ -132,8 +133,7 @@ def test_every_reader_reports_the_rule_the_inspection_applies(mode, tmp_path, wo
                    what="the probes' records")
         for i, label in zip(ids, ["good", "good", "defect", "defect", "good"], strict=True):
             assert client.post(f"/v1/inspections/{i}/review", headers=ADMIN, json={"label": label}).status_code == 200
-        r = client.post(f"/v1/categories/{CATEGORY}/learn", headers=ADMIN)
-        assert r.status_code == 200, r.text
+        learn_and_wait(client, CATEGORY, ADMIN)
         seen.append(_agree(client, probe))
         assert seen[-1]["source"] == "learned"
 
@@ -151,3 +151,28 @@ def test_every_reader_reports_the_rule_the_inspection_applies(mode, tmp_path, wo
         sources = [s["source"] for s in seen]
         assert sources == ["default", "manual", "manual", "references", "labelled", "learned", "default"]
         assert np.isfinite([s["threshold"] for s in seen]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [_embedded, pytest.param(_queue, marks=pytest.mark.redis)], ids=["embedded", "queue"])
+def test_concurrent_threshold_changes_each_write_their_own_history_entry(mode, tmp_path, worker_pool,  # noqa: F811
+                                                                        own_redis):  # noqa: F811
+    """20 admins setting the threshold at once: each change is one step under the category's lock, so every entry
+    records the value its request asked for, and each entry's `previous` is the entry before it's value."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = [round(0.30 + 0.02 * i, 2) for i in range(20)]
+    with mode(tmp_path, worker_pool, own_redis) as client:
+        def put(value: float) -> int:
+            return client.put(f"/v1/categories/{CATEGORY}/threshold", headers=ADMIN,
+                              json={"threshold": value}).status_code
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            assert list(pool.map(put, wanted)) == [200] * 20
+        history = client.get(f"/v1/categories/{CATEGORY}/thresholds").json()["history"][::-1]
+        final = client.get(f"/v1/categories/{CATEGORY}").json()["threshold"]
+    assert len(history) == 20
+    assert all(h["threshold"] == h["detail"]["requested"]["threshold"] for h in history), history
+    assert sorted(h["threshold"] for h in history) == wanted  # every request wrote exactly its own value
+    assert [h["previous"] for h in history[1:]] == [h["threshold"] for h in history[:-1]]  # the chain holds
+    assert history[0]["previous"] == 0.5 and history[-1]["threshold"] == final

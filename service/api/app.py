@@ -2,7 +2,9 @@
 
 Everything the routes use hangs off `app.state` (see deps.py), so tests can build several apps
 side by side. The backend starts in the lifespan; loading happens in the background so /healthz
-answers at once while /readyz waits for the model.
+answers at once while /readyz waits for the model. With `metrics_port` set, /metrics is not the API app's:
+`create_metrics_app` serves it on a listener of its own (`filo serve` runs both); with `api_docs` off there
+is no /docs, /redoc or /openapi.json.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import __doc__ as ERRORS_DOC
 from service.api.errors import install_error_handlers
-from service.api.routes import categories, console, health, inspect, inspections, learning, references
+from service.api.routes import categories, console, health, inspect, inspections, jobs, learning, references
 from service.backends.base import Backend
 from service.core.errors import error_body
 from service.core.security import Authenticator, check_auth_config
@@ -155,11 +157,15 @@ def create_app(settings: FiloSettings, backend: Backend, sinks: Sinks | None = N
         finally:
             await backend.stop()
 
+    docs = settings.api_docs
     app = FastAPI(
         title="FiLo Inspect",
         version=API_VERSION,
         description="Zero-shot anomaly detection and localisation (FiLo) as a service.\n\n" + (ERRORS_DOC or ""),
         lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.settings = settings
     app.state.backend = backend
@@ -172,7 +178,10 @@ def create_app(settings: FiloSettings, backend: Backend, sinks: Sinks | None = N
     app.include_router(references.router)
     app.include_router(inspections.router)
     app.include_router(learning.router)
+    app.include_router(jobs.router)
     app.include_router(health.router)
+    if settings.metrics_port is None:
+        app.include_router(health.metrics_router)
     app.include_router(console.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=backend.metrics)
     if settings.cors_origins:
@@ -186,3 +195,15 @@ def create_app(settings: FiloSettings, backend: Backend, sinks: Sinks | None = N
     app.add_middleware(MetricsMiddleware, metrics=backend.metrics)
     app.add_middleware(NoSniffMiddleware)
     return app
+
+
+def create_metrics_app(app: FastAPI) -> FastAPI:
+    """/metrics alone, for the listener on `metrics_port`: the API app's backend, metrics and key check, no
+    lifespan of its own (the API app starts and stops the backend)."""
+    side = FastAPI(title="FiLo Inspect metrics", openapi_url=None, docs_url=None, redoc_url=None)
+    for name in ("settings", "backend", "metrics", "auth"):
+        setattr(side.state, name, getattr(app.state, name))
+    install_error_handlers(side)
+    side.include_router(health.metrics_router)
+    side.add_middleware(NoSniffMiddleware)
+    return side

@@ -8,7 +8,8 @@ and statuses (documented in the OpenAPI description too):
 | --- | --- | --- |
 | 400 | bad_request | the body cannot be parsed: malformed multipart, or a JSON body that is not UTF-8 |
 | 401 | unauthorized | missing or wrong bearer key (checked before the body is read) |
-| 403 | forbidden | a valid inspection key used for an admin write |
+| 403 | forbidden | a valid key whose role may not do this: a camera key reading records, a reader key inspecting, a key other than the admin key writing |
+| 403 | outside_key_limits | a limited key (`FILO_KEY_LIMITS`) asking for a category or source outside its limits |
 | 404 | unknown_category | category missing or not registered (lists the known ones) |
 | 404 | unknown_reference | no reference with that id in the category |
 | 404 | not_found | no such route |

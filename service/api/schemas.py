@@ -237,7 +237,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "the body cannot be parsed (malformed multipart, a JSON body that is not UTF-8)",
         401: "missing or wrong API key",
-        403: "admin key required",
+        403: "the key's role may not do this (forbidden), or it is outside the key's limits (outside_key_limits)",
         404: "unknown category (lists the known ones)",
         413: "body or image too large",
         415: "unsupported media type or not an image",
@@ -355,3 +355,26 @@ class LearnOut(BaseModel):
     suggested_descriptions: list[str] = Field(..., description="defect types reviewers typed that the category "
                                               "lacks; not added")
     notes: list[str]
+
+
+class JobErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A background job (learning from reviews): where it stands, and its result or error once finished."""
+
+    id: str
+    kind: Literal["learn"]
+    category: str
+    actor: str = Field(..., description="the key that started it")
+    state: Literal["running", "succeeded", "failed", "lost"] = Field(
+        ..., description="lost: the process running it stopped before it finished")
+    stage: str = Field(..., description="what it is doing now")
+    done: int = Field(..., description="steps of the stage done")
+    total: int = Field(..., description="steps of the stage (0: not counted)")
+    result: LearnOut | None = Field(None, description="once succeeded: what learning did")
+    error: JobErrorOut | None = None
+    created_at: str = Field(..., description="ISO-8601, UTC")
+    updated_at: str = Field(..., description="ISO-8601, UTC")

@@ -11,7 +11,9 @@ one read, and answers 431 where uvicorn would answer a bare 400.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import h11
@@ -89,3 +91,12 @@ def serve_config(app: Any, settings: FiloSettings, **kwargs: Any) -> uvicorn.Con
     kwargs.setdefault("port", settings.port)
     return uvicorn.Config(app, http=BoundedH11Protocol, h11_max_incomplete_event_size=settings.max_header_bytes,
                           **kwargs)
+
+
+class SideServer(uvicorn.Server):
+    """A second listener in the same process (/metrics on `metrics_port`): it leaves the signals to the API's
+    server, whose stop stops it too (`filo serve` sets `should_exit`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

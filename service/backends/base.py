@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from descriptions import Category
+from service.backends.jobs import JobStore
 from service.catalog.thresholds import ThresholdRule
 from service.core.imaging import Heatmap, HeatmapSpec
 from service.core.telemetry import Metrics
@@ -66,6 +67,7 @@ class Backend(Protocol):
     metrics: Metrics
     fatal: BaseException | None
     records: Records | None  # inspection records (None: FILO_RECORDS=false)
+    jobs: JobStore  # background jobs (learn), readable from every API process
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...

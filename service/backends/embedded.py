@@ -18,7 +18,8 @@ from typing import Any
 
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
-from service.catalog.references import FileExtras, apply_extras
+from service.backends.jobs import MemoryJobs
+from service.catalog.references import FileExtras, apply_extras, install_extras, plan_extras
 from service.catalog.store import DiskCacheStore, FileCategoryStore, default_state_dir
 from service.catalog.thresholds import ThresholdRule
 from service.core.batching import MicroBatcher
@@ -64,6 +65,7 @@ class EmbeddedBackend:
         self.store = FileCategoryStore(state_dir / "categories.json")
         self.caches = DiskCacheStore(state_dir / "caches")
         self.extras = FileExtras(state_dir / "category-extras")
+        self.jobs = MemoryJobs()
         self.records = Records(settings, self.metrics, records_url(settings, state_dir)) if settings.records else None
         self.engine: Engine | None = None
         self.report: StartReport | None = None
@@ -186,8 +188,15 @@ class EmbeddedBackend:
         async with self._category_lock:
             await self.extras.put(name, kind, data)
             extras = await self.extras.all(self.engine.catalog.names())
-            await self._batcher.run_exclusive(apply_extras, self.engine, extras)
+            await self._apply_extras(extras)
         return CategoryApplied()
+
+    async def _apply_extras(self, extras: dict[str, dict[str, bytes]]) -> None:
+        """Reference memories built beside the batches (a thread of their own), then swapped in between two:
+        inspections of other categories go on meanwhile."""
+        assert self._batcher is not None and self.engine is not None
+        plan = await asyncio.to_thread(plan_extras, self.engine, extras)
+        await self._batcher.run_exclusive(install_extras, self.engine, plan)
 
     async def get_extra(self, name: str, kind: str) -> bytes | None:
         return await self.extras.get(name, kind)
@@ -216,7 +225,7 @@ class EmbeddedBackend:
             await self.extras.delete(name)
             await self._batcher.run_exclusive(apply_categories, self.engine, await self.store.all(), False)
             extras = await self.extras.all(self.engine.catalog.names())
-            await self._batcher.run_exclusive(apply_extras, self.engine, extras)
+            await self._apply_extras(extras)
 
     async def refresh_gauges(self) -> None:
         self.metrics.queue_depth.set(self._batcher.depth if self._batcher else 0)

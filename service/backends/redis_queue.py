@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from descriptions import Category
 from service.backends.base import CategoryApplied, InspectJob, InspectOutcome, Readiness
+from service.backends.jobs import RedisJobs
 from service.catalog.durable import CatalogKeeper
 from service.catalog.references import REFERENCES_KIND, THRESHOLD_KIND, RedisExtras, ReferenceSet
 from service.catalog.store import CatalogNotPublishedError, RedisCategoryStore, default_state_dir
@@ -57,6 +58,7 @@ class RedisBackend:
         self.producer = Producer(self.redis, settings)
         self.store = RedisCategoryStore(self.redis, self.keys)
         self.waits = QueueWaitEstimate()  # Retry-After of 429s
+        self.jobs = RedisJobs(self.redis, self.keys, settings.job_claim_s)
         # records: appended to a Redis stream (durable hand-off), drained into the database by every API pod
         self.records: Records | None = None
         self._recorder: RecordConsumer | None = None

@@ -247,21 +247,26 @@ class FileExtras:
         return out
 
 
-def apply_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> dict[str, int]:
-    """Make the engine's references and thresholds equal the catalog's (on the engine's thread).
+@dataclass
+class ExtrasPlan:
+    """What `plan_extras` prepared off the engine thread for `install_extras` to swap in between batches."""
 
-    Categories whose reference set is unchanged keep their built memory; changed ones are rebuilt now
-    (with this process's model, so a new checkpoint never serves an old memory). A set that fails to
-    build is logged and left out (the category inspects zero-shot) instead of stopping the worker.
-    Returns the memory bytes per category holding references.
-    """
+    references: dict[str, tuple[ReferenceSet, Any]] = field(default_factory=dict)  # changed sets and their memory
+    thresholds: dict[str, Any] = field(default_factory=dict)  # every category's ThresholdRecord (or None)
+
+
+def plan_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> ExtrasPlan:
+    """The slow half of applying the catalog's extras, safe on a thread of its own while batches run: the
+    memories of the reference sets that changed are built here (with this process's model, so a new checkpoint
+    never serves an old memory). A set that fails to build is logged and planned as none (the category then
+    inspects zero-shot) instead of stopping the worker."""
     import logging
 
     from service.catalog.thresholds import ThresholdRecord
 
     log = logging.getLogger(__name__)
     refs = engine.references
-    sizes: dict[str, int] = {}
+    plan = ExtrasPlan()
     for name in engine.catalog.names():
         kinds = extras.get(name, {})
         raw = kinds.get(REFERENCES_KIND)
@@ -269,18 +274,34 @@ def apply_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> dict[str, 
         current = refs.sets.get(name)
         if (current.digest if current else ReferenceSet().digest) != wanted.digest:
             try:
-                refs.set(name, wanted)
+                plan.references[name] = (wanted, refs.prebuild(name, wanted))
             except Exception:
                 log.exception("category %s: its %d reference image(s) could not be built", name, len(wanted))
-                refs.clear(name)
+                plan.references[name] = (ReferenceSet(), None)
         raw_t = kinds.get(THRESHOLD_KIND)
-        refs.set_threshold(name, ThresholdRecord.from_json(raw_t) if raw_t else None)
-        if refs.count(name):
-            sizes[name] = refs.memory_bytes(name)
+        plan.thresholds[name] = ThresholdRecord.from_json(raw_t) if raw_t else None
+    return plan
+
+
+def install_extras(engine: Any, plan: ExtrasPlan) -> dict[str, int]:
+    """The quick half, on the engine's thread between batches: the planned references and thresholds become
+    the engine's. Returns the memory bytes per category holding references."""
+    refs = engine.references
+    for name, (wanted, memory) in plan.references.items():
+        if name in engine.catalog:
+            refs.install(name, wanted, memory)
+    for name, record in plan.thresholds.items():
+        refs.set_threshold(name, record)
     for name in list(refs.sets):
         if name not in engine.catalog:
             refs.clear(name)
-    return sizes
+    return {name: refs.memory_bytes(name) for name in engine.catalog.names() if refs.count(name)}
+
+
+def apply_extras(engine: Any, extras: dict[str, dict[str, bytes]]) -> dict[str, int]:
+    """Make the engine's references and thresholds equal the catalog's, both halves on the calling thread (start-up,
+    where no batch runs yet). Returns the memory bytes per category holding references."""
+    return install_extras(engine, plan_extras(engine, extras))
 
 
 async def publish_applied(redis: Any, keys: Any, sizes: dict[str, int], rules: dict[str, ThresholdRule]) -> None:

@@ -1,4 +1,5 @@
-"""`filo serve`: the HTTP API under uvicorn, in queue mode (Redis + `filo worker`) or `--embedded`."""
+"""`filo serve`: the HTTP API under uvicorn, in queue mode (Redis + `filo worker`) or `--embedded`; with
+`metrics_port` set, /metrics on a second listener of its own (which stops with the API's)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_level: str) -> int:
     import uvicorn
 
-    from service.api.server import serve_config
+    from service.api.app import create_metrics_app
+    from service.api.server import SideServer, serve_config
 
     server = uvicorn.Server(serve_config(app, settings, log_level=log_level, timeout_graceful_shutdown=10))
+    side = None
+    if settings.metrics_port is not None:
+        side = SideServer(serve_config(create_metrics_app(app), settings, port=settings.metrics_port,
+                                       log_level=log_level, lifespan="off", timeout_graceful_shutdown=2))
 
     async def watch_fatal() -> None:
         """A model that cannot load (e.g. missing weights) must stop the process, not idle unready."""
@@ -52,22 +58,34 @@ async def _serve(app: FastAPI, backend: Backend, settings: FiloSettings, log_lev
                 return
             await asyncio.sleep(0.2)
 
-    watcher = asyncio.get_running_loop().create_task(watch_fatal())
+    loop = asyncio.get_running_loop()
+    watcher = loop.create_task(watch_fatal())
+    metrics = loop.create_task(side.serve()) if side is not None else None
     try:
         await server.serve()
     finally:
         watcher.cancel()
+        if side is not None and metrics is not None:
+            side.should_exit = True
+            await metrics
     return 2 if backend.fatal is not None else 0
 
 
 def main(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from service.api.app import create_app
     from service.backends.embedded import EmbeddedBackend
     from service.backends.redis_queue import RedisBackend
     from service.core.security import AuthConfigError
 
     setup_logging(args.log_level)
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, SettingsError) as exc:  # a value of the wrong shape: say which, no traceback
+        print(f"filo serve: {exc}", file=sys.stderr)
+        return 2
     embedded = args.embedded or not settings.redis_url
     backend = EmbeddedBackend(settings) if embedded else RedisBackend(settings)
     try:
@@ -77,4 +95,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     log.info("serving on http://%s:%d (%s mode, %s profile)", settings.host, settings.port, backend.mode,
              settings.profile)
+    if settings.metrics_port is not None:
+        log.info("/metrics on http://%s:%d only", settings.host, settings.metrics_port)
     return asyncio.run(_serve(app, backend, settings, args.log_level))

@@ -55,6 +55,14 @@ class Keys:
     def cache(self, key: str) -> str:
         return f"{self.stream}:cache:{key}"
 
+    def job(self, job_id: str) -> str:
+        """A background job's state (JSON)."""
+        return f"{self.stream}:job:{job_id}"
+
+    def job_claim(self, category: str) -> str:
+        """The id of the job a category runs now (one at a time)."""
+        return f"{self.stream}:job:category:{category}"
+
     def category_lock(self, name: str) -> str:
         """The lock every change of a category's references or threshold holds (one change at a time)."""
         return f"{self.stream}:category:lock:{name}"

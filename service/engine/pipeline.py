@@ -328,12 +328,17 @@ class InspectionEngine:
         return results
 
     def _encode_references(self, images: Sequence[np.ndarray], category: Category) -> Any:
-        """Normal reference images through FiLo, zero-shot and without Grounding DINO: what a memory is built of."""
+        """Normal reference images through FiLo, zero-shot and without Grounding DINO: what a memory is built of.
+
+        Memories are built on a thread of their own while batches run on the engine's (service/catalog/
+        references.py `plan_extras`), so this runs the model's own eager encoder, never the engine's compiled or
+        CUDA-graphed one (whose recorded buffers belong to the batch thread); the two agree within float
+        rounding (tests/test_speed_options.py)."""
         bank = self.model.prompt_bank(category.noun, category.descriptions)
         reqs = [self.prepare(InspectRequest(image=im, category=category.name, grounding=False)) for im in images]
         pixels = self._to_device(torch.stack([r.pixels for r in reqs]))
         with torch.no_grad():
-            return self.model(pixels, [bank] * len(reqs), [None] * len(reqs), encoder=self.encoder)
+            return self.model(pixels, [bank] * len(reqs), [None] * len(reqs))
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """The batch's pixels on the device; from pinned memory without blocking the host on CUDA (the

@@ -74,12 +74,30 @@ class EngineReferences:
     # --- the reference sets ------------------------------------------------------------------------
     def set(self, category: str, refs: ReferenceSet) -> mr.ReferenceMemory | None:
         """Install a category's references and build their memory now (a PUT answers once it is usable)."""
+        memory = self.prebuild(category, refs)
+        self.install(category, refs, memory)
+        return memory
+
+    def prebuild(self, category: str, refs: ReferenceSet) -> mr.ReferenceMemory | None:
+        """The memory of `refs`, built without touching what inspections use: safe on a thread of its own while
+        batches run (the slow part of a reference change), then `install`ed between batches. None: no refs."""
+        if not len(refs):
+            return None
+        found = self.cache.get(category, refs.digest)
+        if found is not None:
+            return found
+        images = [decode_image(im.data, self.max_image_pixels) for im in refs.images]
+        return self.build(images, self.catalog.get(category))
+
+    def install(self, category: str, refs: ReferenceSet, memory: mr.ReferenceMemory | None) -> None:
+        """Make `refs` (with the memory `prebuild` made of them) the category's: a few dictionary writes."""
         with self._lock:
-            if not len(refs):
+            if not len(refs) or memory is None:
                 self.clear(category)
-                return None
+                return
             self.sets[category] = refs
-            return self.memory(category)
+            self.cache.put(category, refs.digest, memory, memory.nbytes)
+            self._loo[category] = (refs.digest, tuple(memory.loo_scores))
 
     def clear(self, category: str) -> None:
         with self._lock:
@@ -103,11 +121,11 @@ class EngineReferences:
             found = self.cache.get(category, refs.digest)
             if found is not None:
                 return found
-            images = [decode_image(im.data, self.max_image_pixels) for im in refs.images]
-            memory = self.build(images, self.catalog.get(category))
+            memory = self.prebuild(category, refs)
+            assert memory is not None
             self.cache.put(category, refs.digest, memory, memory.nbytes)
             self._loo[category] = (refs.digest, tuple(memory.loo_scores))
-            log.info("category %s: reference memory of %d image(s) built, %d bytes", category, len(images),
+            log.info("category %s: reference memory of %d image(s) built, %d bytes", category, len(refs),
                      memory.nbytes)
             return memory
 

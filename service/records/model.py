@@ -137,6 +137,10 @@ class RecordQuery:
     since_ms: int | None = None
     until_ms: int | None = None
     part_id: str | None = None
+    # a limited key's reach (docs/records.md, Keys, roles and limits): only records of these categories and
+    # sources, whatever the filters above ask; None: no limit
+    allowed_categories: tuple[str, ...] | None = None
+    allowed_sources: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def _record_row(record: InspectionRecord) -> dict[str, Any]:
 
 
 def _where(query: RecordQuery) -> list[Any]:
-    """The SQL conditions of the shared filters."""
+    """The SQL conditions of the shared filters and of a limited key's reach."""
     t = inspections.c
     conds: list[Any] = []
     if query.category is not None:
@@ -82,6 +82,10 @@ def _where(query: RecordQuery) -> list[Any]:
         conds.append(t.created_ms >= query.since_ms)
     if query.until_ms is not None:
         conds.append(t.created_ms < query.until_ms)
+    if query.allowed_categories is not None:
+        conds.append(t.category.in_(query.allowed_categories))
+    if query.allowed_sources is not None:  # a record without a source is outside every source limit
+        conds.append(t.source.in_(query.allowed_sources))
     return conds
 
 

@@ -13,11 +13,12 @@ caches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.catalog.references import apply_extras, publish_applied
+from service.catalog.references import install_extras, plan_extras, publish_applied
 from service.catalog.store import CatalogSnapshot, RedisCacheStore, RedisCategoryStore
 from service.core.keys import Keys
 from service.core.telemetry import Metrics
@@ -77,9 +78,13 @@ class CatalogFollower:
         await self.consumer.report_applied(snap.version)
 
     async def _apply_extras(self, extras: dict[str, dict[str, bytes]]) -> None:
-        """The catalog's normal references and thresholds onto the engine, and what that built published."""
+        """The catalog's normal references and thresholds onto the engine, and what that built published.
+        A catalog change that lands meanwhile is applied by the next `sync` (its version is still newer)."""
         assert self.engine is not None
-        sizes = await self.run(apply_extras, self.engine, extras)
+        # the memories of changed references are built beside the batches, then swapped in between two of them:
+        # other categories' inspections go on meanwhile
+        plan = await asyncio.to_thread(plan_extras, self.engine, extras)
+        sizes = await self.run(install_extras, self.engine, plan)
         rules = await self.run(self.engine.references.rules)
         await publish_applied(self.redis, self.keys, sizes, rules)
 

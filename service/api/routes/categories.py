@@ -1,4 +1,5 @@
-"""Category listing (any API key) and registration (admin key), including LLM-drafted descriptions."""
+"""Category listing (any key; a key limited to categories sees its own) and registration (admin key), including
+LLM-drafted descriptions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from descriptions import Category
-from service.api.auth import require_admin_key, require_api_key
+from service.api.auth import Catalog, require_admin_key
 from service.api.body import invalid, json_body, json_request_body
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
@@ -28,20 +29,20 @@ def _out(c: Category) -> CategoryOut:
     return CategoryOut(name=c.name, noun=c.noun, descriptions=list(c.descriptions), status="active")
 
 
-@router.get("", response_model=CategoryList, responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
-async def list_categories(backend: BackendDep) -> CategoryList:
-    """Every category this deployment can inspect."""
-    return CategoryList(categories=[_out(c) for c in await backend.list_categories()])
+@router.get("", response_model=CategoryList, responses=ERROR_RESPONSES)
+async def list_categories(backend: BackendDep, who: Catalog) -> CategoryList:
+    """Every category this deployment can inspect (a key limited to categories: those it reaches)."""
+    return CategoryList(categories=[_out(c) for c in await backend.list_categories() if who.reaches_category(c.name)])
 
 
-@router.get("/{name}", response_model=CategoryDetailOut, responses=ERROR_RESPONSES,
-            dependencies=[Depends(require_api_key)])
-async def get_category(name: NameParam, backend: BackendDep) -> CategoryDetailOut:
+@router.get("/{name}", response_model=CategoryDetailOut, responses=ERROR_RESPONSES)
+async def get_category(name: NameParam, backend: BackendDep, who: Catalog) -> CategoryDetailOut:
     """The category, with the decision rule its next inspection applies (threshold, where it comes from,
     review margin) and its reference count."""
+    who.check_category(name)
     found = {c.name: c for c in await backend.list_categories()}
     if name not in found:
-        raise CategoryNotFoundError(name, list(found))
+        raise CategoryNotFoundError(name, [n for n in found if who.reaches_category(n)])
     rule = await backend.threshold_rule(name)
     return CategoryDetailOut(**_out(found[name]).model_dump(), threshold=rule.threshold, threshold_source=rule.source,
                              review_margin=rule.review_margin, references=len(await load_refs(backend, name)))

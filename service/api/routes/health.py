@@ -1,14 +1,20 @@
-"""Liveness, readiness and Prometheus metrics (no auth: probed by the orchestrator and Prometheus)."""
+"""Liveness, readiness and Prometheus metrics (no API key: probed by the orchestrator and Prometheus).
+
+/metrics is open unless `metrics_key` is set (then Prometheus presents it as a bearer key), and it is served
+by the API app, or, with `metrics_port` set, by a listener of its own (`service.api.app.create_metrics_app`).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
+from service.api.auth import require_metrics_key
 from service.api.deps import BackendDep, MetricsDep
-from service.api.schemas import HealthOut, ReadyOut
+from service.api.schemas import ERROR_RESPONSES, HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthOut)
@@ -27,8 +33,10 @@ async def readyz(backend: BackendDep) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=200 if state.ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@metrics_router.get("/metrics", response_class=Response, responses={401: ERROR_RESPONSES[401]},
+                    dependencies=[Depends(require_metrics_key)])
 async def metrics(backend: BackendDep, registry: MetricsDep) -> Response:
+    """Prometheus text format; a bearer key only where `metrics_key` is set."""
     await backend.refresh_gauges()
     data, content_type = registry.render()
     return Response(data, media_type=content_type)

@@ -35,7 +35,7 @@ from service.api.schemas import (
     InspectResponse,
 )
 from service.backends.base import InspectJob
-from service.core.errors import ServiceError, image_error
+from service.core.errors import CategoryNotFoundError, ServiceError, image_error
 from service.core.finished import FinishedInspection
 from service.core.imaging import (
     DEFAULT_HEATMAP_FORMAT,
@@ -164,6 +164,7 @@ async def inspect(
     """Score one image of a registered category; multipart (`image` file) or JSON (`image_base64`)."""
     t0 = time.monotonic()
     data, params = await _read_body(request)
+    who.check_inspection(params.category, params.source)  # a limited key: its own categories and sources
     info, image = await _validate_image(data, settings.max_image_pixels, backend.decodes_in_process)
     png = _wants_png(request)
     asked = _heatmap_spec(params, png)
@@ -179,8 +180,12 @@ async def inspect(
         heatmap=asked,
         deadline=t0 + wait_s,
     )
-    finished = await inspection.inspect(backend, sinks, job, info, t0, params.source, params.record,
-                                        part_id=params.part_id, key_name=who.name)
+    try:
+        finished = await inspection.inspect(backend, sinks, job, info, t0, params.source, params.record,
+                                            part_id=params.part_id, key_name=who.name)
+    except CategoryNotFoundError as exc:  # a limited key is told of its own categories only
+        known = exc.details.get("known_categories", [])
+        raise CategoryNotFoundError(params.category, [n for n in known if who.reaches_category(n)]) from None
     headers = {"X-Request-Id": job.request_id}
     if png:
         if finished.heatmap is None:

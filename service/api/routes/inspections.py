@@ -1,7 +1,9 @@
 """Inspection records: list, read, export, count and judge them (docs/records.md).
 
-Reads need any key; judging needs a reviewer or admin key. The store is reached through the backend's
-`records` only; times are ISO-8601 (UTC when no offset is given).
+Reads need a reader, reviewer or admin key (a camera key inspects only); judging needs a reviewer or admin
+key. A limited key reads and judges its own categories' and sources' records only: lists, exports and counts
+leave the others out, a direct read of one is 403. The store is reached through the backend's `records` only;
+times are ISO-8601 (UTC when no offset is given).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.auth import Reader, Reviewer
+from service.api.auth import Reader, Reviewer, scoped
 from service.api.deps import BackendDep
 from service.api.schemas import (
     ERROR_RESPONSES,
@@ -27,6 +29,7 @@ from service.api.schemas import (
 )
 from service.backends.base import Backend
 from service.core.errors import ServiceError
+from service.core.security import Principal
 from service.workflows import records as recs
 from service.workflows.records import (
     CSV_COLUMNS,
@@ -93,13 +96,13 @@ class ReviewIn(BaseModel):
 
 @router.get("/inspections", response_model=InspectionPageOut, responses=ERROR_RESPONSES,
             summary="Inspection records, newest first (keyset pages)")
-async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
+async def list_inspections(page: Annotated[Page, Query()], backend: BackendDep, who: Reader) -> dict[str, Any]:
     try:
         cursor = Cursor.decode(page.cursor) if page.cursor else None
     except ValueError:
         raise ServiceError(422, "invalid_cursor", "cursor is not one this server gave out (pass next_cursor as is)",
                            details={"fields": [{"field": "cursor", "message": "not a cursor"}]}) from None
-    items, nxt = await recs.records_of(backend).list(page.query(), page.limit, cursor)
+    items, nxt = await recs.records_of(backend).list(scoped(page.query(), who), page.limit, cursor)
     return {"items": [r.out() for r in items], "next_cursor": nxt.encode() if nxt else None}
 
 
@@ -111,9 +114,9 @@ def _cell(value: Any) -> str:
 
 @router.get("/inspections/export", responses={**ERROR_RESPONSES, 200: {"content": {"text/csv": {}}}},
             response_class=Response, summary="The filtered records as CSV (streamed)")
-async def export_inspections(filters: Annotated[Filters, Query()], backend: BackendDep, _: Reader) -> Response:
+async def export_inspections(filters: Annotated[Filters, Query()], backend: BackendDep, who: Reader) -> Response:
     records = recs.records_of(backend)
-    first = records.export(filters.query())
+    first = records.export(scoped(filters.query(), who))
     head = await anext(first)  # fails here (503) rather than mid-stream when the database is away
 
     async def rows() -> AsyncIterator[str]:
@@ -134,43 +137,54 @@ async def export_inspections(filters: Annotated[Filters, Query()], backend: Back
 
 
 @router.get("/stats", response_model=StatsOut, responses=ERROR_RESPONSES, summary="Counts per time bucket and category")
-async def stats(filters: Annotated[StatsFilters, Query()], backend: BackendDep, _: Reader) -> dict[str, Any]:
-    rows = await recs.records_of(backend).stats(filters.query(), filters.bucket)
+async def stats(filters: Annotated[StatsFilters, Query()], backend: BackendDep, who: Reader) -> dict[str, Any]:
+    rows = await recs.records_of(backend).stats(scoped(filters.query(), who), filters.bucket)
     return {"bucket": filters.bucket,
             "items": [{"bucket_start": iso(r.pop("bucket_ms")), **r} for r in rows]}
 
 
 @router.get("/inspections/{record_id}", response_model=InspectionRecordOut, responses=ERROR_RESPONSES, summary="One inspection record")
-async def get_inspection(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
-    return (await recs.record(backend, record_id)).out()
+async def get_inspection(record_id: RecordId, backend: BackendDep, who: Reader) -> dict[str, Any]:
+    return (await _record(backend, record_id, who)).out()
 
 
-async def _artefact(backend: Backend, record_id: str, kind: str) -> Response:
+async def _record(backend: Backend, record_id: str, who: Principal) -> InspectionRecord:
+    """The record, where `who` reaches it (403 `outside_key_limits` otherwise; 404 when there is none)."""
+    found = await recs.record(backend, record_id)
+    who.check_record(found.category, found.source)
+    return found
+
+
+async def _artefact(backend: Backend, record_id: str, kind: str, who: Principal) -> Response:
+    if who.limited:  # the record says whether its bytes are the key's to see
+        await _record(backend, record_id, who)
     art = await recs.artefact(backend, record_id, kind)
     return Response(art.data, media_type=art.media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/inspections/{record_id}/image", response_class=Response, responses=ERROR_RESPONSES,
             summary="The uploaded image, where it was kept")
-async def get_image(record_id: RecordId, backend: BackendDep, _: Reader) -> Response:
-    return await _artefact(backend, record_id, "image")
+async def get_image(record_id: RecordId, backend: BackendDep, who: Reader) -> Response:
+    return await _artefact(backend, record_id, "image", who)
 
 
 @router.get("/inspections/{record_id}/heatmap", response_class=Response, responses=ERROR_RESPONSES,
             summary="The heatmap, where it was kept")
-async def get_heatmap(record_id: RecordId, backend: BackendDep, _: Reader) -> Response:
-    return await _artefact(backend, record_id, "heatmap")
+async def get_heatmap(record_id: RecordId, backend: BackendDep, who: Reader) -> Response:
+    return await _artefact(backend, record_id, "heatmap", who)
 
 
 @router.post("/inspections/{record_id}/review", response_model=InspectionRecordOut, responses=ERROR_RESPONSES,
              summary="Judge an inspection: defect or good (reviewer or admin key)")
 async def review(record_id: RecordId, body: ReviewIn, backend: BackendDep, who: Reviewer) -> dict[str, Any]:
+    if who.limited:
+        await _record(backend, record_id, who)
     judged = Review(body.label, body.defect_type or None, body.note or None, who.name, now_ms())
     return (await recs.review(backend, record_id, judged)).out()
 
 
 @router.get("/inspections/{record_id}/reviews", response_model=ReviewHistoryOut, responses=ERROR_RESPONSES,
             summary="Every judgement of an inspection, oldest first")
-async def review_history(record_id: RecordId, backend: BackendDep, _: Reader) -> dict[str, Any]:
-    await recs.record(backend, record_id)
+async def review_history(record_id: RecordId, backend: BackendDep, who: Reader) -> dict[str, Any]:
+    await _record(backend, record_id, who)
     return {"items": [r.out() for r in await recs.records_of(backend).reviews(record_id)]}

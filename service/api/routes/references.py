@@ -1,9 +1,10 @@
 """Normal reference images of a category, and its calibrated threshold (docs/few-shot.md).
 
 PUT/GET/DELETE /v1/categories/{name}/references[/{id}] and POST /v1/categories/{name}/calibrate.
-Writes need the admin key. References are stored beside the category in the durable catalog
-(Redis in queue mode, `state_dir` in embedded mode: service/catalog/references.py), so every worker,
-restart and new pod has them; each process builds its own patch memory from them with its model.
+Writes need the admin key; the listing any key (a key limited to categories: its own categories' only).
+References are stored beside the category in the durable catalog (Redis in queue mode, `state_dir` in
+embedded mode: service/catalog/references.py), so every worker, restart and new pod has them; each process
+builds its own patch memory from them with its model.
 
 These routes read the multipart uploads and answer; the work is service/workflows/references.py's.
 Calibration inspects the labelled images through the ordinary inspection path (so in queue mode the workers
@@ -18,10 +19,10 @@ import logging
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
-from service.api.auth import Admin, require_api_key
+from service.api.auth import Admin, Catalog
 from service.api.body import media_type
 from service.api.deps import BackendDep, SettingsDep
 from service.api.params import NameParam
@@ -92,8 +93,9 @@ async def put_references(name: NameParam, request: Request, backend: BackendDep,
     return await references.add(backend, settings, name, parts, who.name)
 
 
-@router.get("/{name}/references", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
-async def get_references(name: NameParam, backend: BackendDep) -> dict:
+@router.get("/{name}/references", responses=ERROR_RESPONSES)
+async def get_references(name: NameParam, backend: BackendDep, who: Catalog) -> dict:
+    who.check_category(name)
     return await references.listing(backend, name)
 
 

@@ -104,7 +104,7 @@
     } catch (err) {
       if (generation !== state.generation) return;
       C.clear(list);
-      list.appendChild(C.el("li", "muted", `history unavailable: ${C.explain(err, "the history")[1]}`));
+      list.appendChild(C.el("li", "muted", `history unavailable: ${C.explain(err, "the history", { read: true })[1]}`));
     }
   }
 
@@ -207,7 +207,14 @@
     $("learn-apply").disabled = true;
     Inspect.adminStatus(dryRun ? `Working out what learning would do to ${name}…` : `Learning from the ${name} reviews…`);
     try {
-      const plan = await C.api(`${path(name, "learn")}${dryRun ? "?dry_run=true" : ""}`, { method: "POST", admin: true });
+      const answer = await C.api(`${path(name, "learn")}${dryRun ? "?dry_run=true" : ""}`, { method: "POST", admin: true });
+      // learning itself runs as a background job of the category: followed here until it is done
+      const plan = dryRun ? answer : await C.followJob(answer, (job) => {
+        if (job.state === "running") {
+          const steps = job.total ? ` (${job.done} of ${job.total})` : "";
+          Inspect.adminStatus(`Learning from the ${name} reviews: ${job.stage || "starting"}${steps}…`);
+        }
+      });
       if (name !== category()) return;
       hideAdminError();
       C.hideError();

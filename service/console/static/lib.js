@@ -199,10 +199,28 @@
 
   // --- errors a person can act on ------------------------------------------------------------------
 
+  // A background job (POST .../learn answers one) followed to its end: `onProgress(job)` after each look; resolves
+  // with the job's result, or throws an ApiError with the job's error (a failed or lost job).
+  async function followJob(job, onProgress) {
+    let current = job;
+    while (current.state === "running") {
+      if (onProgress) onProgress(current);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      current = await api(`/v1/jobs/${encodeURIComponent(current.id)}`, { admin: true });
+    }
+    if (onProgress) onProgress(current);
+    if (current.state !== "succeeded") {
+      const err = current.error || { code: "job_" + current.state, message: `the job ended ${current.state}` };
+      throw new ApiError(409, err.code, err.message, null);
+    }
+    return current.result;
+  }
+
   // A sentence a person can act on, for an ApiError raised while doing `what` (e.g. "fabric_good.png").
-  // `opts.admin`: the admin key was used; `opts.retryIn`: the page itself tries again in that many seconds.
+  // `opts.admin`: the admin key was used; `opts.read`: reading records (a camera key may not);
+  // `opts.retryIn`: the page itself tries again in that many seconds.
   function explain(err, what, opts) {
-    const { admin, retryIn } = opts || {};
+    const { admin, read, retryIn } = opts || {};
     const msg = err.message.charAt(0).toUpperCase() + err.message.slice(1);
     const wait = retryIn ? `The page retries by itself in ${retryIn} s.`
       : err.retryAfter ? `Try again in ${err.retryAfter} s.` : "Try again in a moment.";
@@ -214,7 +232,11 @@
           ? ["Admin key not accepted", `The server said: ${msg}. Enter the admin key in the Admin section.`]
           : ["API key not accepted", `The server said: ${msg}. Enter the API key you were given and press Connect.`];
       case 403:
-        return ["Not allowed", `${msg}. Changing references or thresholds needs the admin key.`];
+        if (err.code === "outside_key_limits") {
+          return ["Outside this key's limits", `${msg}. This key reaches some categories and sources only.`];
+        }
+        if (read) return readRefused(msg);
+        return ["Not allowed", admin ? `${msg}. Changing references or thresholds needs the admin key.` : `${msg}.`];
       case 404:
         if (err.code === "unknown_category") return ["Unknown category", msg];
         return ["Not available", `This server has no such endpoint (${msg}); it may be an older version.`];
@@ -250,6 +272,17 @@
 
   function hideError() {
     $("error").hidden = true;
+  }
+
+  // A key that may not read records (a camera key: it inspects only), said where the records would be.
+  function readRefused(msg) {
+    return ["This key may not read records", "A camera key inspects only. To see the inspection records, enter "
+      + `a reader, reviewer or admin key in API key and press Connect. The server said: ${msg}.`];
+  }
+
+  // True for the refusal of a key whose role may not read records (not one outside a limited key's reach).
+  function mayNotRead(err) {
+    return Boolean(err) && err.status === 403 && err.code === "forbidden";
   }
 
   // An error shown next to a view or a row of buttons: elements `${prefix}`, `${prefix}-title`, ...
@@ -346,7 +379,7 @@
     $, el, svgEl, clear, fact, linkOpacity, isTyping,
     num, sourceText, when, localToIso, pct,
     storedKey, storeKey, apiKey, adminKey, keepApiKey, keepAdminKey,
-    api, readiness, explain, showError, hideError, showInlineError, hideInlineError,
+    api, followJob, readiness, explain, mayNotRead, showError, hideError, showInlineError, hideInlineError,
     download, jetColour, imageCanvas, colourMap,
   });
 

@@ -21,6 +21,7 @@
     judging: false,
     urls: [], // object URLs of the item shown
     shownId: null,
+    denied: false, // the API key may not read records (a camera key): said in place of the queue
   };
 
   // --- keys -----------------------------------------------------------------------------------------
@@ -30,7 +31,8 @@
   }
 
   // The key a judgement is sent with: the reviewer key, else the admin key, else the API key (which the
-  // server refuses with 403 when it is a camera key; the page says so).
+  // server refuses with 403 when it is a camera or reader key; the page says so). The queue is read with the
+  // API key, which a camera key may not do (the view says so in place of the queue).
   function judgeKey() {
     return reviewerKey() || C.adminKey() || C.apiKey();
   }
@@ -86,13 +88,15 @@
     state.seen = new Set();
     state.streams = streamsFor($("review-category").value);
     $("review-summary").textContent = "Loading…";
+    state.denied = false;
     try {
       if (!(await fill(PAGE, generation))) return;
       C.hideInlineError("review-error");
     } catch (err) {
       if (generation !== state.generation) return;
       $("review-summary").textContent = "";
-      C.showInlineError("review-error", err, "loading the review queue");
+      state.denied = C.mayNotRead(err);
+      C.showInlineError("review-error", err, "loading the review queue", { read: true });
     }
     const again = state.items.findIndex((r) => r.id === keep);
     state.selected = again >= 0 ? again : (state.items.length ? 0 : -1);
@@ -106,7 +110,7 @@
       await fill(PAGE, generation);
       C.hideInlineError("review-error");
     } catch (err) {
-      C.showInlineError("review-error", err, "loading more results");
+      C.showInlineError("review-error", err, "loading more results", { read: true });
     }
     $("review-more").disabled = false;
     if (state.selected < 0 && state.items.length) state.selected = 0;
@@ -138,13 +142,19 @@
       if (r.needs_review) head.appendChild(C.el("span", "tag", "borderline"));
       text.appendChild(head);
       text.appendChild(C.el("span", "muted", `${C.num(r.score, 3)} ${r.is_anomalous ? "≥" : "<"} ${C.num(r.threshold, 3)}`
-        + ` · ${r.source || "no source"}` + (r.part_id ? ` · part ${r.part_id}` : "")));
+        + ` · ${r.source || "no source"}` + (r.part_id ? ` · part ${r.part_id}` : "")
+        + (r.key_name ? ` · key ${r.key_name}` : "")));
       text.appendChild(C.el("span", "muted", C.when(r.created_at)));
       item.appendChild(text);
       item.addEventListener("click", () => select(i));
       list.appendChild(item);
     });
-    if (!state.items.length) {
+    if (!state.items.length && state.denied) {
+      const denied = C.el("li", "muted review-empty", "This key may not read inspection records: enter a reader, "
+        + "reviewer or admin key in API key.");
+      denied.dataset.testid = "review-denied";
+      list.appendChild(denied);
+    } else if (!state.items.length) {
       const empty = C.el("li", "muted review-empty", "Nothing waits for review here.");
       empty.dataset.testid = "review-empty";
       list.appendChild(empty);
@@ -284,7 +294,7 @@
       original.src = url;
     }, (err) => {
       if (state.shownId !== id) return;
-      notes.push(`The image could not be loaded: ${C.explain(err, "the image")[1]}`);
+      notes.push(`The image could not be loaded: ${C.explain(err, "the image", { read: true })[1]}`);
       say();
     });
     if (!r.has_heatmap) {
@@ -306,7 +316,8 @@
       say();
     }).catch((err) => {
       if (state.shownId !== id) return;
-      notes.push(err && err.status !== undefined ? `The heatmap could not be loaded: ${C.explain(err, "the heatmap")[1]}`
+      const fromApi = err && err.status !== undefined;
+      notes.push(fromApi ? `The heatmap could not be loaded: ${C.explain(err, "the heatmap", { read: true })[1]}`
         : "The heatmap could not be decoded.");
       say();
     });
@@ -387,9 +398,13 @@
   // --- judging --------------------------------------------------------------------------------------
 
   function explainJudgement(err) {
+    if (err.status === 403 && err.code === "outside_key_limits") {
+      return ["Outside this key's limits", "This key judges some categories and sources only. The server said: "
+        + `${err.message}.`];
+    }
     if (err.status === 403) {
-      return ["Not allowed to judge", "This key may inspect and read, not judge. Enter a reviewer key in "
-        + "Reviewer key (or the admin key in Admin). The server said: " + err.message + "."];
+      return ["Not allowed to judge", "This key may not judge: camera keys inspect, reader keys read. Enter a "
+        + "reviewer key in Reviewer key (or the admin key in Admin). The server said: " + err.message + "."];
     }
     if (err.status === 401) {
       return ["Reviewer key not accepted", `The server said: ${err.message}. Check the key in Reviewer key.`];
@@ -452,6 +467,11 @@
     const source = C.el("span", "muted", `source: ${record.source || "none"}`);
     source.dataset.testid = "review-done-source";
     item.appendChild(source);
+    if (record.key_name) {
+      const key = C.el("span", "muted", `key: ${record.key_name}`);
+      key.dataset.testid = "review-done-key";
+      item.appendChild(key);
+    }
     if (review.defect_type) {
       const type = C.el("span", "", `type: ${review.defect_type}`);
       type.dataset.testid = "review-done-type";

@@ -66,8 +66,19 @@
     } catch (err) {
       if (generation !== state.generation) return;
       $("trends-summary").textContent = "";
-      C.showInlineError("trends-error", err, "the trends");
+      if (C.mayNotRead(err)) denied(bucket);
+      C.showInlineError("trends-error", err, "the trends", { read: true });
     }
+  }
+
+  // A key that may not read records (a camera key): no counts, charts or records of an earlier key stay shown.
+  function denied(bucket) {
+    drawStats([], bucket);
+    C.clear($("trends-table").tBodies[0]);
+    $("trends-table").tBodies[0].appendChild(emptyRow(2 + COUNTS.length, "This key may not read inspection records."));
+    C.clear($("records-table").tBodies[0]);
+    $("records-more").hidden = true;
+    $("trends-summary").textContent = "";
   }
 
   async function loadRecords(generation) {
@@ -88,7 +99,7 @@
       await loadRecords(state.generation);
       C.hideInlineError("trends-error");
     } catch (err) {
-      C.showInlineError("trends-error", err, "more records");
+      C.showInlineError("trends-error", err, "more records", { read: true });
     }
     $("records-more").disabled = false;
   }
@@ -274,7 +285,7 @@
       C.hideInlineError("trends-error");
       $("trends-summary").textContent = `Exported the records of the filters shown (${Math.ceil(blob.size / 1024)} KB).`;
     } catch (err) {
-      C.showInlineError("trends-error", err, "the CSV export");
+      C.showInlineError("trends-error", err, "the CSV export", { read: true });
     }
     button.disabled = false;
   }
