@@ -56,12 +56,13 @@ async def run_line(config: LineConfig, stop: asyncio.Event, metrics: LineMetrics
                       on_drop=lambda reason: metrics.spool_dropped.labels(reason).inc())
         await asyncio.to_thread(spool.open)
         stations: dict[str, Station] = {}
-        jobs = []
+        plc_stop = asyncio.Event()  # set once the stations are done: their last parts still need the PLC
+        plc_jobs = []
         for sc in config.stations:
             handshake = None
             if sc.plc is not None:
                 handshake = build_handshake(build_plc_io(sc.plc))
-                jobs.append(handshake.keep_connected(stop))
+                plc_jobs.append(handshake.keep_connected(plc_stop))
             station_publishers = build_publishers(sc, metrics)
             for p in station_publishers:
                 p.start()
@@ -84,23 +85,26 @@ async def run_line(config: LineConfig, stop: asyncio.Event, metrics: LineMetrics
             metrics.service_errors.labels(meta.station, failure.reason).inc()
 
         replayer = Replayer(spool, client, late, replay_failed)
-        jobs += [s.run(stop) for s in stations.values()] + [replayer.run(stop)]
+        plc_tasks = [asyncio.ensure_future(j) for j in plc_jobs]
+        tasks = [asyncio.ensure_future(s.run(stop)) for s in stations.values()]
+        tasks.append(asyncio.ensure_future(replayer.run(stop)))
         log.info("line running: %s; spool %s (%d waiting)", ", ".join(stations), spool.dir, spool.depth)
-        tasks = [asyncio.ensure_future(j) for j in jobs]
+        failed: list[asyncio.Future] = []
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-            if failed:
-                stop.set()
-                await asyncio.wait(tasks, timeout=30)
-                raise failed[0].exception()  # type: ignore[misc]
         finally:
             stop.set()
-            for t in tasks:
+            await asyncio.wait(tasks, timeout=30)  # the parts in flight are concluded by their deadlines
+            plc_stop.set()
+            await asyncio.wait(plc_tasks, timeout=10)
+            for t in tasks + plc_tasks:
                 if not t.done():
                     t.cancel()
             with contextlib.suppress(Exception):
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, *plc_tasks, return_exceptions=True)
+        if failed:
+            raise failed[0].exception()  # type: ignore[misc]
     finally:
         for p in publishers:
             await asyncio.to_thread(p.stop, 2.0)

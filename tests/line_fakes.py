@@ -288,11 +288,13 @@ def station_config(name: str = "cam1", **fields: Any) -> dict[str, Any]:
 
 # --- a station in a test -----------------------------------------------------------------------------------------
 
-KEY = "k-line"  # the service's key for the line in the tests
+KEY = "k-line"  # the line's key: a camera key (FILO_API_KEYS), which inspects and reads the catalog
+READER_KEY = "k-qa"  # a reader key (FILO_READER_KEYS): the tests read the records with it
 
 
 def records(url: str, part_id: str) -> list[dict]:
-    r = httpx.get(f"{url}/v1/inspections", params={"part_id": part_id}, headers={"Authorization": f"Bearer {KEY}"},
+    r = httpx.get(f"{url}/v1/inspections", params={"part_id": part_id},
+                  headers={"Authorization": f"Bearer {READER_KEY}"},
                   timeout=10)
     r.raise_for_status()
     return r.json()["items"]
@@ -335,11 +337,15 @@ def make_rig(tmp_path: Path, url: str, *, plc: bool = True, triggered: bool = Fa
 
 
 def run(rig: Rig, scenario: Callable[[], Awaitable[None]]) -> None:
+    """The station and its handshake as `filo line` runs them, until `scenario` returns; then the station stops
+    first (its last parts still need the PLC) and the handshake after it."""
+
     async def main() -> None:
-        stop = asyncio.Event()
-        jobs = [asyncio.create_task(rig.station.run(stop))]
+        stop, plc_stop = asyncio.Event(), asyncio.Event()
+        station = asyncio.create_task(rig.station.run(stop))
+        jobs = [station]
         if rig.station.handshake is not None:
-            jobs.append(asyncio.create_task(rig.station.handshake.keep_connected(stop)))
+            jobs.append(asyncio.create_task(rig.station.handshake.keep_connected(plc_stop)))
         for p in rig.station.publishers:
             p.start()
         try:
@@ -347,6 +353,8 @@ def run(rig: Rig, scenario: Callable[[], Awaitable[None]]) -> None:
             await scenario()
         finally:
             stop.set()
+            await asyncio.wait_for(station, 30)
+            plc_stop.set()
             await asyncio.wait_for(asyncio.gather(*jobs), 30)
             for p in rig.station.publishers:
                 await asyncio.to_thread(p.stop, 5.0)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from service.cli import main as filo
-from tests.line_fakes import KEY, Broker, make_rig, records, run, wait_for, write_image
+from tests.line_fakes import KEY, READER_KEY, Broker, make_rig, records, run, wait_for, write_image
 from tests.service_fixtures import REPO, free_port, wait_ready, wait_until, worker_env
 
 
@@ -47,7 +47,8 @@ def serve(tmp_path_factory) -> Iterator[ServeProcess]:
     state = tmp_path_factory.mktemp("serve")
     port = free_port()
     env = worker_env({"FILO_PROFILE": "demo", "FILO_IMAGE_SIZE": "224", "FILO_GROUNDING": "false",
-                      "FILO_MAX_WAIT_MS": "5", "FILO_API_KEYS": f'["line:{KEY}"]', "FILO_STATE_DIR": str(state),
+                      "FILO_MAX_WAIT_MS": "5", "FILO_API_KEYS": f'["line:{KEY}"]',
+                      "FILO_READER_KEYS": f'["qa:{READER_KEY}"]', "FILO_STATE_DIR": str(state),
                       "FILO_HOST": "127.0.0.1", "FILO_PORT": str(port)})
     log = state / "serve.log"
     with open(log, "wb") as out:

@@ -19,7 +19,18 @@ from filo_line.publish.folder import FolderPublisher
 from filo_line.publish.mqtt import MqttPublisher
 from filo_line.replay import Replayer
 from filo_line.spool import Spool
-from tests.line_fakes import KEY, Broker, Subscriber, deadlines_met, make_rig, records, run, wait_for, write_image
+from tests.line_fakes import (
+    KEY,
+    READER_KEY,
+    Broker,
+    Subscriber,
+    deadlines_met,
+    make_rig,
+    records,
+    run,
+    wait_for,
+    write_image,
+)
 from tests.service_fixtures import ServerThread, demo_settings, free_port, png_bytes, wait_ready
 
 
@@ -28,7 +39,8 @@ def service(tmp_path_factory) -> Iterator[str]:
     from service.api.app import create_app
     from service.backends.embedded import EmbeddedBackend
 
-    settings = demo_settings(state_dir=tmp_path_factory.mktemp("line-service"), api_keys=[f"line:{KEY}"])
+    settings = demo_settings(state_dir=tmp_path_factory.mktemp("line-service"), api_keys=[f"line:{KEY}"],
+                             reader_keys=[f"qa:{READER_KEY}"])
     with ServerThread(create_app(settings, EmbeddedBackend(settings))) as srv:
         wait_ready(srv.url)
         yield srv.url
@@ -264,7 +276,8 @@ def test_a_triggered_station_reads_the_part_id_and_raises_trigger_ready_again(tm
     assert [r.part_id for r in rig.plc.results] == ["SN-0001", "SN-0002"]
     assert all(not r.error for r in rig.plc.results)
     assert [len(records(service, p)) for p in ("SN-0001", "SN-0002")] == [1, 1]
-    assert rig.plc.trigger_ready_writes[:5] == [True, False, True, False, True]
+    levels = [w for i, w in enumerate(rig.plc.trigger_ready_writes) if i == 0 or w != rig.plc.trigger_ready_writes[i - 1]]
+    assert levels[levels.index(True):][:5] == [True, False, True, False, True]  # up, taken, up, taken, up
 
 
 def test_a_plc_that_comes_back_before_the_deadline_gets_the_fail_safe_and_one_that_does_not_is_a_miss(
@@ -283,6 +296,7 @@ def test_a_plc_that_comes_back_before_the_deadline_gets_the_fail_safe_and_one_th
         write_image(rig.folder, "missed.png", 22)  # away past its deadline
         await wait_for(lambda: rig.sample("filo_line_deadline_misses_total") == 1, 30, "the miss counted")
         plc.down = False
+        await wait_for(lambda: rig.station.handshake.connected, 30, "the handshake reconnected")
         write_image(rig.folder, "after.png", 23)
         await wait_for(lambda: len(plc.results) == 2, 30, "the next part signalled normally")
 
