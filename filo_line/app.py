@@ -97,7 +97,8 @@ async def run_line(config: LineConfig, stop: asyncio.Event, metrics: LineMetrics
             stop.set()
             await asyncio.wait(tasks, timeout=30)  # the parts in flight are concluded by their deadlines
             plc_stop.set()
-            await asyncio.wait(plc_tasks, timeout=10)
+            if plc_tasks:
+                await asyncio.wait(plc_tasks, timeout=10)
             for t in tasks + plc_tasks:
                 if not t.done():
                     t.cancel()

@@ -276,6 +276,9 @@ class Station:
                 continue
             if raw_id is None or stop.is_set():
                 break
+            if not str(raw_id).strip():
+                log.warning("station %s: the PLC's PartId was empty at its trigger (is part_id's address right?); "
+                            "the part is recorded as 'part'", self.name)
             part = self._new_part(str(raw_id), time.time())
             with contextlib.suppress(PlcError):
                 await hs.set_trigger_ready(False)

@@ -199,7 +199,7 @@ def connector(path: Path, log: Path) -> subprocess.Popen:
 
 
 def metric(port: int, name: str, **labels: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         if line.startswith(f"{name}{{{want}}} " if labels else f"{name} "):
@@ -261,3 +261,68 @@ def test_after_kill_9_with_files_waiting_and_a_full_spool_every_image_is_recorde
                 second.kill()
     assert not list((folder / "processing").iterdir()) and not list((folder / "failed").glob("*.png"))
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+# --- the whole way, with a Modbus TCP PLC ---------------------------------------------------------------------------
+
+
+def test_filo_line_signals_a_modbus_plc_that_triggers_each_part(tmp_path, serve):
+    """`filo line --config` as installed: a pymodbus server plays the PLC (tests/test_line_plc.py's stand-in), a
+    folder is the camera, the service judges. The PLC triggers three parts and reads, for each, its own part id
+    with exactly one of OK and NG, no Error, and the verdict the service recorded for that part id."""
+    from filo_line.plc.modbus import decode_part_id, encode_part_id
+    from tests.test_line_plc import COILS, UNIT, ModbusPlc, _none, _not, until
+
+    register, registers = 90, 10  # the file's part_id_register, and ModbusIO's default length
+
+    async def write_part_id(peer: ModbusPlc, part_id: str) -> None:
+        await peer.server.async_setValues(UNIT, 16, register, encode_part_id(part_id, registers))
+
+    async def read_part_id(peer: ModbusPlc) -> str:
+        return decode_part_id(list(await peer.server.async_getValues(UNIT, 3, register, registers)))
+
+    folder = tmp_path / "cam"
+    parts = ["SN-100", "SN-101", "SN-102"]
+    seen: list[tuple[str, bool, bool, bool]] = []
+    log = tmp_path / "connector.log"
+
+    async def main() -> int:
+        peer = ModbusPlc(free_port())
+        await peer.start()
+        station = folder_station(folder, name="modbuscam", deadline_ms=1500,
+                                 plc={"kind": "modbus", "host": "127.0.0.1", "port": peer.port, "unit": UNIT,
+                                      "triggered": True, "coils": COILS, "part_id_register": register})
+        proc = connector(line_file(tmp_path, serve.url, [station]), log)
+        try:
+            for i, part in enumerate(parts):
+                await until(lambda: peer.get("trigger_ready"), "TriggerReady", 60 if i == 0 else 15)
+                write_image(folder, f"frame-{i}.png", 700 + i)  # the camera's image, then the PLC's trigger
+                await write_part_id(peer, part)
+                await peer.set("trigger", True)
+                await until(lambda: _not(peer.get("trigger_ready")), "TriggerReady to fall")
+                await write_part_id(peer, "")  # so that the id read with the result is the one the connector wrote
+                await until(lambda: peer.get("result_ready"), "ResultReady")
+                seen.append((await read_part_id(peer), await peer.get("ok"), await peer.get("ng"), await peer.get("error")))
+                await peer.set("trigger", False)
+                await peer.set("ack", True)
+                await until(lambda: _not(peer.get("result_ready")), "ResultReady to fall")
+                await until(lambda: _none(peer, "ok", "ng", "error"), "OK, NG and Error cleared")
+                await peer.set("ack", False)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 30)
+            await peer.stop()
+        return code
+
+    try:
+        code = asyncio.run(main())
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
+    assert code == 0, log.read_text()[-3000:]
+    assert [s[0] for s in seen] == parts
+    for part_id, ok, ng, error in seen:
+        wait_until(lambda p=part_id: len(records(serve.url, p)) >= 1, 30, what=f"the record of {part_id}")
+        (record,) = records(serve.url, part_id)
+        assert record["source"] == "modbuscam"
+        assert (ok, ng, error) == (not record["is_anomalous"], record["is_anomalous"], False)
+    assert sorted(p.name for p in (folder / "done").iterdir()) == [f"frame-{i}.png" for i in range(3)]

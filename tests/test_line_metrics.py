@@ -43,7 +43,7 @@ def test_the_endpoint_serves_them_over_http_and_closes():
     port = free_port()
     metrics.serve(port, "127.0.0.1")
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     finally:
         metrics.close()
     assert 'filo_line_parts_total{station="cam1",verdict="ok"} 3.0' in text
