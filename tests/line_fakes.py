@@ -7,7 +7,6 @@ Every process started here is stopped by whoever started it (the fixtures' final
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
 import shutil
@@ -26,6 +25,7 @@ from filo_line.client import ServiceClient
 from filo_line.config import StationConfig
 from filo_line.metrics import LineMetrics
 from filo_line.plc.base import PlcError
+from filo_line.plc.handshake import PlcHandshake
 from filo_line.sources.folder import FolderSource
 from filo_line.spool import Spool
 from filo_line.station import Station
@@ -121,75 +121,8 @@ class FakePlc:
         self.values["trigger"] = True
 
 
-@dataclass
-class StandInReport:
-    acked: bool
-    write_ms: float
-    ack_ms: float | None
-
-
-class StandInHandshake:
-    """The documented handshake (docs/line.md) over a PlcIO, for the station's tests on a branch where
-    filo_line/plc/handshake.py has not landed yet: `make_handshake` takes the real one where it exists."""
-
-    def __init__(self, io: Any, ack_timeout_s: float = 2.0) -> None:
-        self.io = io
-        self.ack_timeout_s = ack_timeout_s
-
-    @property
-    def connected(self) -> bool:
-        return self.io.connected
-
-    @property
-    def state(self) -> str:
-        return "connected" if self.io.connected else "reconnecting"
-
-    async def keep_connected(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if not self.io.connected:
-                with contextlib.suppress(PlcError):
-                    await self.io.connect()
-            await asyncio.sleep(0.02)
-
-    async def set_trigger_ready(self, ready: bool) -> None:
-        await self.io.write_bools({"trigger_ready": ready})
-
-    async def wait_trigger(self, stop: asyncio.Event | None = None) -> str:
-        was = await self.io.read_bool("trigger")
-        while stop is None or not stop.is_set():
-            now = await self.io.read_bool("trigger")
-            if now and not was:
-                return await self.io.read_part_id()
-            was = now
-            await asyncio.sleep(0.005)
-        return ""
-
-    async def _wait_ack(self, value: bool) -> bool:
-        end = time.monotonic() + self.ack_timeout_s
-        while time.monotonic() < end:
-            if await self.io.read_bool("ack") is value:
-                return True
-            await asyncio.sleep(0.002)
-        return False
-
-    async def signal(self, part_id: str, ok: bool, error: bool) -> StandInReport:
-        t0 = time.perf_counter()
-        await self.io.write_part_id(part_id)
-        await self.io.write_bools({"ok": ok, "ng": not ok, "error": error})
-        await self.io.write_bools({"result_ready": True})
-        write_ms = (time.perf_counter() - t0) * 1000
-        acked = await self._wait_ack(True)
-        ack_ms = (time.perf_counter() - t0) * 1000 - write_ms if acked else None
-        await self.io.write_bools({"result_ready": False, "ok": False, "ng": False, "error": False})
-        await self._wait_ack(False)
-        return StandInReport(acked, write_ms, ack_ms)
-
-
-def make_handshake(io: Any) -> Any:
-    try:
-        from filo_line.plc.handshake import PlcHandshake
-    except ModuleNotFoundError:
-        return StandInHandshake(io)
+def make_handshake(io: Any) -> PlcHandshake:
+    """The handshake `filo line` runs, over the fake PLC."""
     return PlcHandshake(io)
 
 

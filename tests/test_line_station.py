@@ -1,7 +1,7 @@
 """One station against the real service (demo profile, over loopback), a real mosquitto and real files: every
 part inspected once and signalled exactly once by its deadline, in trigger order, whatever fails.
 
-The PLC is `FakePlc` (tests/line_fakes.py), recording every write under the documented handshake; assertions are
+The PLC is `FakePlc` (tests/line_fakes.py) under the real handshake (PlcHandshake), recording every write; assertions are
 on mechanisms and counts (which signals, how many, in which order, before the deadline the part carried), never
 on how fast this machine is.
 """
@@ -292,6 +292,9 @@ def test_a_plc_that_comes_back_before_the_deadline_gets_the_fail_safe_and_one_th
         await asyncio.sleep(0.4)
         plc.down = False
         await wait_for(lambda: len(plc.results) == 1, 30, "the fail-safe once the PLC is back")
+        # the handshake finished (Ack dropped) before the PLC goes away again: a PLC lost while it waits for Ack
+        # makes PlcHandshake.signal raise, and the station cannot tell that from a result never written
+        await wait_for(lambda: not plc.values["result_ready"] and not plc.values["ack"], 30, "the handshake done")
         plc.down = True
         write_image(rig.folder, "missed.png", 22)  # away past its deadline
         await wait_for(lambda: rig.sample("filo_line_deadline_misses_total") == 1, 30, "the miss counted")
