@@ -22,7 +22,10 @@ echo "installing FiLo Inspect's dependencies into .venv (log: $log)" >&2
 if ! {
   python -m pip install -q --upgrade pip &&
   python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" &&
-  python -m pip install -q -e ".[model,service,eval,dev]"
+  python -m pip install -q -e ".[model,service,eval,dev,line]" &&
+  # GenICam cameras for `filo line`: Aravis through PyGObject; 3.51 and later need girepository-2.0, which Debian
+  # bookworm lacks (it builds against libgirepository1.0-dev and libcairo2-dev: scripts/test.sh installs them)
+  python -m pip install -q "pygobject<3.51"
 } >"$log" 2>&1; then
   grep -v "^WARNING: Location" "$log" | tail -40 >&2
   echo "setup_env.sh: pip install failed (whole log: $log)" >&2

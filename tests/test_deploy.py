@@ -122,13 +122,28 @@ IMAGE_UID = {"filo-redis": 999, "filo-postgres": 999}
 # postgres:17's data volume and default PGDATA (the 18 image moves it: revisit on a major upgrade).
 POSTGRES_MAJOR, POSTGRES_DATA = 17, "/var/lib/postgresql/data"
 
+# The line connector's own endpoint (filo_line/metrics.py, METRIC_NAMES): the dashboard's "Line connector" row.
+LINE_HISTOGRAMS = {"filo_line_signal_latency_seconds"}
+LINE_METRICS = LINE_HISTOGRAMS | {
+    "filo_line_parts_total",
+    "filo_line_late_verdicts_total",
+    "filo_line_deadline_misses_total",
+    "filo_line_unsignalled_parts_total",
+    "filo_line_service_errors_total",
+    "filo_line_spool_depth",
+    "filo_line_spool_bytes",
+    "filo_line_spool_dropped_total",
+    "filo_line_plc_connected",
+    "filo_line_broker_connected",
+    "filo_line_publish_dropped_total",
+}
 HISTOGRAMS = {
     "filo_http_request_duration_seconds",
     "filo_queue_wait_seconds",
     "filo_model_seconds",
     "filo_batch_size",
-}
-METRICS = HISTOGRAMS | {
+} | LINE_HISTOGRAMS
+METRICS = HISTOGRAMS | LINE_METRICS | {
     "filo_queue_depth",
     "filo_inflight_requests",
     "filo_errors_total",

@@ -5,6 +5,8 @@
   only the command line (`service/cli/`), everyone's entry point, offers the lab's commands (train, eval, bench).
 - The lab stands beside the API, below the command line: it builds on what lies below, and never imports a
   command or the API (`LAYERS`).
+- The line connector (`filo_line/`) is a client of the HTTP API: it imports nothing else of this repository, and
+  nothing imports it but the command line (`filo line`) and the lab's benchmark of it (`filo_lab/bench/line.py`).
 - Every module imports, so a deferred import cannot break late (a moved module, a missing name).
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-OURS = ("models", "service", "filo_lab", "descriptions")
+OURS = ("models", "service", "filo_lab", "descriptions", "filo_line")
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -56,6 +58,17 @@ def test_models_import_nothing_else_of_the_repository():
 
 def test_the_service_never_imports_the_lab():
     assert violations("service", ("filo_lab",), except_under="service/cli") == []
+
+
+def test_the_line_connector_is_a_client_that_imports_nothing_of_ours():
+    assert violations("filo_line", tuple(p for p in OURS if p != "filo_line")) == []
+
+
+def test_only_the_command_line_and_the_labs_benchmark_import_the_line_connector():
+    found = violations("service", ("filo_line",), except_under="service/cli")
+    found += violations("models", ("filo_line",)) + violations("descriptions", ("filo_line",))
+    found += [v for v in violations("filo_lab", ("filo_line",)) if not v.startswith("filo_lab/bench/line.py:")]
+    assert found == []
 
 
 def test_the_rule_reader_sees_deferred_and_relative_imports(tmp_path, monkeypatch):

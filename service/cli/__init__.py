@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "learn",
     "convert_grounding",
     "standin",
+    "line",
 )
 
 
