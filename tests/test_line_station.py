@@ -320,3 +320,30 @@ def test_the_line_benchmark_counts_every_part_of_a_rate(service):
     assert (result.parts, result.missed) == (5, 0)
     assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
     assert "| folder | fake | 5 | 5 |" in table("folder", "fake", 1500, [result])
+
+
+def test_a_plc_lost_while_acknowledging_is_told_the_part_once() -> None:
+    """Once ResultReady stands, the part is signalled: a PLC lost before its ResultAck is reported (not acked), not
+    raised, so the station never signals that part a second time when the PLC is back."""
+    import asyncio
+
+    from tests.line_fakes import FakePlc, make_handshake
+
+    async def scenario() -> None:
+        plc = FakePlc(ack_delay_s=10.0)  # the acknowledgement would come late: the PLC goes away first
+        hs = make_handshake(plc)
+        await plc.connect()
+        hs._set_state("connected")  # by hand: no reconnect loop in this test
+
+        async def drop() -> None:
+            while not plc.results:
+                await asyncio.sleep(0.01)
+            plc.down = True
+
+        dropper = asyncio.get_running_loop().create_task(drop())
+        report = await hs.signal("P-1", ok=False, error=False)
+        await dropper
+        assert not report.acked and report.ack_ms is None
+        assert [(r.part_id, r.ok, r.ng) for r in plc.results] == [("P-1", False, True)]  # told once, NG
+
+    asyncio.run(scenario())

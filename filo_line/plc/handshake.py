@@ -38,9 +38,9 @@ Why these rules:
 - ResultReady rises last, so the PLC never sees it with the previous part's values; it falls first, so the PLC
   never sees it with cleared ones.
 - A missing or late ResultAck never blocks the line for longer than ack_timeout_s twice; it is reported
-  (`SignalReport.acked` False), not raised, since the result itself has been signalled. Once the PLC has
-  acknowledged, the part is done: a connection lost while clearing is left to the reconnect, which clears the
-  outputs, so that the part is never signalled twice.
+  (`SignalReport.acked` False), not raised, since the result itself has been signalled. Once ResultReady stands,
+  the part is signalled: a connection lost while waiting for the acknowledgement or while clearing is left to the
+  reconnect, which clears the outputs, so that the part is never signalled twice.
 - If ResultAck is still 1 from the previous part when a new result is written, that level is not taken as this
   part's acknowledgement: the PLC must drop it and raise it again.
 - The last Trigger level is kept across reconnects, so that a Trigger held high through a network blip is not a
@@ -219,7 +219,8 @@ class PlcHandshake:
 
     async def signal(self, part_id: str, ok: bool, error: bool) -> SignalReport:
         """Signals one part's result and completes the acknowledgement (see the state table). A PLC that does not
-        acknowledge in time is reported, not raised; a transport failure raises PlcError."""
+        acknowledge in time, or is lost once ResultReady stands, is reported (`acked` False), not raised; a
+        transport failure before ResultReady is written raises PlcError (the part was not signalled)."""
         async with self._result_lock:
             stale_ack = await self._read_bool("ack")
             start = time.monotonic()
@@ -227,17 +228,22 @@ class PlcHandshake:
             await self._write({"ok": ok, "ng": not ok, "error": error})
             await self._write({"result_ready": True})
             ready_at = time.monotonic()
-            ack_ms = await self._wait_ack(stale_ack)
+            # From here the part is signalled: ResultReady with its result stands at the PLC. A connection lost
+            # now is reported (not acknowledged), never raised, so the station never signals the part a second
+            # time; the reconnect clears the outputs.
+            try:
+                ack_ms = await self._wait_ack(stale_ack)
+            except PlcError:
+                log.warning("PLC %s: lost while waiting for ResultAck of %r", _endpoint(self.io), part_id)
+                ack_ms = None
             report = SignalReport(acked=ack_ms is not None, write_ms=(ready_at - start) * 1000, ack_ms=ack_ms)
             try:
                 await self._write({"result_ready": False})
                 await self._write({"ok": False, "ng": False, "error": False})
                 await self._wait_ack_low()
             except PlcError:
-                if not report.acked:
-                    raise
-                # the PLC has the result; the reconnect clears the outputs
-                log.warning("PLC %s: lost after acknowledging %r", _endpoint(self.io), part_id)
+                log.warning("PLC %s: lost after signalling %r; the reconnect clears the outputs", _endpoint(self.io),
+                            part_id)
             return report
 
     async def _wait_ack(self, stale: bool) -> float | None:
