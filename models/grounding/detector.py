@@ -4,6 +4,7 @@ and turning its outputs into ``hqloc.Detection`` records. The localisation rules
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ import torch
 
 from models.constants import DEFAULT_GROUNDING_MODEL
 from models.errors import WeightsNotFoundError
+from models.grounding import deformable_attention as msda
 from models.grounding.hqloc import (
     RELEASED_FRAME,
     CaptionEncoding,
@@ -116,6 +118,11 @@ class GroundingDetector:
     size and the same caption, so no padding ever enters a batch and batched results equal single ones.
     ``text_cache`` > 0 keeps the BERT text pass of that many captions (``text_cache.TextPassCache``) instead
     of running it again for every batch; 0 (the default) runs the plain model.
+
+    ``deformable_attention`` ("auto", "triton", "hub", "pytorch": ``deformable_attention.choose``) is chosen
+    after the model is on ``device``, for that device; ``self.deformable_attention`` says what its layers run.
+    ``compile`` runs the whole model through ``torch.compile`` (``compiled_view`` makes a compiled view of an
+    eager detector).
     """
 
     def __init__(
@@ -130,9 +137,16 @@ class GroundingDetector:
         max_batch: int = 8,
         caption_cache_size: int = 256,
         text_cache: int = 0,
+        deformable_attention: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # after the move: transformers chose the layers' forward for the device the model was loaded on
+        self.deformable_attention = msda.install(self.model, deformable_attention)
+        log.info("Grounding DINO on %s: deformable attention %s", self.device, self.deformable_attention)
+        self.compiled = compile
+        self._run = torch.compile(self.model) if compile else self.model
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.box_threshold = box_threshold
@@ -150,6 +164,21 @@ class GroundingDetector:
 
     # ----- construction -----
 
+    def compiled_view(self) -> GroundingDetector:
+        """This detector with the whole model run through ``torch.compile`` (the model, its weights, memos and
+        caches shared; the first batch of each shape compiles)."""
+        if self.compiled:
+            return self
+        view = copy.copy(self)
+        view.compiled = True
+        view._run = torch.compile(self.model)
+        return view
+
+    def runtime(self) -> dict[str, str]:
+        """What runs: the deformable attention on the device the model is on now, compiled or eager."""
+        return {"deformable_attention": msda.implementation(self.model) or "none",
+                "grounding": "compiled" if self.compiled else "eager"}
+
     @classmethod
     def from_pretrained(
         cls,
@@ -164,7 +193,7 @@ class GroundingDetector:
 
         Raises ``GroundingWeightsNotFound`` when the files are missing or the checkpoint lacks weights the
         model needs (transformers would otherwise fill them randomly). ``kwargs`` go to ``__init__``
-        (thresholds, max_batch, text_cache).
+        (thresholds, max_batch, text_cache, deformable_attention, compile).
         """
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
@@ -261,7 +290,7 @@ class GroundingDetector:
         T is ``max_text_len``; position i < L is caption token i, positions >= L have probability 0.
         """
         batch = pixel_values.shape[0]
-        outputs = self.model(
+        outputs = self._run(
             pixel_values=pixel_values.to(self.device),
             input_ids=caption.input_ids.expand(batch, -1).to(self.device),
             attention_mask=caption.attention_mask.expand(batch, -1).to(self.device),
