@@ -109,6 +109,27 @@ def load_tiny_tokenizer():
     return tokenizer
 
 
+# Dynamo settings the whole-model compile runs under. transformers checks each deformable-attention layer's
+# spatial shapes against the sequence length with `torch._check_tensor_all`, an `.item()` that breaks the graph
+# unless scalar outputs are captured (then it is one runtime assert inside the graph). Each image size and batch
+# size compiles once (static shapes); past the recompile limit dynamo would quietly run the frame eagerly, so
+# the limit is far above the batch sizes and image sizes one process sees.
+COMPILE_CONFIG = {"capture_scalar_outputs": True, "recompile_limit": 256}
+
+
+def compile_whole(model: torch.nn.Module, backend: str = "inductor"):
+    """``torch.compile`` of the whole Grounding DINO model, static shapes, called under ``COMPILE_CONFIG`` (one
+    graph on the tiny test model: tests/test_grounding_compile.py counts its graph breaks with
+    ``torch._dynamo.explain``)."""
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+
+    def run(**inputs):
+        with torch._dynamo.config.patch(**COMPILE_CONFIG):
+            return compiled(**inputs)
+
+    return run
+
+
 class GroundingDetector:
     """Grounding DINO for HQ-Loc: images + descriptions in, ``Detection`` lists out.
 
@@ -145,8 +166,10 @@ class GroundingDetector:
         # after the move: transformers chose the layers' forward for the device the model was loaded on
         self.deformable_attention = msda.install(self.model, deformable_attention)
         log.info("Grounding DINO on %s: deformable attention %s", self.device, self.deformable_attention)
-        self.compiled = compile
-        self._run = torch.compile(self.model) if compile else self.model
+        self.compiled: str | None = None  # the torch.compile backend of the whole model, None: eager
+        self._run = self.model
+        if compile:
+            self.compiled, self._run = "inductor", compile_whole(self.model)
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.box_threshold = box_threshold
@@ -164,20 +187,21 @@ class GroundingDetector:
 
     # ----- construction -----
 
-    def compiled_view(self) -> GroundingDetector:
-        """This detector with the whole model run through ``torch.compile`` (the model, its weights, memos and
-        caches shared; the first batch of each shape compiles)."""
-        if self.compiled:
+    def compiled_view(self, backend: str = "inductor") -> GroundingDetector:
+        """This detector with the whole model run through ``torch.compile`` (``compile_whole``; the model, its
+        weights, memos and caches shared; the first batch of each shape compiles). ``backend`` other than
+        inductor is for tests: "aot_eager" captures the same graph without generating code."""
+        if self.compiled == backend:
             return self
         view = copy.copy(self)
-        view.compiled = True
-        view._run = torch.compile(self.model)
+        view.compiled, view._run = backend, compile_whole(self.model, backend)
         return view
 
     def runtime(self) -> dict[str, str]:
         """What runs: the deformable attention on the device the model is on now, compiled or eager."""
-        return {"deformable_attention": msda.implementation(self.model) or "none",
-                "grounding": "compiled" if self.compiled else "eager"}
+        compiled = "eager" if not self.compiled else "compiled" if self.compiled == "inductor" \
+            else f"compiled ({self.compiled})"
+        return {"deformable_attention": msda.implementation(self.model) or "none", "grounding": compiled}
 
     @classmethod
     def from_pretrained(
