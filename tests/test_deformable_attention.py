@@ -273,6 +273,28 @@ def test_installed_for_cuda_each_call_follows_its_inputs(monkeypatch):
     assert msda.install(layer, "pytorch") == "pytorch" and "forward" not in layer.attn.__dict__
 
 
+def test_transformers_does_not_take_the_layers_back(monkeypatch):
+    """A model loaded with kernels enabled is re-kernelised by transformers when it switches train/eval; after
+    `install` it is not, and a forward replaced behind the report's back is reported as what it is."""
+    from kernels import Mode
+    from transformers import GroundingDinoForObjectDetection
+
+    from models.grounding.detector import load_tiny_config
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = GroundingDinoForObjectDetection(load_tiny_config()).eval()
+    model._use_kernels, model._kernels_mode = True, Mode.INFERENCE  # as from_pretrained leaves it
+    monkeypatch.setattr(msda, "triton_available", lambda: True)
+    monkeypatch.setattr(msda, "model_device_type", lambda m: "cuda")
+    assert msda.install(model, "auto") == "triton"
+    model.train()
+    model.eval()
+    assert msda.implementation(model, "cuda") == "triton" and not model.use_kernels
+    layer = msda.deformable_layers(model)[0]
+    layer.forward = type(layer).forward.__get__(layer)  # someone else's forward
+    assert msda.implementation(model, "cuda") == "mixed: pytorch+triton"
+
+
 def test_a_model_without_deformable_attention_reports_none():
     assert msda.install(torch.nn.Linear(2, 2)) is None and msda.implementation(torch.nn.Linear(2, 2)) is None
 

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "triton", "hub", "pytorch")
 IMPLEMENTATIONS = ("triton", "hub", "pytorch")
-_TRITON_MARK = "_filo_deformable_attention"  # in a layer's __dict__ while our forward is installed
 _HUB_MARK = "_kernel_repo"  # set by the `kernels` library on a layer whose forward it replaced
 
 
@@ -84,8 +83,8 @@ def deformable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def layer_implementation(layer: torch.nn.Module, device_type: str) -> str:
-    """What one layer runs for inputs on `device_type`."""
-    if layer.__dict__.get(_TRITON_MARK):
+    """What one layer runs for inputs on `device_type`, read from the forward it has now."""
+    if getattr(layer.__dict__.get("forward"), "__func__", None) is _triton_forward:
         return "triton" if triton_runs_on(device_type) else "pytorch"
     if _HUB_MARK in layer.__dict__ and "forward" in layer.__dict__:
         return "hub"
@@ -110,7 +109,7 @@ def implementation(model: torch.nn.Module, device_type: str | None = None) -> st
 
 def _reset(layer: torch.nn.Module) -> None:
     """The class's own forward (transformers' PyTorch path), whatever was installed before."""
-    for key in ("forward", _HUB_MARK, _TRITON_MARK):
+    for key in ("forward", _HUB_MARK):
         layer.__dict__.pop(key, None)
 
 
@@ -149,10 +148,13 @@ def install(model: torch.nn.Module, choice: str = "auto") -> str | None:
     chosen = choose(choice, device_type)
     for layer in layers:
         _reset(layer)
+    if hasattr(model, "_use_kernels"):
+        # transformers re-kernelises a kernels-enabled model when it switches between train() and eval(), for
+        # the device it is on, and would replace these layers' forward again: the choice here owns them
+        model._use_kernels, model._kernels_mode = False, None
     if chosen == "triton":
         for layer in layers:
             layer.forward = MethodType(_triton_forward, layer)
-            layer.__dict__[_TRITON_MARK] = True
     elif chosen == "hub":
         _from_hub(model)
     return implementation(model, device_type)

@@ -197,6 +197,13 @@ class GroundingDetector:
         view.compiled, view._run = backend, compile_whole(self.model, backend)
         return view
 
+    def use_deformable_attention(self, choice: str) -> str | None:
+        """Give the model's deformable-attention layers another implementation (``deformable_attention.choose``)
+        for the device the model is on; returns what they run now. Benchmarks compare them on one set of weights;
+        a compiled view made earlier keeps what it traced."""
+        self.deformable_attention = msda.install(self.model, choice)
+        return self.deformable_attention
+
     def runtime(self) -> dict[str, str]:
         """What runs: the deformable attention on the device the model is on now, compiled or eager."""
         compiled = "eager" if not self.compiled else "compiled" if self.compiled == "inductor" \
