@@ -112,3 +112,31 @@ def test_readyz_and_the_metric_show_the_runtime(tmp_path):
                   'deformable_attention="off"', 'warnings="0"'):
         assert label in line, line
     assert line.endswith(" 1.0")
+
+
+def test_a_worker_readyz_shows_the_runtime_and_its_warnings():
+    """Queue mode: each worker's own /readyz carries its start report, runtime and warnings included."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from service.core.telemetry import Metrics
+    from service.engine.lifecycle import StartReport
+    from service.worker.health import health_app
+
+    runtime = {**_runtime("cuda:0", "pytorch"), "warnings": ["the PyTorch path, allowed"]}
+    worker = SimpleNamespace(name="w1", engine=object(), fatal=None, redis_ok=True, batches=0,
+                             report=StartReport("built", 0, 3, 1, 0.5, runtime),
+                             catalog=SimpleNamespace(republished=0), metrics=Metrics(), redis=None, keys=None)
+    body = TestClient(health_app(worker)).get("/readyz").json()
+    assert body["ready"] and body["detail"]["runtime"] == runtime
+
+
+def test_the_info_metric_carries_one_set_of_labels():
+    from service.core.telemetry import Metrics
+
+    metrics = Metrics()
+    metrics.set_engine_info(_runtime("cuda:0", "triton"))
+    metrics.set_engine_info({**_runtime("cuda:0", "pytorch"), "warnings": ["slow"]})  # a restarted engine
+    lines = [ln for ln in metrics.render()[0].decode().splitlines() if ln.startswith("filo_engine_info{")]
+    assert len(lines) == 1 and 'deformable_attention="pytorch"' in lines[0] and 'warnings="1"' in lines[0]
