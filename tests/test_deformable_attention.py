@@ -336,6 +336,46 @@ def test_the_custom_op_traces_as_one_operator(monkeypatch):
     assert calls[0].meta["val"].shape == (2, 7, 256) and calls[0].meta["val"].dtype == torch.float32
 
 
+def test_a_compiled_layer_keeps_the_kernel_in_its_graph(monkeypatch):
+    """torch.compile (fullgraph: a graph break fails) of Grounding DINO's deformable-attention layer with the
+    kernel's forward, traced as it is on CUDA: one graph in which the kernel is one operator. The graph then
+    runs here under the interpreter and equals the PyTorch path."""
+    import os
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(msda, "triton_runs_on", lambda device_type: True)  # what it answers for CUDA inputs
+    torch.manual_seed(0)
+    layer = GroundingDinoMultiscaleDeformableAttention(GroundingDinoConfig(), num_heads=HEADS, n_points=POINTS)
+    shapes = [(6, 8), (3, 4), (2, 2), (1, 1)]
+    seq = sum(h * w for h, w in shapes)
+    hidden = torch.randn(2, seq, 256)
+    kwargs = dict(encoder_hidden_states=hidden, reference_points=torch.rand(2, seq, len(shapes), 2),
+                  spatial_shapes=torch.tensor(shapes), spatial_shapes_list=shapes, level_start_index=_starts(shapes))
+    with torch.no_grad():
+        want, _ = layer(hidden, **kwargs)
+    monkeypatch.setattr(msda, "model_device_type", lambda model: "cuda")
+    assert msda.install(layer, "triton") == "triton"
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+
+        def run(*args):  # traced with the compiled-mode kernel, run with the interpreted one
+            os.environ["TRITON_INTERPRET"] = "1"
+            try:
+                return graph(*args)
+            finally:
+                del os.environ["TRITON_INTERPRET"]
+
+        return run
+
+    with torch.no_grad():
+        got, _ = torch.compile(layer, backend=backend, fullgraph=True)(hidden, **kwargs)
+    calls = [str(n.target) for g in graphs for n in g.graph.nodes if "ms_deform_attn" in str(n.target)]
+    assert len(graphs) == 1 and calls == ["filo.ms_deform_attn"]
+    assert _max_diff(got, want) <= FP32_ATOL
+
+
 @pytest.mark.slow
 def test_the_kernel_compiles_for_hopper(monkeypatch, tmp_path):
     """Triton compiles the kernel for sm_90 (H100, H200) down to a cubin here, without a GPU: the variants the

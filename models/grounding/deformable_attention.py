@@ -115,16 +115,11 @@ def _reset(layer: torch.nn.Module) -> None:
 
 def _triton_forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
                     sampling_locations, attention_weights, im2col_step):
-    """`MultiScaleDeformableAttention.forward` with the project's kernel where the inputs are on CUDA."""
-    if value.device.type == "cuda":
-        from models.grounding.deformable_attention_triton import custom_op
-
-        return custom_op()(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if value.device.type == "cpu" and _interpreting():
-        from models.grounding.deformable_attention_triton import multi_scale_deformable_attention
-
-        return multi_scale_deformable_attention(value, value_spatial_shapes, level_start_index, sampling_locations,
-                                                attention_weights)
+    """`MultiScaleDeformableAttention.forward` with the project's kernel (the custom op `filo::ms_deform_attn`,
+    registered by `install`) where the inputs are on a device it runs on, else the PyTorch path."""
+    if triton_runs_on(value.device.type):
+        return torch.ops.filo.ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations,
+                                             attention_weights)
     return type(self).forward(self, value, value_spatial_shapes, value_spatial_shapes_list, level_start_index,
                               sampling_locations, attention_weights, im2col_step)
 
@@ -153,6 +148,9 @@ def install(model: torch.nn.Module, choice: str = "auto") -> str | None:
         # the device it is on, and would replace these layers' forward again: the choice here owns them
         model._use_kernels, model._kernels_mode = False, None
     if chosen == "triton":
+        from models.grounding.deformable_attention_triton import custom_op
+
+        custom_op()  # registers torch.ops.filo.ms_deform_attn
         for layer in layers:
             layer.forward = MethodType(_triton_forward, layer)
     elif chosen == "hub":
