@@ -33,6 +33,7 @@ def test_production_on_cuda_refuses_the_pytorch_deformable_attention():
     ("cuda", "triton", "production", False, False),
     ("cuda", "hub", "production", False, False),
     ("cuda", "off", "production", False, False),  # no Grounding DINO: nothing to refuse
+    ("cuda", "none", "production", False, False),  # a detector without such layers
     ("cpu", "pytorch", "production", False, False),  # the CPU's own path
 ])
 def test_what_starts_and_what_warns(device, attention, profile, allowed, warns):

@@ -4,7 +4,8 @@ production engine on CUDA does not quietly run Grounding DINO's slow deformable-
 The report is a flat dict of short strings (it goes into the start log, `/readyz` and the labels of
 `filo_engine_info`): `device`, `precision`, `encoder` (compiled / eager), `cuda_graphs` (on / off / "off (needs
 CUDA)"), `grounding` (compiled / eager / off), `deformable_attention` (triton / hub / pytorch / off), and
-`warnings` (a list). No torch here: the rule is tested with device strings.
+`warnings` (a list); "none" is a detector without deformable-attention layers. No torch here: the rule is tested
+with device strings.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def check_runtime(runtime: dict[str, Any], profile: str, allow_pytorch_deformabl
     """
     device = str(runtime.get("device", ""))
     attention = str(runtime.get("deformable_attention", "off"))
-    if not device.startswith("cuda") or attention == "off" or attention in FAST_DEFORMABLE_ATTENTION:
+    if not device.startswith("cuda") or attention in ("off", "none") or attention in FAST_DEFORMABLE_ATTENTION:
         return []
     message = (f"Grounding DINO's deformable attention runs {attention!r} on {device}, not the Triton kernel: "
                "several times slower (docs/gpu.md)")
