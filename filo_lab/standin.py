@@ -11,6 +11,13 @@ production profile's code path and costs what real weights cost:
   small WordPiece vocabulary (the real bert-base-uncased vocabulary cannot be fetched everywhere); ids
   stay below the model's 30522, so the text tower's cost is the real one.
 
+Grounding DINO's stand-in comes in two kinds (`GROUNDING_KINDS`). "realistic" (the default, what the GPU check
+and the service figures use) boxes like trained weights: `realistic_boxes` sets its weights so that a handful
+of queries (`REALISTIC_BOXES`) pass the 0.25 box threshold on any image, as trained weights keep a handful of
+boxes on a product image. "worst-case" is the plain random initialisation, under which most of the 900 queries
+pass (756 on one random image) and post-processing handles hundreds of boxes per image, which no trained model
+causes. The network computes the same operations on both (every layer runs; only values differ).
+
 `arch="tiny"` writes the same three files for the repository's tiny test architectures, so that a CPU dry
 run (`scripts/gpu_check.sh --dry-run`) and the tests take exactly the production path. Each carries a
 `filo_standin` record; the service then reports `standin: true` and logs a banner.
@@ -69,34 +76,114 @@ def write_filo(out: Path, seed: int, arch: str) -> Path:
     return path
 
 
-def write_grounding(out: Path, seed: int, arch: str) -> Path:
+def grounding_model(seed: int, arch: str, kind: str = "realistic"):
+    """A `GroundingDinoForObjectDetection` of the chosen architecture (real: grounding-dino-tiny's, Swin-T and a
+    BERT-base text tower; tiny: the test configuration), seeded, of the chosen `GROUNDING_KINDS` kind; the
+    global RNG is left as it was."""
     from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
 
-    from models.grounding.detector import load_tiny_config, load_tiny_tokenizer
+    from models.grounding.detector import load_tiny_config
+
+    if kind not in GROUNDING_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(GROUNDING_KINDS)}, got {kind!r}")
+    config = GroundingDinoConfig() if arch == "real" else load_tiny_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config)
+    if kind == "realistic":
+        realistic_boxes(model, seed=seed)
+    return model
+
+
+def write_grounding(out: Path, seed: int, arch: str, kind: str = "realistic") -> Path:
+    from models.grounding.detector import load_tiny_tokenizer
 
     path = out / GROUNDING_DIR
-    # real: grounding-dino-tiny's architecture (Swin-T, BERT-base text tower); tiny: the test configuration
-    config = GroundingDinoConfig() if arch == "real" else load_tiny_config()
-    setattr(config, STANDIN_KEY, standin_record("Grounding DINO save_pretrained directory", seed,
-                                                model="grounding-dino-tiny"))
-    torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(config)
+    model = grounding_model(seed, arch, kind)
+    boxes = f"{REALISTIC_BOXES} queries pass the box threshold on any image" if kind == "realistic" \
+        else "random initialisation: most queries pass the box threshold"
+    setattr(model.config, STANDIN_KEY, standin_record("Grounding DINO save_pretrained directory", seed,
+                                                      model="grounding-dino-tiny", boxes=kind, boxing=boxes))
     model.save_pretrained(path)
     load_tiny_tokenizer().save_pretrained(path)
     return path
 
 
 PARTS = ("clip", "filo", "grounding")
+GROUNDING_KINDS = ("realistic", "worst-case")
+REALISTIC_BOXES = 4  # queries over the box threshold on every image (trained weights: a handful on a product)
+# logits (before the sigmoid) of the realistic stand-in's boxing queries and of all others: far from the 0.25
+# threshold (logit -1.1) on both sides, so that no image moves a query across it
+REALISTIC_LOGITS = (2.0, -6.0)
+REALISTIC_TEXT_SPREAD = 0.01  # how much of the text features is left to depend on the caption and image
+
+
+def _zero_mean_directions(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two orthonormal directions with zero mean over the features (a LayerNorm keeps them as they are)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    a = a - a.mean()
+    a = a / a.norm()
+    b = b - b.mean()
+    b = b - (b @ a) * a
+    return a, b / b.norm()
+
+
+def realistic_boxes(model, boxes: int = REALISTIC_BOXES, seed: int = 0) -> list[int]:
+    """Set a `GroundingDinoForObjectDetection`'s weights, in place, so that exactly `boxes` of its queries pass
+    the box threshold whatever the image and caption; returns their indices.
+
+    A query's class logit for caption token t is the decoder's final hidden state `h_q` dotted with the
+    encoder's final text feature `text_t`. Here: every decoder sublayer's output projection is zero (each still
+    runs: attention, deformable sampling and feed-forward cost what they cost), so `h_q` is the LayerNorm of the
+    query's own learned target, image independent; the targets of `boxes` queries point along one direction,
+    the others along an orthogonal one. The last text LayerNorm leaves 1% of each token's feature (gain 0.01)
+    and adds a fixed bias, so `text_t` is nearly the same for every token. The boxing queries then score
+    logit ~2.0 (0.88) on every caption token, the others ~-6.0 (0.0025), each within a fraction of a logit.
+    Box coordinates still come from the encoder's proposals of the image, refined by the decoder.
+    """
+    d = model.config.d_model
+    queries = model.model.query_position_embeddings.weight
+    count = queries.shape[0]
+    if not 1 <= boxes <= count:
+        raise ValueError(f"boxes must be between 1 and {count}, got {boxes}")
+    boxing, other = _zero_mean_directions(d, seed)
+    chosen = torch.linspace(0, count - 1, boxes).round().long().tolist()  # spread over the query order
+    with torch.no_grad():
+        decoder = model.model.decoder
+        for layer in decoder.layers:
+            for projection in (layer.self_attn.out_proj, layer.encoder_attn_text.out_proj,
+                               layer.encoder_attn.output_proj, layer.fc2):
+                projection.weight.zero_()
+                projection.bias.zero_()
+            for norm in (layer.self_attn_layer_norm, layer.encoder_attn_text_layer_norm,
+                         layer.encoder_attn_layer_norm, layer.final_layer_norm):
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
+        decoder.layer_norm.weight.fill_(1.0)
+        decoder.layer_norm.bias.zero_()
+        queries.copy_(other.expand(count, -1))
+        queries[chosen] = boxing
+        # a LayerNorm of a zero-mean unit vector is that vector times sqrt(d): h_q = sqrt(d) * direction
+        passing, blocked = REALISTIC_LOGITS
+        text_norm = model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+        text_norm.weight.fill_(REALISTIC_TEXT_SPREAD)
+        text_norm.bias.copy_((passing * boxing + blocked * other) / d**0.5)
+    return chosen
 
 
 def write_standin_weights(out: str | Path, seed: int = 0, parts: tuple[str, ...] = PARTS, arch: str = "real",
-                          ) -> dict[str, Path]:
-    """Write the chosen stand-in files into `out` (created); returns {part: path}. Same seed, same tensors."""
+                          grounding: str = "realistic") -> dict[str, Path]:
+    """Write the chosen stand-in files into `out` (created); returns {part: path}. Same seed, same tensors.
+    `grounding`: the Grounding DINO stand-in's kind (`GROUNDING_KINDS`)."""
     if arch not in CLIP_MODELS:
         raise ValueError(f"arch must be one of {sorted(CLIP_MODELS)}, got {arch!r}")
+    if grounding not in GROUNDING_KINDS:
+        raise ValueError(f"grounding must be one of {', '.join(GROUNDING_KINDS)}, got {grounding!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"clip": write_clip, "filo": write_filo, "grounding": write_grounding}
+    writers = {"clip": write_clip, "filo": write_filo,
+               "grounding": lambda o, s, a: write_grounding(o, s, a, grounding)}
     return {part: writers[part](out, seed + i, arch) for i, part in enumerate(PARTS) if part in parts}
 
 

@@ -152,6 +152,20 @@ class FiloSettings(BaseSettings):
         False, description="CUDA worker: decode JPEGs with nvJPEG and resize and render heatmaps on the GPU; PNG and "
         "whatever nvJPEG refuses take the CPU path (deviation from the CPU preprocessing: docs/gpu.md)",
     )
+    compile_grounding: bool = DEVICE.field(
+        False, description="torch.compile Grounding DINO as a whole (the first batch of each new image size and batch "
+        "size compiles); equal to the eager detector within float rounding (its graph breaks: docs/gpu.md)",
+    )
+    grounding_deformable_attention: Literal["auto", "triton", "hub", "pytorch"] = DEVICE.field(
+        "auto", description="Grounding DINO's multi-scale deformable attention, chosen for the device the model runs "
+        "on: 'auto' is the project's Triton kernel on CUDA and the PyTorch path on the CPU; 'hub' the Hugging Face "
+        "Hub's kernel (needs the Hub or its cache; shown as pytorch where it could not load). What runs is logged "
+        "at start and shown in /readyz and filo_engine_info",
+    )
+    allow_pytorch_deformable_attention: bool = DEVICE.field(
+        False, description="production profile on CUDA: start even though Grounding DINO's deformable attention "
+        "runs the PyTorch path (several times slower; warned at start and in /readyz); without it such a start fails",
+    )
     grounding_text_cache: bool = DEVICE.field(
         False, description="keep Grounding DINO's BERT text pass per caption (a few captions, least recently used "
         "out) instead of running it for every batch; bit-identical to the plain model on the CPU (docs/gpu.md)",

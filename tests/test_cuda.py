@@ -129,6 +129,106 @@ def test_grounding_text_cache_on_cuda(bf16):
     assert (cached.text_cache.misses, cached.text_cache.hits) == (1, 3)
 
 
+# ----- Grounding DINO's deformable attention (the project's Triton kernel) and the compiled detector ---------------
+
+
+def test_the_detector_moved_to_cuda_runs_the_triton_kernel(real_pair):
+    """Loaded on the CPU, moved to CUDA: the layers take the kernel for the device they run on, the engine
+    reports it, and the production rule lets it start."""
+    from service.engine.runtime import check_runtime
+
+    _, gpu = real_pair
+    assert gpu.detector.deformable_attention == "triton"
+    runtime = gpu.runtime()
+    assert runtime["deformable_attention"] == "triton" and runtime["device"].startswith("cuda")
+    assert check_runtime(runtime, "production", False) == []
+
+
+@pytest.mark.parametrize("queries", ["decoder", "encoder"])
+def test_triton_kernel_on_cuda_equals_the_pytorch_path(queries):
+    """Grounding DINO tiny's shapes at the service's input: fp32 within 1e-5 of the PyTorch path on CUDA and of
+    the exact answer; bf16 value with fp32 locations and weights (autocast's) within 1e-5 of the exact answer;
+    all-bf16 within one bf16 rounding of the exact answer."""
+    from models.grounding.deformable_attention_triton import custom_op
+    from tests.test_deformable_attention import (
+        BF16_UNIT,
+        DECODER_QUERIES,
+        FP32_ATOL,
+        REAL_SHAPES,
+        _exact,
+        _inputs,
+        _reference,
+    )
+
+    count = DECODER_QUERIES if queries == "decoder" else sum(h * w for h, w in REAL_SHAPES)
+    for batch in (1, 3):
+        cpu_args = _inputs(batch, count, REAL_SHAPES, seed=batch)
+        args = [a.cuda() for a in cpu_args]
+        op = custom_op()
+        exact = _exact(*cpu_args)
+        got = op(*args)
+        with exact_fp32():
+            want = _reference(*args)
+        assert (got - want).abs().max() <= FP32_ATOL and (got.cpu().double() - exact).abs().max() <= FP32_ATOL
+        value = args[0].bfloat16()
+        got = op(value, *args[1:])
+        assert got.dtype == torch.float32
+        assert (got.cpu().double() - _exact(value.cpu(), *cpu_args[1:])).abs().max() <= FP32_ATOL
+        low = [value, args[1], args[2], args[3].bfloat16(), args[4].bfloat16()]
+        got = op(*low)
+        exact = _exact(*[a.cpu() for a in low])
+        assert got.dtype == torch.bfloat16
+        assert ((got.cpu().double() - exact).abs() <= BF16_UNIT * exact.abs() + 1e-6).all()
+
+
+def test_triton_kernel_on_cuda_awkward_shapes():
+    from models.grounding.deformable_attention_triton import custom_op
+    from tests.test_deformable_attention import AWKWARD_SHAPES, FP32_ATOL, _exact, _inputs
+
+    for batch in (1, 3, 33):
+        cpu_args = _inputs(batch, 11, AWKWARD_SHAPES, seed=batch, spread=0.3)
+        got = custom_op()(*[a.cuda() for a in cpu_args])
+        assert (got.cpu().double() - _exact(*cpu_args)).abs().max() <= FP32_ATOL
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_tiny_detector_with_the_kernel_equals_the_pytorch_path_on_cuda(bf16):
+    from models.grounding.detector import GroundingDetector
+    from models.grounding.hqloc import build_caption
+
+    kernel = GroundingDetector.tiny(device="cuda")
+    plain = GroundingDetector.tiny(device="cuda", deformable_attention="pytorch")
+    assert (kernel.deformable_attention, plain.deformable_attention) == ("triton", "pytorch")
+    caption = kernel.encode_caption(build_caption(["scratch", "crack"]))
+    pixels = torch.cat([kernel.preprocess(synthetic_image(300, 420, seed=s)) for s in range(3)])
+    with exact_fp32(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        (p_k, b_k), (p_p, b_p) = kernel.forward_batch(pixels, caption), plain.forward_batch(pixels, caption)
+    atol = 2e-2 if bf16 else 1e-4
+    assert (p_k - p_p).abs().max() <= atol and (b_k - b_p).abs().max() <= atol
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_compiled_detector_on_cuda_equals_eager(bf16):
+    """FILO_COMPILE_GROUNDING on CUDA: inductor, the Triton kernel inside the graph (one graph, no break)."""
+    from models.grounding.detector import COMPILE_CONFIG, GroundingDetector
+    from models.grounding.hqloc import build_caption
+
+    eager = GroundingDetector.tiny(device="cuda")
+    compiled = eager.compiled_view()
+    caption = eager.encode_caption(build_caption(["scratch", "crack"]))
+    pixels = torch.cat([eager.preprocess(synthetic_image(300, 420, seed=s)) for s in range(2)])
+    inputs = dict(pixel_values=pixels.cuda(), input_ids=caption.input_ids.expand(2, -1).cuda(),
+                  attention_mask=caption.attention_mask.expand(2, -1).cuda(),
+                  token_type_ids=caption.token_type_ids.expand(2, -1).cuda())
+    with torch.no_grad(), torch._dynamo.config.patch(**COMPILE_CONFIG):
+        explained = torch._dynamo.explain(eager.model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with exact_fp32(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        (p_e, b_e), (p_c, b_c) = eager.forward_batch(pixels, caption), compiled.forward_batch(pixels, caption)
+    atol = 2e-2 if bf16 else 1e-4
+    assert (p_e - p_c).abs().max() <= atol and (b_e - b_c).abs().max() <= atol
+
+
 def test_bf16_on_cuda_within_the_stated_bound(real_pair):
     _, gpu = real_pair
     reqs = _requests(518)

@@ -25,14 +25,27 @@ def test_dry_run_executes_every_step_and_reports(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["plan"]["arch"] == "tiny" and results["machine"]["cpus"] >= 1
     assert results["tests"]["exit"] == 0 and "skipped" in results["tests"]["summary"]  # no GPU: skipped, said so
+    # the decisive table: FiLo alone, then Grounding DINO alone and both for each deformable attention (the
+    # kernel through Triton's interpreter here), the realistic stand-in's handful of boxes, and the profile
+    table = results["table"]
+    assert table["exit"] == 0 and table["grounding_weights"] == "realistic"
+    assert [(r["part"], r["deformable_attention"]) for r in table["rows"]] == [
+        ("FiLo alone", "-"), ("Grounding DINO alone", "triton"), ("FiLo + Grounding DINO", "triton"),
+        ("Grounding DINO alone", "pytorch"), ("FiLo + Grounding DINO", "pytorch")]
+    assert all(r["error"] is None and r["images_per_s"] > 0 and r["batch_size"] == 2 for r in table["rows"])
+    assert [r["boxes_per_image"] for r in table["rows"] if r["part"] == "Grounding DINO alone"] == [4.0, 4.0]
+    assert table["profile"]["top"] and table["profile"]["runtime"]["deformable_attention"] == "triton"
     runs = {r["name"]: r for r in results["bench"]}
     assert set(runs) == {"sweep", "no-pinned-copies", "compiled-encoder", "cuda-graphs",
-                         "grounding-text-cache"}
-    assert all(r["exit"] == 0 and r["rows"] for r in runs.values())
+                         "grounding-text-cache", "compiled-grounding"}
+    assert runs["compiled-grounding"]["skipped"] == "not in this plan"  # inductor on a CPU: minutes
+    measured = {name: r for name, r in runs.items() if name != "compiled-grounding"}
+    assert all(r["exit"] == 0 and r["rows"] for r in measured.values())
     assert len(runs["sweep"]["rows"]) == 8  # 2 sizes x 2 precisions x grounding off/on
     assert runs["compiled-encoder"]["rows"][0]["compiled"] and not runs["no-pinned-copies"]["rows"][0]["pinned"]
     assert runs["cuda-graphs"]["rows"][0]["compiled"] and runs["grounding-text-cache"]["rows"][0]["text_cache"]
-    assert runs["sweep"]["profile"]["top"]
+    assert {row["deformable_attention"] for row in runs["sweep"]["rows"]} == {"off", "pytorch"}
+    assert {row["grounding_weights"] for row in runs["sweep"]["rows"] if row["grounding"]} == {"realistic"}
     serving = results["serving"]
     assert [r["config"] for r in serving] == ["embedded", "embedded + GPU image path", "queue + GPU image path",
                                               "queue"]
@@ -41,9 +54,10 @@ def test_dry_run_executes_every_step_and_reports(tmp_path):
         assert row["cpu_ms_per_image"]["api"] > 0
     assert "worker" in serving[-1]["cpu_ms_per_image"] and serving[-1]["worker_stage_cpu_ms_per_image"]
     report = (tmp_path / "report.md").read_text()
-    assert report.index("## Machine") < report.index("## 1. CUDA tests") < report.index("## 2.") < report.index("## 3.")
-    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "results.json", "pytest-cuda.log", "bench.log",
-                                                    "serving.log"}
+    assert report.index("## Machine") < report.index("## 1. CUDA tests") < report.index("## 2. The decisive table") \
+        < report.index("## 3.") < report.index("## 4.")
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "results.json", "pytest-cuda.log", "table.log",
+                                                    "bench.log", "serving.log"}
 
 
 def _bash_array(script: str, name: str) -> set[str]:

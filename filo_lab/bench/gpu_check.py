@@ -8,11 +8,14 @@ runs. `--dry-run` executes every step on the CPU with the tiny test architecture
 itself is tested where no GPU is.
 
 Order: 1. `pytest -m cuda` (stops at the first failure; its traceback goes into the report);
-2. `filo bench` over batch sizes, fp32/bf16, Grounding DINO on/off, then each speed option off and on,
-and a profile of one batch; 3. the service end to end on stand-in weights of the real shapes (production
-profile): embedded mode, then queue mode (redis-server, one API, one worker) without and with the GPU
-image path, 1.5 MP and 5 MP JPEGs at two concurrencies; 4. the machine (`nvidia-smi`, the device name)
-heads the report.
+2. the decisive table (`filo_lab/bench/parts.py`): FiLo alone, Grounding DINO alone and both, bf16, batch
+32, for each implementation of Grounding DINO's deformable attention (the project's Triton kernel, the
+PyTorch path), on the realistic Grounding DINO stand-in, then the profile of one batch with Grounding DINO
+on; 3. `filo bench` over batch sizes, fp32/bf16, Grounding DINO on/off, then each speed option off and on;
+4. the service end to end on stand-in weights of the real shapes (production profile): embedded mode, then
+queue mode (redis-server, one API, one worker) without and with the GPU image path, 1.5 MP and 5 MP JPEGs at
+two concurrencies; 5. the machine (`nvidia-smi`, the device name) heads the report. Every model figure uses
+the realistic Grounding DINO stand-in (a handful of boxes per image, as trained weights keep).
 """
 
 from __future__ import annotations
@@ -52,14 +55,24 @@ class Plan:
     sweep_s: float = 170.0  # the most the benchmark sweep may take
     serving: str = "all"  # "all" configurations, or "gpu-path": the embedded server with the GPU image path only
     test_files: tuple[str, ...] = ("tests/test_cuda.py", "tests/test_gpu_imaging.py")
+    table_batch: int = 32  # the decisive table's batch size
+    table_s: float = 150.0  # the most the decisive table (and its profile) may take
+    table_frame: int | None = None  # Grounding DINO's input there (None: the service's 518)
+    implementations: str = "triton,pytorch"  # deformable attention, in the table's order
+    compile_grounding: bool = True  # measure FILO_COMPILE_GROUNDING among the speed options
 
 
 PLANS = {
-    "real": Plan("real", "cuda", "1,8,16,32,64", 32, 3, 1, 32, "bf16", ("1.5MP", "5MP"), (16, 64), 6.0, 450.0),
-    # what fits a lease's last three minutes: bf16 only, a few batch sizes, the GPU image path end to end
-    "short": Plan("real", "cuda", "1,16,32", 32, 2, 1, 32, "bf16", ("1.5MP",), (64,), 8.0, 175.0,
-                  precisions="bf16", tests_s=45.0, sweep_s=60.0, serving="gpu-path"),
-    "dry": Plan("tiny", "cpu", "1,2", 2, 1, 1, 4, "fp32", ("1.5MP",), (2,), 3.0, 900.0),
+    "real": Plan("real", "cuda", "1,8,16,32,64", 32, 3, 1, 32, "bf16", ("1.5MP", "5MP"), (16, 64), 6.0, 540.0),
+    # what fits a lease's last three minutes: the decisive table, bf16 only, a few batch sizes, the GPU image
+    # path end to end
+    "short": Plan("real", "cuda", "1,16,32", 32, 2, 1, 32, "bf16", ("1.5MP",), (64,), 8.0, 200.0,
+                  precisions="bf16", tests_s=45.0, sweep_s=40.0, serving="gpu-path", table_s=80.0,
+                  compile_grounding=False),
+    # the CPU: the tiny models, the Triton kernel through Triton's interpreter on a smaller detector input;
+    # Grounding DINO compiled with inductor takes minutes on a CPU (tests/test_grounding_compile.py covers it)
+    "dry": Plan("tiny", "cpu", "1,2", 2, 1, 1, 4, "fp32", ("1.5MP",), (2,), 3.0, 900.0, table_batch=2,
+                table_s=240.0, table_frame=240, compile_grounding=False),
 }
 
 
@@ -109,7 +122,7 @@ def filo(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
 
-# --- 4. the machine ---------------------------------------------------------------------------------------
+# --- 5. the machine ---------------------------------------------------------------------------------------
 
 
 def step_machine(check: Check) -> None:
@@ -147,7 +160,39 @@ def step_tests(check: Check) -> None:
     check.add("tests", md, {"exit": code, "seconds": round(secs, 1), "summary": summary.strip()})
 
 
-# --- 2. model benchmark -----------------------------------------------------------------------------------
+# --- 2. the decisive table ---------------------------------------------------------------------------------
+
+
+def step_table(check: Check) -> None:
+    from filo_lab.bench.parts import table_md
+
+    p = check.plan
+    tmp = Path(tempfile.mkdtemp(prefix="filo-parts-"))
+    js = tmp / "parts.json"
+    cmd = [sys.executable, "-m", "filo_lab.bench.parts", "--arch", p.arch, "--device", p.device, "--batch",
+           str(p.table_batch), "--precision", p.precision, "--implementations", p.implementations, "--iters",
+           str(p.iters), "--warmup", str(p.warmup), "--grounding-weights", "realistic", "--profile", "--json", str(js)]
+    if p.table_frame:
+        cmd += ["--frame", str(p.table_frame)]
+    # on the CPU the Triton kernel runs through Triton's interpreter (its CUDA build is what the real plan times)
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if p.device == "cpu" else None
+    code, secs = run(cmd, check.out / "table.log", min(p.table_s, check.left_s() - 30), env=env)
+    data = json.loads(js.read_text()) if js.exists() else {"rows": []}
+    shutil.rmtree(tmp, ignore_errors=True)
+    md = (f"## 2. The decisive table ({p.precision}, batch {p.table_batch}, realistic Grounding DINO stand-in)\n\n"
+          f"exit {code} in {secs:.0f} s\n\n" + table_md(data["rows"]))
+    prof = data.get("profile")
+    if prof:
+        busy = prof.get("device_busy_ms")
+        md += (f"\n\nOne batch of {prof['batch_size']} ({prof['precision']}, Grounding DINO on, deformable attention "
+               f"{prof['runtime']['deformable_attention']}): {prof['wall_ms']:.1f} ms wall"
+               + ("" if busy is None else f", device kernels {busy:.1f} ms ({busy / prof['wall_ms']:.0%})")
+               + "\n\n| operator | calls | self ms |\n|---|---:|---:|\n"
+               + "\n".join(f"| {op['name'][:90]} | {op['calls']} | {op['self_ms']:.2f} |" for op in prof["top"]))
+    check.add("table", md, {"exit": code, "seconds": round(secs, 1), **data})
+
+
+# --- 3. model benchmark -----------------------------------------------------------------------------------
 
 
 def _bench(check: Check, name: str, extra: list[str], timeout_s: float) -> dict:
@@ -164,14 +209,15 @@ def _bench(check: Check, name: str, extra: list[str], timeout_s: float) -> dict:
 
 
 def _rows_md(runs: list[dict]) -> str:
-    lines = ["| run | precision | grounding | batch | images/s | ms/batch | peak GiB | compiled | pinned |",
-             "|---|---|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| run | precision | grounding | batch | images/s | ms/batch | peak GiB | compiled | pinned | "
+             "deformable attention | grounding compiled |", "|---|---|---|---:|---:|---:|---:|---|---|---|---|"]
     for r in runs:
         for row in r["rows"]:
             peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
             lines.append(f"| {r['name']} | {row['precision']} | {'on' if row['grounding'] else 'off'} | "
                          f"{row['batch_size']} | {row['images_per_s']:.1f} | {row['ms_per_batch']:.1f} | {peak} | "
-                         f"{'yes' if row['compiled'] else 'no'} | {'yes' if row['pinned'] else 'no'} |")
+                         f"{'yes' if row['compiled'] else 'no'} | {'yes' if row['pinned'] else 'no'} | "
+                         f"{row.get('deformable_attention', '-')} | {'yes' if row.get('grounding_compiled') else 'no'} |")
     return "\n".join(lines)
 
 
@@ -179,34 +225,31 @@ def step_bench(check: Check) -> None:
     p = check.plan
     ob = str(p.option_batch)
     runs = [_bench(check, "sweep", ["--batch-sizes", p.batch_sizes, "--precisions", p.precisions, "--grounding",
-                                    "both", "--profile-batch", ob], min(p.sweep_s, check.left_s() - 30))]
+                                    "both"], min(p.sweep_s, check.left_s() - 30))]
     # each option against the sweep's row of the same batch, precision and grounding setting
     options = [("no-pinned-copies", ["--no-pin-memory"], "off", 60.0), ("compiled-encoder", ["--compile"], "off", 100.0),
                ("cuda-graphs", ["--cuda-graphs"], "off", 150.0),
-               ("grounding-text-cache", ["--grounding-text-cache"], "on", 80.0)]
+               ("grounding-text-cache", ["--grounding-text-cache"], "on", 80.0),
+               ("compiled-grounding", ["--compile-grounding"], "on", 200.0)]
     for name, flags, grounding, limit in options:
+        if name == "compiled-grounding" and not p.compile_grounding:
+            runs.append({"name": name, "exit": None, "rows": [], "skipped": "not in this plan"})
+            continue
         if check.left_s() < 200 + limit:
             runs.append({"name": name, "exit": None, "rows": [], "skipped": "out of time"})
             continue
         runs.append(_bench(check, name, ["--batch-sizes", ob, "--precisions", "bf16", "--grounding", grounding,
                                          *flags], limit))
-    md = "## 2. Model benchmark (`filo bench`, random weights, real architectures)\n\n" + _rows_md(runs)
+    md = "## 3. Model benchmark (`filo bench`, random weights, realistic Grounding DINO stand-in)\n\n" + _rows_md(runs)
     for r in runs:
         state = r.get("skipped") or f"exit {r['exit']} in {r.get('seconds', 0)} s"
         md += f"\n- {r['name']}: {state}"
         if "bf16_map_deviation" in r:
             md += f"; largest |map(bf16) - map(fp32)| = {r['bf16_map_deviation']:.2e}"
-    prof = runs[0].get("profile")
-    if prof:
-        busy = prof.get("device_busy_ms")
-        md += (f"\n\nOne batch of {prof['batch_size']} ({prof['precision']}, grounding on): {prof['wall_ms']:.1f} ms "
-               f"wall" + ("" if busy is None else f", device kernels {busy:.1f} ms ({busy / prof['wall_ms']:.0%})")
-               + "\n\n| operator | calls | self ms |\n|---|---:|---:|\n"
-               + "\n".join(f"| {op['name'][:90]} | {op['calls']} | {op['self_ms']:.2f} |" for op in prof["top"]))
     check.add("bench", md, runs)
 
 
-# --- 3. the service end to end ----------------------------------------------------------------------------
+# --- 4. the service end to end ----------------------------------------------------------------------------
 
 
 def step_serving(check: Check) -> None:
@@ -215,9 +258,9 @@ def step_serving(check: Check) -> None:
     p = check.plan
     weights = Path(tempfile.mkdtemp(prefix="filo-standin-"))
     log = check.out / "serving.log"
-    code, secs = run(filo("standin", str(weights), "--arch", p.arch), log, min(180.0, check.left_s() - 60))
+    code, secs = run(filo("standin", str(weights), "--arch", p.arch, "--grounding", "realistic"), log, min(180.0, check.left_s() - 60))
     results: list[dict] = []
-    md = f"## 3. The service end to end (stand-in weights, production profile, {p.precision})\n\n" \
+    md = f"## 4. The service end to end (stand-in weights, production profile, {p.precision})\n\n" \
          f"stand-in weights written: exit {code} in {secs:.0f} s\n"
     if code == 0:
         from filo_lab.standin import CLIP_FILE, FILO_FILE, GROUNDING_DIR, production_env
@@ -278,7 +321,8 @@ def _serving_md(results: list[dict]) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
-STEPS = {"machine": step_machine, "tests": step_tests, "bench": step_bench, "serving": step_serving}
+STEPS = {"machine": step_machine, "tests": step_tests, "table": step_table, "bench": step_bench,
+         "serving": step_serving}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="every step on the CPU with the tiny architectures")
     ap.add_argument("--short", action="store_true", help="the three-minute plan (bf16, few sizes, one serving case)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "gpu"))
-    ap.add_argument("--steps", default="tests,bench,serving,machine", help="which steps, in this order")
+    ap.add_argument("--steps", default="tests,table,bench,serving,machine", help="which steps, in this order")
     ap.add_argument("--budget-s", type=float, help="overall time budget (default: the plan's)")
     args = ap.parse_args(argv)
     plan = PLANS["dry" if args.dry_run else "short" if args.short else "real"]

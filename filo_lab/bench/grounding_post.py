@@ -4,7 +4,10 @@
    decode and one ``.item()`` per kept query) against ``GroundingDetector.detections_from_batch``
    (whole-batch tensor operations, each distinct token set decoded once), on synthetic outputs shaped like
    the stand-in weights' (900 queries, 756 over the box threshold, token sets drawn from a pool so that
-   queries share them) or, with ``--standin``, on the real architecture's outputs for one random image.
+   queries share them) or, with ``--standin``, on the real architecture's outputs for a product-like image
+   (filo_lab/data/synth.py) with each stand-in (filo_lab/standin.py): the realistic one (a handful of boxes, as
+   trained weights keep) and the worst case (the random initialisation: most of the 900 queries boxed), and
+   how many queries each lets over the box threshold on a few product-like images.
    "before" is the per-query loop with one decode per query and the released phrase shown ([SEP] and
    all), "plain" the same loop with the shown phrase (two decodes), "batched" the detector's;
 2. the text pass cache (``FILO_GROUNDING_TEXT_CACHE``): ``forward_batch`` of the tiny test model with and
@@ -12,7 +15,7 @@
    with ``--standin``, the real architecture's ``forward_batch`` for one image;
 3. with ``--standin``, everything the engine does on the CPU with one image's detector outputs: detections,
    HQ-Loc (position, suppression mask) and the answer's boxes (``service.engine.pipeline.localise_detections``),
-   with an empty phrase memo (a category's first image) and a warm one (every later image).
+   with an empty phrase memo (a category's first image) and a warm one (every later image), for each stand-in.
 
 Every pair is checked for equal results before it is timed; figures are the best of ``--repeat`` runs.
 
@@ -89,22 +92,51 @@ def synthetic_outputs(input_ids: Sequence[int], queries: int = 900, kept: int = 
     return probs[torch.randperm(queries, generator=g)], boxes
 
 
-def standin_detector(seed: int = 0, text_cache: int = 0) -> GroundingDetector:
-    """The real architecture (grounding-dino-tiny's shape) with random weights."""
-    from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
+def standin_detector(seed: int = 0, text_cache: int = 0, kind: str = "worst-case", arch: str = "real"
+                     ) -> GroundingDetector:
+    """The real architecture (grounding-dino-tiny's shape; ``arch="tiny"``: the test model) with the stand-in
+    weights of ``kind`` ("realistic" or "worst-case", filo_lab/standin.py)."""
+    from filo_lab.standin import grounding_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GroundingDinoForObjectDetection(GroundingDinoConfig())
-    return GroundingDetector(model, make_image_processor(), load_tiny_tokenizer(), text_cache=text_cache)
+    return GroundingDetector(grounding_model(seed, arch, kind), make_image_processor(), load_tiny_tokenizer(),
+                             text_cache=text_cache)
+
+
+def product_images(n: int = 3, size: tuple[int, int] = (480, 640), seed: int = 0) -> list[np.ndarray]:
+    """Product-like pictures: synthetic washers, pills and bolts on a background, each with a defect."""
+    from filo_lab.data.synth import CATEGORIES, apply_defect, render
+
+    objects = [spec for spec in CATEGORIES if spec.kind == "object"]
+    images = []
+    for i in range(n):
+        spec = objects[i % len(objects)]
+        rng = np.random.default_rng([seed, i])
+        image, region, background = render(spec, rng, size)
+        images.append(apply_defect(image, spec.defects[i % len(spec.defects)], rng, region, background)[0])
+    return images
 
 
 def standin_outputs(detector: GroundingDetector, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """One random 518x518 image through ``standin_detector``: (900, 256) probs, (900, 4) boxes, the ids."""
-    image = np.random.default_rng(seed).integers(0, 256, (518, 518, 3), dtype=np.uint8)
+    """One product-like image through ``detector``: (900, 256) probs, (900, 4) boxes, the caption's ids."""
     encoding = detector.encode_caption(build_caption(DESCRIPTIONS))
-    probs, boxes = detector.forward_batch(detector.preprocess(image), encoding)
+    probs, boxes = detector.forward_batch(detector.preprocess(product_images(1, seed=seed)[0]), encoding)
     return probs[0], boxes[0], encoding.ids
+
+
+def boxes_per_image(detector: GroundingDetector, images: Sequence[np.ndarray]) -> list[int]:
+    """How many queries pass the detector's box threshold (and area rule) on each image: what the host
+    post-processes (with none passing, the released rule keeps the best one)."""
+    from models.grounding.hqloc import keep_queries
+
+    encoding = detector.encode_caption(build_caption(DESCRIPTIONS))
+    counts = []
+    for image in images:
+        probs, boxes = detector.forward_batch(detector.preprocess(image), encoding)
+        best = probs.max(dim=-1).values
+        passing = (best > detector.box_threshold) & (boxes[..., 2] * boxes[..., 3] < detector.area_threshold)
+        counts.append(int(passing.sum()))
+        assert int(keep_queries(probs, boxes, detector.box_threshold, detector.area_threshold).sum()) == max(1, counts[-1])
+    return counts
 
 
 # ----- timing --------------------------------------------------------------------------------------------------
@@ -233,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--patterns", type=int, default=60, help="distinct token sets among the synthetic queries")
     p.add_argument("--standin", action="store_true",
-                   help="also time the real architecture's outputs for one random image (runs it once: seconds)")
+                   help="also time the real architecture's outputs with each stand-in (runs it: tens of seconds)")
     p.add_argument("--batch-sizes", default="1,8", help="text cache: batch sizes")
+    p.add_argument("--images", type=int, default=3, help="--standin: product-like images to count boxes on")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -246,20 +279,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ids = load_tiny_tokenizer()(build_caption(DESCRIPTIONS))["input_ids"]
     cases = [(f"synthetic, {args.patterns} token sets", *synthetic_outputs(ids, patterns=args.patterns), ids),
              ("synthetic, 756 token sets drawn", *synthetic_outputs(ids, patterns=756), ids)]
-    standin = standin_detector() if args.standin else None
-    if standin is not None:
-        cases.append(("real architecture, random weights", *standin_outputs(standin)))
+    standins = {kind: standin_detector(kind=kind) for kind in ("realistic", "worst-case")} if args.standin else {}
+    for kind, detector in standins.items():
+        cases.append((f"real architecture, {kind} stand-in, a product-like image", *standin_outputs(detector)))
     for name, probs, boxes, input_ids in cases:
         r = time_post_processing(probs, boxes, input_ids, args.repeat)
         print(f"| {name} | {r['kept']} | {r['distinct_phrases']} | {r['before_ms']:.2f} | {r['plain_ms']:.2f} | "
               f"{r['batched_ms']:.2f} | {r['plain_ms'] / r['batched_ms']:.1f}x | "
               f"{r['before_ms'] / r['batched_ms']:.1f}x |", flush=True)
-    if standin is not None:
-        r = time_whole_post_processing(standin, *cases[-1][1:], args.repeat)
+    if standins:
         print("\n| host work per image after the detector (detections, HQ-Loc, boxes) | boxes | first image ms | "
               "later images ms |\n|---|---:|---:|---:|")
-        print(f"| real architecture, random weights | {r['boxes']} | {r['cold_ms']:.2f} | {r['warm_ms']:.2f} |",
-              flush=True)
+        for (kind, detector), case in zip(standins.items(), cases[-len(standins):], strict=True):
+            r = time_whole_post_processing(detector, *case[1:], args.repeat)
+            print(f"| real architecture, {kind} stand-in | {r['boxes']} | {r['cold_ms']:.2f} | {r['warm_ms']:.2f} |",
+                  flush=True)
+        images = product_images(args.images)
+        print(f"\n| queries over the box threshold, {args.images} product-like images | per image |\n|---|---|")
+        for kind, detector in standins.items():
+            print(f"| real architecture, {kind} stand-in | {', '.join(map(str, boxes_per_image(detector, images)))} |",
+                  flush=True)
     print("\n| text pass cache | batch | plain ms | cached ms | speed-up |\n|---|---:|---:|---:|---:|")
     for r in time_text_cache(sizes, max(3, args.repeat // 4)):
         print(f"| tiny model, forward_batch | {r['batch']} | {r['plain_ms']:.1f} | {r['cached_ms']:.1f} | "
@@ -268,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in time_text_backbone(arch, sizes, args.repeat):
             print(f"| {label} ({r['tokens']} tokens) | {r['batch']} | {r['plain_ms']:.2f} | {r['cached_ms']:.2f} | "
                   f"{r['plain_ms'] / r['cached_ms']:.1f}x |", flush=True)
-    if standin is not None:
-        r = time_real_forward(standin, 2)
+    if standins:
+        r = time_real_forward(standins["realistic"], 2)
         print(f"| real architecture, forward_batch | {r['batch']} | {r['plain_ms']:.1f} | {r['cached_ms']:.1f} | "
               f"{r['plain_ms'] / r['cached_ms']:.2f}x |", flush=True)
 

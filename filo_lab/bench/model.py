@@ -1,9 +1,12 @@
 """Model-only throughput of the inspection pipeline: images/s per batch size, precision and device.
 
-Weights are random (the real ones cannot be fetched everywhere, and random weights time the same
-as trained ones); the architectures are the real ones with `arch="real"` (ViT-L/14@336 at 518 and
-Grounding DINO tiny) or the tiny test models with `arch="tiny"`. Decoding and PNG encoding are
-excluded: this measures what a GPU worker spends per batch.
+Weights are random (the real ones cannot be fetched everywhere, and the network's cost does not depend on
+its values); the architectures are the real ones with `arch="real"` (ViT-L/14@336 at 518 and
+Grounding DINO tiny) or the tiny test models with `arch="tiny"`. Grounding DINO's stand-in is the realistic
+one by default (a handful of boxes per image, as trained weights keep: filo_lab/standin.py), or the
+worst case (`grounding_weights="worst-case"`: most of its 900 queries pass the box threshold, and the host
+post-processes hundreds of boxes per image). Decoding and PNG encoding are excluded: this measures what a
+GPU worker spends per batch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from models.clip_backbone import TINY_CLIP_MODEL
 from models.constants import DEFAULT_CLIP_MODEL
 from models.factory import ModelSpec, build_model
 from service.core.types import InspectRequest, InspectResult
-from service.engine.pipeline import InspectionEngine
+from service.engine.pipeline import EngineOptions, InspectionEngine
 
 
 @dataclass
@@ -35,29 +38,33 @@ class BenchRow:
     compiled: bool = False  # torch.compile of the image encoder (FILO_COMPILE)
     pinned: bool = True  # pinned staging + non-blocking copy of the pixels (FILO_PIN_MEMORY)
     text_cache: bool = False  # Grounding DINO's text pass kept per caption (FILO_GROUNDING_TEXT_CACHE)
+    deformable_attention: str = "off"  # what Grounding DINO's deformable attention ran (triton/hub/pytorch/off)
+    grounding_compiled: bool = False  # Grounding DINO compiled as a whole (FILO_COMPILE_GROUNDING)
+    grounding_weights: str = "realistic"  # the stand-in's kind (filo_lab/standin.py GROUNDING_KINDS)
 
 
-def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0,
-                        text_cache: int = 0) -> InspectionEngine:
-    """An engine of the chosen architecture with random weights (labelled as such in model_info)."""
+def build_random_engine(arch: str, device: str, grounding: bool, seed: int = 0, text_cache: int = 0,
+                        grounding_weights: str = "realistic", deformable_attention: str = "auto",
+                        compile_grounding: bool = False) -> InspectionEngine:
+    """An engine of the chosen architecture with random weights (labelled as such in model_info); Grounding
+    DINO's stand-in of the kind `grounding_weights`, its deformable attention chosen by `deformable_attention`
+    for `device` (models/grounding/deformable_attention.py)."""
     clip_name = DEFAULT_CLIP_MODEL if arch == "real" else TINY_CLIP_MODEL
     spec = ModelSpec(clip_model=clip_name, clip_weights=None, checkpoint=None, demo=True, seed=seed)
     model, info = build_model(spec, device=device)
     detector = None
     if grounding:
+        from filo_lab.standin import grounding_model
         from models.grounding.detector import GroundingDetector, load_tiny_tokenizer, make_image_processor
 
-        if arch == "real":
-            from transformers import GroundingDinoConfig, GroundingDinoForObjectDetection
-
-            torch.manual_seed(seed)
-            gd_model = GroundingDinoForObjectDetection(GroundingDinoConfig())  # grounding-dino-tiny's shape
-            detector = GroundingDetector(gd_model, make_image_processor(), load_tiny_tokenizer(), device=device,
-                                         max_batch=64, text_cache=text_cache)
-        else:
-            detector = GroundingDetector.tiny(device=device, seed=seed, max_batch=64, text_cache=text_cache)
+        # real: grounding-dino-tiny's shape; tiny: the test configuration (and its seed's weights)
+        detector = GroundingDetector(grounding_model(seed, arch, grounding_weights), make_image_processor(),
+                                     load_tiny_tokenizer(), device=device, max_batch=64, text_cache=text_cache,
+                                     deformable_attention=deformable_attention)
+        info["grounding_weights"] = grounding_weights
     info.update(version=f"random-{arch}", profile="bench")
-    return InspectionEngine(model, info, CategoryCatalog.load(), device, detector, grounding)
+    return InspectionEngine(model, info, CategoryCatalog.load(), device, detector, grounding,
+                            EngineOptions(compile_grounding=compile_grounding))
 
 
 def _images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -103,20 +110,25 @@ def bf16_map_deviation(engine: InspectionEngine, batch_size: int = 2, category: 
 
 def run_bench(arch: str, device: str, batch_sizes: list[int], precisions: list[str], groundings: list[bool],
               iters: int, warmup: int, compile: bool = False, pin_memory: bool = True,
-              cuda_graphs: bool = False, text_cache: int = 0) -> Iterator[BenchRow]:
+              cuda_graphs: bool = False, text_cache: int = 0, grounding_weights: str = "realistic",
+              deformable_attention: str = "auto", compile_grounding: bool = False) -> Iterator[BenchRow]:
     for grounding in groundings:
-        base = build_random_engine(arch, device, grounding, text_cache=text_cache)
+        base = build_random_engine(arch, device, grounding, text_cache=text_cache,
+                                   grounding_weights=grounding_weights, deformable_attention=deformable_attention)
         for precision in precisions:
             # CUDA graphs: buckets up to the largest batch measured, recorded before timing (the service
             # records them at warm-up too)
             engine = base.with_options(precision=precision, pin_memory=pin_memory, compile=compile,
-                                       cuda_graphs=cuda_graphs, max_batch_size=max(batch_sizes))
+                                       cuda_graphs=cuda_graphs, max_batch_size=max(batch_sizes),
+                                       compile_grounding=compile_grounding and grounding)
             if cuda_graphs:
                 engine.warmup()
+            runtime = engine.runtime()
             for bs in batch_sizes:
                 ips, ms, peak = time_batches(engine, bs, iters, warmup)
                 yield BenchRow(device, precision, grounding, bs, ips, ms, peak, compile or cuda_graphs, pin_memory,
-                               text_cache > 0 and grounding)
+                               text_cache > 0 and grounding, runtime["deformable_attention"],
+                               runtime["grounding"].startswith("compiled"), grounding_weights if grounding else "-")
             del engine
         del base
         if device.startswith("cuda"):

@@ -4,6 +4,7 @@ and turning its outputs into ``hqloc.Detection`` records. The localisation rules
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ import torch
 
 from models.constants import DEFAULT_GROUNDING_MODEL
 from models.errors import WeightsNotFoundError
+from models.grounding import deformable_attention as msda
 from models.grounding.hqloc import (
     RELEASED_FRAME,
     CaptionEncoding,
@@ -107,6 +109,27 @@ def load_tiny_tokenizer():
     return tokenizer
 
 
+# Dynamo settings the whole-model compile runs under. transformers checks each deformable-attention layer's
+# spatial shapes against the sequence length with `torch._check_tensor_all`, an `.item()` that breaks the graph
+# unless scalar outputs are captured (then it is one runtime assert inside the graph). Each image size and batch
+# size compiles once (static shapes); past the recompile limit dynamo would quietly run the frame eagerly, so
+# the limit is far above the batch sizes and image sizes one process sees.
+COMPILE_CONFIG = {"capture_scalar_outputs": True, "recompile_limit": 256}
+
+
+def compile_whole(model: torch.nn.Module, backend: str = "inductor"):
+    """``torch.compile`` of the whole Grounding DINO model, static shapes, called under ``COMPILE_CONFIG`` (one
+    graph on the tiny test model: tests/test_grounding_compile.py counts its graph breaks with
+    ``torch._dynamo.explain``)."""
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+
+    def run(**inputs):
+        with torch._dynamo.config.patch(**COMPILE_CONFIG):
+            return compiled(**inputs)
+
+    return run
+
+
 class GroundingDetector:
     """Grounding DINO for HQ-Loc: images + descriptions in, ``Detection`` lists out.
 
@@ -116,6 +139,11 @@ class GroundingDetector:
     size and the same caption, so no padding ever enters a batch and batched results equal single ones.
     ``text_cache`` > 0 keeps the BERT text pass of that many captions (``text_cache.TextPassCache``) instead
     of running it again for every batch; 0 (the default) runs the plain model.
+
+    ``deformable_attention`` ("auto", "triton", "hub", "pytorch": ``deformable_attention.choose``) is chosen
+    after the model is on ``device``, for that device; ``self.deformable_attention`` says what its layers run.
+    ``compile`` runs the whole model through ``torch.compile`` (``compiled_view`` makes a compiled view of an
+    eager detector).
     """
 
     def __init__(
@@ -130,9 +158,18 @@ class GroundingDetector:
         max_batch: int = 8,
         caption_cache_size: int = 256,
         text_cache: int = 0,
+        deformable_attention: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        # after the move: transformers chose the layers' forward for the device the model was loaded on
+        self.deformable_attention = msda.install(self.model, deformable_attention)
+        log.info("Grounding DINO on %s: deformable attention %s", self.device, self.deformable_attention)
+        self.compiled: str | None = None  # the torch.compile backend of the whole model, None: eager
+        self._run = self.model
+        if compile:
+            self.compiled, self._run = "inductor", compile_whole(self.model)
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.box_threshold = box_threshold
@@ -150,6 +187,29 @@ class GroundingDetector:
 
     # ----- construction -----
 
+    def compiled_view(self, backend: str = "inductor") -> GroundingDetector:
+        """This detector with the whole model run through ``torch.compile`` (``compile_whole``; the model, its
+        weights, memos and caches shared; the first batch of each shape compiles). ``backend`` other than
+        inductor is for tests: "aot_eager" captures the same graph without generating code."""
+        if self.compiled == backend:
+            return self
+        view = copy.copy(self)
+        view.compiled, view._run = backend, compile_whole(self.model, backend)
+        return view
+
+    def use_deformable_attention(self, choice: str) -> str | None:
+        """Give the model's deformable-attention layers another implementation (``deformable_attention.choose``)
+        for the device the model is on; returns what they run now. Benchmarks compare them on one set of weights;
+        a compiled view made earlier keeps what it traced."""
+        self.deformable_attention = msda.install(self.model, choice)
+        return self.deformable_attention
+
+    def runtime(self) -> dict[str, str]:
+        """What runs: the deformable attention on the device the model is on now, compiled or eager."""
+        compiled = "eager" if not self.compiled else "compiled" if self.compiled == "inductor" \
+            else f"compiled ({self.compiled})"
+        return {"deformable_attention": msda.implementation(self.model) or "none", "grounding": compiled}
+
     @classmethod
     def from_pretrained(
         cls,
@@ -164,7 +224,7 @@ class GroundingDetector:
 
         Raises ``GroundingWeightsNotFound`` when the files are missing or the checkpoint lacks weights the
         model needs (transformers would otherwise fill them randomly). ``kwargs`` go to ``__init__``
-        (thresholds, max_batch, text_cache).
+        (thresholds, max_batch, text_cache, deformable_attention, compile).
         """
         from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 
@@ -261,7 +321,7 @@ class GroundingDetector:
         T is ``max_text_len``; position i < L is caption token i, positions >= L have probability 0.
         """
         batch = pixel_values.shape[0]
-        outputs = self.model(
+        outputs = self._run(
             pixel_values=pixel_values.to(self.device),
             input_ids=caption.input_ids.expand(batch, -1).to(self.device),
             attention_mask=caption.attention_mask.expand(batch, -1).to(self.device),

@@ -95,6 +95,7 @@ class EmbeddedBackend:
         try:
             engine = await self._batcher.run_exclusive(self.engine_factory, self.settings)
             self.report = await start_engine(engine, self.store, self.caches, self._batcher.run_exclusive)
+            self.metrics.set_engine_info(self.report.runtime)
             extras = await self.extras.all(engine.catalog.names())  # normal references, thresholds
             await self._batcher.run_exclusive(apply_extras, engine, extras)
             self.engine = engine

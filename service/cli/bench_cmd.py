@@ -27,6 +27,13 @@ def register(subparsers) -> None:
                    help="compile the encoder with CUDA graphs on bucketed batch sizes (FILO_CUDA_GRAPHS)")
     p.add_argument("--grounding-text-cache", action="store_true",
                    help="keep Grounding DINO's text pass per caption (FILO_GROUNDING_TEXT_CACHE)")
+    p.add_argument("--grounding-weights", choices=["realistic", "worst-case"], default="realistic",
+                   help="Grounding DINO's stand-in: realistic (a handful of boxes per image, as trained weights) or "
+                   "worst-case (random initialisation: most of its 900 queries boxed)")
+    p.add_argument("--deformable-attention", choices=["auto", "triton", "hub", "pytorch"], default="auto",
+                   help="Grounding DINO's deformable attention (FILO_GROUNDING_DEFORMABLE_ATTENTION)")
+    p.add_argument("--compile-grounding", action="store_true",
+                   help="torch.compile Grounding DINO as a whole (FILO_COMPILE_GROUNDING)")
     p.add_argument("--no-pin-memory", action="store_true",
                    help="plain blocking copies of the pixels instead of pinned, non-blocking ones")
     p.add_argument("--json", metavar="FILE", help="also write the rows (and FLOP parts, bf16 deviation) as JSON")
@@ -83,21 +90,26 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# filo bench --arch {args.arch} on {name}, random weights, torch {torch.__version__}; "
           f"encoder compiled: {'yes' if args.compile else 'no'}; CUDA graphs: {'yes' if args.cuda_graphs else 'no'}; "
-          f"text cache: {'yes' if args.grounding_text_cache else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}")
-    print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          f"text cache: {'yes' if args.grounding_text_cache else 'no'}; pinned copies: {'no' if args.no_pin_memory else 'yes'}; "
+          f"Grounding DINO stand-in: {args.grounding_weights}, compiled: {'yes' if args.compile_grounding else 'no'}, "
+          f"deformable attention asked: {args.deformable_attention}")
+    print("| device | precision | grounding | batch | images/s | ms/batch | per-image vs batch 1 | peak GiB | "
+          "deformable attention |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     base: dict[tuple, float] = {}
     report: dict = {"device_name": name, "torch": torch.__version__, "arch": args.arch, "rows": []}
     for row in run_bench(args.arch, args.device, sizes, precisions, groundings, args.iters, args.warmup,
                          compile=args.compile, pin_memory=not args.no_pin_memory, cuda_graphs=args.cuda_graphs,
-                         text_cache=GROUNDING_TEXT_CACHE_CAPTIONS if args.grounding_text_cache else 0):
+                         text_cache=GROUNDING_TEXT_CACHE_CAPTIONS if args.grounding_text_cache else 0,
+                         grounding_weights=args.grounding_weights, deformable_attention=args.deformable_attention,
+                         compile_grounding=args.compile_grounding):
         report["rows"].append(asdict(row))
         _write_json(args.json, report)
         key = (row.precision, row.grounding)
         base.setdefault(key, row.images_per_s)
         print(f"| {row.device} | {row.precision} | {'on' if row.grounding else 'off'} | {row.batch_size} | "
               f"{row.images_per_s:.2f} | {row.ms_per_batch:.1f} | {row.images_per_s / base[key]:.2f}x | "
-              f"{'-' if row.peak_gib is None else f'{row.peak_gib:.1f}'} |", flush=True)
+              f"{'-' if row.peak_gib is None else f'{row.peak_gib:.1f}'} | {row.deformable_attention} |", flush=True)
     if args.profile_batch:
         report["profile"] = _profile(args, precisions[-1], groundings[-1])
     if args.flops:
@@ -121,12 +133,14 @@ def _profile(args: argparse.Namespace, precision: str, grounding: bool) -> dict:
     top operators by self time: where the time goes when a target is missed."""
     from filo_lab.bench.model import build_random_engine, profile_batch
 
-    engine = build_random_engine(args.arch, args.device, grounding).with_options(
+    engine = build_random_engine(args.arch, args.device, grounding, grounding_weights=args.grounding_weights,
+                                 deformable_attention=args.deformable_attention).with_options(
         precision=precision, pin_memory=not args.no_pin_memory, compile=args.compile, cuda_graphs=args.cuda_graphs,
-        max_batch_size=args.profile_batch)
+        max_batch_size=args.profile_batch, compile_grounding=args.compile_grounding and grounding)
     if args.cuda_graphs:
         engine.warmup()
     prof = profile_batch(engine, args.profile_batch)
+    prof["runtime"] = engine.runtime()
     busy = "" if prof["device_busy_ms"] is None else f", device kernels {prof['device_busy_ms']:.1f} ms"
     print(f"\n# one batch of {args.profile_batch}, {precision}, grounding {'on' if grounding else 'off'}: "
           f"{prof['wall_ms']:.1f} ms wall{busy}\n| operator | calls | self ms |\n|---|---:|---:|")

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--parts", default="clip,filo,grounding", help="any of clip, filo, grounding")
     p.add_argument("--arch", choices=["real", "tiny"], default="real",
                    help="real = ViT-L-14-336 + grounding-dino-tiny shapes; tiny = the repository's test models")
+    p.add_argument("--grounding", choices=["realistic", "worst-case"], default="realistic",
+                   help="Grounding DINO's kind: realistic (a handful of boxes on any image, as trained weights) or "
+                   "worst-case (the random initialisation: most of its 900 queries boxed)")
     p.set_defaults(func=run)
 
 
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"filo standin: unknown parts {unknown}; known: clip, filo, grounding", file=sys.stderr)
         return 2
-    paths = write_standin_weights(args.out, args.seed, parts, args.arch)
+    paths = write_standin_weights(args.out, args.seed, parts, args.arch, args.grounding)
     for name, value in production_env(paths, args.arch).items():
         print(f"{name}={value}")
     return 0

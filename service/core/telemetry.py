@@ -18,6 +18,7 @@ from prometheus_client import (
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ENGINE_INFO_LABELS = ("device", "precision", "encoder", "cuda_graphs", "grounding", "deformable_attention", "warnings")
 
 
 class Metrics:
@@ -47,6 +48,11 @@ class Metrics:
         self.workers = Gauge("filo_workers", "inspection workers alive (heartbeat within the last 10 s)",
                              registry=r)
         self.gpu_memory = Gauge("filo_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+        self.engine_info = Gauge(
+            "filo_engine_info", "1 for what this process's engine runs: device, precision, image encoder "
+            "(compiled/eager), CUDA graphs, Grounding DINO (compiled/eager/off) and its deformable attention "
+            "(triton/hub/pytorch/off); warnings counts the slow paths it started with", list(ENGINE_INFO_LABELS),
+            registry=r)
         self.catalog_regressions = Counter(
             "filo_catalog_version_regressions_total", "times the category catalog's version in Redis went "
             "backwards (Redis lost it and an older one was published); each is healed and logged", registry=r)
@@ -77,6 +83,12 @@ class Metrics:
         self.model_seconds.observe(model_s)
         for wait in queue_waits_s:
             self.queue_wait.observe(max(0.0, wait))
+
+    def set_engine_info(self, runtime: dict) -> None:
+        """Publish the engine's runtime report (service/engine/runtime.py) as `filo_engine_info`'s labels."""
+        self.engine_info.clear()
+        labels = {key: str(runtime.get(key, "unknown")) for key in ENGINE_INFO_LABELS if key != "warnings"}
+        self.engine_info.labels(**labels, warnings=str(len(runtime.get("warnings") or ()))).set(1)
 
     def update_gpu_memory(self, device: str) -> None:
         """Set `filo_gpu_memory_bytes` when the engine runs on CUDA; a no-op on CPU."""

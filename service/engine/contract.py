@@ -42,5 +42,9 @@ class Engine(Protocol):
 
     def warmup(self) -> None: ...
 
+    def runtime(self) -> dict[str, Any]:
+        """What each expensive part runs (service/engine/runtime.py); reported at start, in /readyz and metrics."""
+        ...
+
 
 EngineFactory = Callable[[FiloSettings], Engine]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from descriptions import Category
@@ -56,13 +56,18 @@ def apply_categories(engine: Engine, wanted: dict[str, Category], prepare: bool 
 
 @dataclass
 class StartReport:
-    """What start-up did; /readyz shows it, and the tests assert a restart used the persisted cache."""
+    """What start-up did and what runs; /readyz shows it, and the tests assert a restart used the persisted cache.
+
+    `runtime`: the implementation of each expensive part (service/engine/runtime.py: device, precision, encoder,
+    CUDA graphs, Grounding DINO compiled or eager, its deformable attention, and any warnings).
+    """
 
     cache_source: str  # "persisted" (loaded from the store) or "built"
     cache_entries_loaded: int
     categories: int
     categories_version: int
     seconds: float
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 Run = Callable[..., Awaitable[Any]]
@@ -87,8 +92,12 @@ async def start_engine(engine: Engine, store: CategoryStore, caches: CacheStore,
     if engine.catalog.names():  # nothing to warm up with when every category was deleted
         await run(engine.warmup)
     await _save_quietly(caches, key, pack_cache_state(await run(engine.cache_state)))
-    report = StartReport("persisted" if loaded else "built", loaded, len(wanted), version, time.monotonic() - t0)
+    runtime = await run(engine.runtime)
+    report = StartReport("persisted" if loaded else "built", loaded, len(wanted), version, time.monotonic() - t0,
+                         runtime)
     log.info("engine ready: %s", report)
+    for warning in runtime.get("warnings", ()):
+        log.warning("engine ready with a slow path: %s", warning)
     return report
 
 

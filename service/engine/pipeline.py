@@ -35,6 +35,7 @@ from service.core.types import AnomalyType, Box, InspectError, InspectRequest, I
 from service.engine import gpu_imaging
 from service.engine.buckets import BucketedEncoder, bucket_sizes
 from service.engine.references import EngineReferences
+from service.engine.runtime import check_runtime, describe
 from service.settings import FiloSettings
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class EngineOptions:
     `max_batch_size` (service/engine/buckets.py), each recorded once at warm-up. `pin_memory`: on CUDA, the
     batch's pixels staged in pinned memory and copied without blocking the host. `max_batch_size`: the largest
     batch the process runs (on CUDA the warm-up runs it, so allocator and kernel choice are settled before
-    readiness).
+    readiness). `compile_grounding`: torch.compile Grounding DINO as a whole (a compiled view of the detector;
+    the detector itself is never modified).
     """
 
     precision: str = "fp32"
@@ -72,11 +74,12 @@ class EngineOptions:
     cuda_graphs: bool = False
     pin_memory: bool = True
     max_batch_size: int = 1
+    compile_grounding: bool = False
 
     @classmethod
     def from_settings(cls, settings: FiloSettings) -> EngineOptions:
         return cls(settings.precision, settings.compile, settings.cuda_graphs, settings.pin_memory,
-                   settings.max_batch_size)
+                   settings.max_batch_size, settings.compile_grounding)
 
 
 class InspectionEngine:
@@ -87,9 +90,13 @@ class InspectionEngine:
         self.info = model_info
         self.catalog = catalog
         self.device = device
-        self.detector = detector
-        self.grounding_default = grounding_default and detector is not None
         self.options = options or EngineOptions()
+        # the detector as given (other engines over the same weights start from it) and as this engine runs it
+        self.base_detector = detector
+        self.detector = detector.compiled_view() if detector is not None and self.options.compile_grounding \
+            else detector
+        self.grounding_default = grounding_default and detector is not None
+        self.runtime_warnings: list[str] = []
         self.model.precision = self.options.precision  # the engine's model runs at the engine's precision
         self.image_size = model.image_size
         self.preprocess = make_preprocess(model.image_size)
@@ -129,22 +136,45 @@ class InspectionEngine:
             from models.grounding.detector import GroundingDetector
 
             text_cache = GROUNDING_TEXT_CACHE_CAPTIONS if settings.grounding_text_cache else 0
-            detector = (GroundingDetector.tiny(device=device, text_cache=text_cache) if settings.is_demo
+            choice = settings.grounding_deformable_attention
+            detector = (GroundingDetector.tiny(device=device, text_cache=text_cache, deformable_attention=choice)
+                        if settings.is_demo
                         else GroundingDetector.from_pretrained(settings.grounding_model, device=device,
-                                                               text_cache=text_cache,
+                                                               text_cache=text_cache, deformable_attention=choice,
                                                                local_files_only=settings.hub_offline))
             info["grounding_model"] = "tiny-random" if settings.is_demo else settings.grounding_model
             if detector.standin and not info.get("standin"):
                 info.update(standin=True, version="standin-" + info["version"])
-        return cls(model, info, catalog, device, detector, settings.grounding, EngineOptions.from_settings(settings),
-                   settings)
+        engine = cls(model, info, catalog, device, detector, settings.grounding, EngineOptions.from_settings(settings),
+                     settings)
+        # no silent fallbacks: what runs is said once, and a production GPU refuses the slow deformable attention
+        engine.runtime_warnings = check_runtime(engine.runtime(), settings.profile,
+                                                settings.allow_pytorch_deformable_attention)
+        for warning in engine.runtime_warnings:
+            log.warning("%s", warning)
+        log.info("engine runtime: %s", describe(engine.runtime()))
+        return engine
 
     def with_options(self, **changes: Any) -> InspectionEngine:
         """Another engine over the same weights, detector and catalog, built with other options (benchmarks and
         tests compare them side by side); it starts without this one's references."""
         view = copy.copy(self.model)  # shares every parameter and submodule; its own precision
-        return InspectionEngine(view, self.info, self.catalog, self.device, self.detector, self.grounding_default,
-                                replace(self.options, **changes), self._settings)
+        return InspectionEngine(view, self.info, self.catalog, self.device, self.base_detector,
+                                self.grounding_default, replace(self.options, **changes), self._settings)
+
+    def runtime(self) -> dict[str, Any]:
+        """What each expensive part runs (service/engine/runtime.py): for the start log, /readyz and
+        filo_engine_info. Read from the parts themselves (the detector's layers on the device its model is on
+        now), not from the settings that asked for them."""
+        cuda = str(self.device).startswith("cuda")
+        graphs = "on" if self.options.cuda_graphs and cuda else "off (needs CUDA)" if self.options.cuda_graphs \
+            else "off"
+        grounding = self.detector.runtime() if self.detector is not None else {}
+        return {"device": str(self.device), "precision": self.precision,
+                "encoder": "compiled" if self.compiled else "eager", "cuda_graphs": graphs,
+                "grounding": grounding.get("grounding", "off"),
+                "deformable_attention": grounding.get("deformable_attention", "off"),
+                "warnings": list(self.runtime_warnings)}
 
     @property
     def precision(self) -> str:

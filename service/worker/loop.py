@@ -109,6 +109,7 @@ class Worker:
         await ensure_group(self.redis, self.keys)
         engine = await self._run(self.engine_factory, self.settings)
         self.report = await start_engine(engine, self.catalog.store, self.catalog.caches, self._run)
+        self.metrics.set_engine_info(self.report.runtime)
         await self.catalog.start(engine, self.report.categories_version)
         self.engine = engine
         self.metrics.workers.set(1)
