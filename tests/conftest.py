@@ -66,3 +66,33 @@ def synthetic_image(h: int = 240, w: int = 320, seed: int = 0) -> np.ndarray:
     cy, cx = int(h * 0.3), int(w * 0.7)
     img[(yy - cy) ** 2 + (xx - cx) ** 2 < (min(h, w) // 10) ** 2] = (30, 20, 25)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# --- the records database: a PostgreSQL server per module, an empty store on each backend ----------------------
+
+
+@pytest.fixture(scope="module")
+def module_postgres():
+    """One PostgreSQL server for a whole test module (tests that only read and write need none of their own)."""
+    from tests.postgres_server import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """An empty, migrated records store, once on SQLite and once on PostgreSQL (the module's server)."""
+    from service.records.db import migrate, open_engine
+    from service.records.schema import metadata
+    from service.records.store import RecordStore
+
+    url = (f"sqlite:///{tmp_path / 'records.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("module_postgres").url)
+    engine = open_engine(url)
+    migrate(engine)
+    with engine.begin() as conn:  # a module's server is shared: each test starts empty
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    yield RecordStore(engine)
+    engine.dispose()

@@ -29,7 +29,7 @@ from filo_line.plc.handshake import PlcHandshake
 from filo_line.sources.folder import FolderSource
 from filo_line.spool import Spool
 from filo_line.station import Station
-from tests.service_fixtures import free_port, png_bytes, wait_until
+from tests.service_fixtures import free_port, png_bytes, stop_process, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -161,13 +161,7 @@ class Broker:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
 
 class Subscriber:

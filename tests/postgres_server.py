@@ -101,3 +101,4 @@ def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server of this test's own (tests that stop it need their own)."""
     with running_postgres() as server:
         yield server
+

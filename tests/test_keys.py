@@ -30,12 +30,9 @@ from pydantic import ValidationError
 from service.api.app import create_app, create_metrics_app
 from service.backends.embedded import EmbeddedBackend
 from service.core.security import AuthConfigError
-from service.records.db import migrate, open_engine
 from service.records.model import InspectionRecord, RecordQuery
-from service.records.schema import metadata
 from service.records.store import RecordStore
 from service.settings import FiloSettings
-from tests.postgres_server import running_postgres
 from tests.service_fixtures import REPO, ServerThread, demo_settings, free_port, png_bytes, wait_ready, wait_until
 
 DOCS = REPO / "docs" / "records.md"
@@ -381,22 +378,6 @@ def test_every_record_keeps_the_name_of_the_key_that_made_it(server: Server) -> 
 # --- the limits in the records query, on both databases -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    with running_postgres() as pg:
-        yield pg.url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path) -> Iterator[RecordStore]:
-    url = f"sqlite:///{tmp_path / 'records.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    engine = open_engine(url)
-    migrate(engine)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    yield RecordStore(engine)
-    engine.dispose()
 
 
 def _record(i: int, category: str, source: str | None) -> InspectionRecord:

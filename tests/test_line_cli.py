@@ -22,7 +22,7 @@ import yaml
 
 from service.cli import main as filo
 from tests.line_fakes import KEY, READER_KEY, Broker, make_rig, records, run, wait_for, write_image
-from tests.service_fixtures import REPO, free_port, wait_ready, wait_until, worker_env
+from tests.service_fixtures import REPO, free_port, stop_process, wait_ready, wait_until, worker_env
 
 
 @dataclass
@@ -62,12 +62,7 @@ def serve(tmp_path_factory) -> Iterator[ServeProcess]:
         raise AssertionError(log.read_text(errors="replace")[-3000:]) from None
     yield server
     server.resume()
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    stop_process(proc, 20)
 
 
 def line_file(tmp_path: Path, url: str, stations: list[dict], spool_mb: float = 50, **extra: object) -> Path:

@@ -27,6 +27,7 @@ from PIL import Image
 from filo_line.sources.base import Frame, SourceError
 from filo_line.sources.genicam import GenicamSource
 from filo_line.sources.genicam_pixels import PixelFormatError, frame_to_png
+from tests.service_fixtures import stop_process
 
 FAKE_CAMERA = "arv-fake-gv-camera-0.8"
 SERIAL = "FILO1"
@@ -75,13 +76,7 @@ class FakeCamera:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 5)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from service.records.model import Artefact, Cursor, InspectionRecord, RecordQuer
 from service.records.schema import metadata
 from service.records.store import RecordStore
 from tests.conftest import synthetic_image
-from tests.postgres_server import PostgresServer, running_postgres
+from tests.postgres_server import PostgresServer
 from tests.service_fixtures import ServerThread, demo_settings, learn_and_wait, png_bytes, wait_until
 
 API, REVIEWER, ADMIN = "cam-1", "rev-secret", "admin-1"
@@ -33,25 +33,6 @@ READ = {"Authorization": f"Bearer {READER}"}
 HOUR = 3_600_000
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path) -> Iterator[RecordStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'records.db'}"
-    else:
-        url = request.getfixturevalue("postgres").url
-    engine = open_engine(url)
-    migrate(engine)
-    with engine.begin() as conn:  # one database for the module: start each test empty
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    yield RecordStore(engine)
-    engine.dispose()
 
 
 def _record(i: int, created_ms: int, category: str = "bottle", ng: bool = False, source: str | None = "line-1",
@@ -160,7 +141,7 @@ def empty_database(request, tmp_path: Path) -> Iterator[str]:
         return
     from sqlalchemy import create_engine, text
 
-    server: PostgresServer = request.getfixturevalue("postgres")
+    server: PostgresServer = request.getfixturevalue("module_postgres")
     admin = create_engine(server.url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text("DROP DATABASE IF EXISTS filo_upgrade"))

@@ -14,7 +14,6 @@ from sqlalchemy import event
 from service.api.app import create_app
 from service.backends.embedded import EmbeddedBackend
 from service.records.model import Cursor
-from tests.postgres_server import PostgresServer, running_postgres
 from tests.service_fixtures import ServerThread, demo_settings, wait_until
 
 ADMIN = "admin-1"
@@ -22,10 +21,6 @@ AUTH = {"Authorization": f"Bearer {ADMIN}"}
 MAX_MS = 2**63 - 1  # the largest time a BIGINT holds
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with running_postgres() as server:
-        yield server
 
 
 class Api:
@@ -55,7 +50,7 @@ class Api:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     url = (f"sqlite:///{tmp_path_factory.mktemp('records-input') / 'records.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres").url)
+           else request.getfixturevalue("module_postgres").url)
     settings = demo_settings(records_url=url, admin_key=ADMIN, thresholds={"bottle": 0.5})
     backend = EmbeddedBackend(settings)
     with ServerThread(create_app(settings, backend)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:

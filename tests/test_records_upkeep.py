@@ -4,7 +4,6 @@ history reads in the order it happened, by the database's clock (SQLite and Post
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -13,9 +12,7 @@ import redis
 
 from service.records.db import migrate, open_engine
 from service.records.model import InspectionRecord, RecordQuery, Review, now_ms
-from service.records.schema import metadata
 from service.records.store import RecordStore
-from tests.postgres_server import PostgresServer, running_postgres
 from tests.service_fixtures import redis_server, redis_url, wait_until  # noqa: F401
 from tests.test_worker_redis import api_servers
 
@@ -109,23 +106,6 @@ def test_a_purge_that_failed_is_tried_again_soon(tmp_path: Path, caplog: pytest.
         "90 days", "1 day", "1.5 days", "12 hours", "1 hour", "14.4 minutes"]
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path: Path) -> Iterator[RecordStore]:
-    url = (f"sqlite:///{tmp_path / 'records.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres").url)
-    engine = open_engine(url)
-    migrate(engine)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
-    yield RecordStore(engine)
-    engine.dispose()
 
 
 def _history(store: RecordStore, record_id: str) -> list[int]:

@@ -48,6 +48,7 @@ from tests.service_fixtures import (  # noqa: F401
     png_bytes,
     redis_server,
     redis_url,
+    stop_process,
     wait_ready,
     wait_until,
     worker_env,
@@ -386,9 +387,5 @@ def test_api_runs_without_torch(redis_url: str, worker_pool: WorkerPool, tmp_pat
         assert "bottle" in [c["name"] for c in httpx.get(f"{base}/v1/categories", timeout=10).json()["categories"]]
         assert api.poll() is None, "the API process died"
     finally:
-        api.send_signal(signal.SIGTERM)
-        try:
-            api.wait(20)
-        except subprocess.TimeoutExpired:
-            api.kill()
+        stop_process(api, 20)
     assert "ModuleNotFoundError" not in log_path.read_text(errors="replace")
